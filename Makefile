@@ -1,0 +1,33 @@
+# Two commands set up and prove a fresh machine: `make demo` and `make test`.
+# Both create .venv/ (Python 3.11+) and install the three packages editable, from PyPI otherwise.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint bench bench-quick chaos clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml libs/core/pyproject.toml libs/checkpoint-sqlite/pyproject.toml libs/checkpoint-postgres/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install --quiet \
+		-e libs/core[crypto] -e libs/checkpoint-sqlite -e libs/checkpoint-postgres \
+		--group test --group lint
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy libs/core/stepgraph libs/checkpoint-sqlite/stepgraph libs/checkpoint-postgres/stepgraph
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,369 @@
+"""The checkpoint protocol: what every saver stores and the methods it implements.
+
+Shapes and semantics follow LangGraph's ``langgraph.checkpoint.base`` so that knowledge and code
+carry over. Differences, all additive:
+
+* ``copy_thread``, ``delete_for_runs`` and ``prune`` (declared but unimplemented in LangGraph) are
+  part of the protocol and implemented by every stepgraph saver.
+* ``put_step`` saves a task's writes and the next checkpoint together, so a saver can commit a
+  one-task superstep in a single transaction (``durability="sync"`` costs one commit per step).
+* Channel versions are always strings that sort in creation order.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal, NamedTuple, TypedDict
+
+from stepgraph.checkpoint.base.id import uuid6
+from stepgraph.checkpoint.serde.base import SerializerProtocol
+from stepgraph.config import RunnableConfig, ensure_thread_id
+
+__all__ = [
+    "ERROR",
+    "INTERRUPT",
+    "LATEST_VERSION",
+    "RESUME",
+    "SCHEDULED",
+    "WRITES_IDX_MAP",
+    "BaseCheckpointSaver",
+    "ChannelVersions",
+    "Checkpoint",
+    "CheckpointMetadata",
+    "CheckpointTuple",
+    "PendingWrite",
+    "PruneStrategy",
+    "TaskWrites",
+    "copy_checkpoint",
+    "empty_checkpoint",
+    "get_checkpoint_id",
+    "get_checkpoint_metadata",
+    "get_checkpoint_ns",
+    "get_thread_id",
+    "uuid6",
+    "write_index",
+]
+
+LATEST_VERSION = 1
+"""Version of the ``Checkpoint`` dict layout (the ``v`` key)."""
+
+# Special pending-write channels. Their writes replace earlier ones for the same task instead of
+# accumulating, which is why they get fixed negative indices (see ``write_index``).
+ERROR = "__error__"
+SCHEDULED = "__scheduled__"
+INTERRUPT = "__interrupt__"
+RESUME = "__resume__"
+WRITES_IDX_MAP: dict[str, int] = {ERROR: -1, SCHEDULED: -2, INTERRUPT: -3, RESUME: -4}
+
+ChannelVersions = dict[str, str]
+PendingWrite = tuple[str, str, Any]
+"""``(task_id, channel, value)``."""
+PruneStrategy = Literal["keep_latest", "delete"]
+
+
+class CheckpointMetadata(TypedDict, total=False):
+    """Metadata saved with a checkpoint. User metadata from ``config["metadata"]`` is merged in."""
+
+    source: Literal["input", "loop", "update", "fork"]
+    """``input``: from the input of a run; ``loop``: after a superstep; ``update``: from
+    ``update_state``; ``fork``: a copy of another checkpoint."""
+    step: int
+    """-1 for the first input checkpoint, 0 for the first loop checkpoint, then +1 per step."""
+    parents: dict[str, str]
+    """Checkpoint ids of the parent graphs, by checkpoint namespace."""
+    run_id: str
+    """The run that wrote this checkpoint (used by ``delete_for_runs``)."""
+
+
+class Checkpoint(TypedDict):
+    """The state of a graph between two supersteps."""
+
+    v: int
+    id: str
+    """Unique and time-ordered: sorting ids as strings sorts checkpoints by creation."""
+    ts: str
+    """Creation time, ISO 8601 in UTC."""
+    channel_values: dict[str, Any]
+    channel_versions: ChannelVersions
+    versions_seen: dict[str, ChannelVersions]
+    """For each node, the channel versions it has already been triggered by."""
+    updated_channels: list[str] | None
+    """Channels updated by the superstep that produced this checkpoint."""
+
+
+class CheckpointTuple(NamedTuple):
+    config: RunnableConfig
+    checkpoint: Checkpoint
+    metadata: CheckpointMetadata
+    parent_config: RunnableConfig | None = None
+    pending_writes: list[PendingWrite] | None = None
+
+
+class TaskWrites(NamedTuple):
+    """The writes one task produced, as handed to ``put_writes`` / ``put_step``."""
+
+    task_id: str
+    writes: Sequence[tuple[str, Any]]
+    task_path: str = ""
+
+
+def empty_checkpoint() -> Checkpoint:
+    return Checkpoint(
+        v=LATEST_VERSION,
+        id=str(uuid6()),
+        ts=datetime.now(timezone.utc).isoformat(),
+        channel_values={},
+        channel_versions={},
+        versions_seen={},
+        updated_channels=None,
+    )
+
+
+def copy_checkpoint(checkpoint: Checkpoint) -> Checkpoint:
+    return Checkpoint(
+        v=checkpoint["v"],
+        id=checkpoint["id"],
+        ts=checkpoint["ts"],
+        channel_values=dict(checkpoint["channel_values"]),
+        channel_versions=dict(checkpoint["channel_versions"]),
+        versions_seen={node: dict(seen) for node, seen in checkpoint["versions_seen"].items()},
+        updated_channels=checkpoint.get("updated_channels"),
+    )
+
+
+def get_thread_id(config: RunnableConfig) -> str:
+    return ensure_thread_id(config)
+
+
+def get_checkpoint_ns(config: RunnableConfig) -> str:
+    return str(config.get("configurable", {}).get("checkpoint_ns", ""))
+
+
+def get_checkpoint_id(config: RunnableConfig) -> str | None:
+    return config.get("configurable", {}).get("checkpoint_id")
+
+
+# Keys of ``configurable`` that describe where a checkpoint lives, not what the run was about.
+_EXCLUDED_METADATA_KEYS = frozenset(
+    {"thread_id", "checkpoint_id", "checkpoint_ns", "checkpoint_map", "task_id"}
+)
+
+
+def get_checkpoint_metadata(
+    config: RunnableConfig, metadata: CheckpointMetadata
+) -> CheckpointMetadata:
+    """The metadata to store: the runtime's own keys plus the run's scalar user metadata.
+
+    Scalars from ``config["metadata"]`` and ``config["configurable"]`` are merged in (as LangGraph
+    does), without overriding the runtime's keys; private ``__keys`` are left out.
+    """
+    merged: dict[str, Any] = dict(metadata)
+    for source in (config.get("metadata"), config.get("configurable")):
+        if not source:
+            continue
+        for key, value in source.items():
+            if key in merged or key in _EXCLUDED_METADATA_KEYS or key.startswith("__"):
+                continue
+            if isinstance(value, (str, int, float, bool)) or value is None:
+                merged[key] = value
+    return merged  # type: ignore[return-value]
+
+
+def write_index(channel: str, idx: int) -> int:
+    """Storage index of a pending write: special channels replace, regular writes accumulate."""
+    return WRITES_IDX_MAP.get(channel, idx)
+
+
+class BaseCheckpointSaver(ABC):
+    """Base class for checkpoint savers, with sync and async twins of every method.
+
+    Subclasses implement the abstract methods. ``put_step`` has a correct but non-atomic default;
+    database savers override it to commit a step in one transaction.
+    """
+
+    serde: SerializerProtocol
+
+    def __init__(self, *, serde: SerializerProtocol | None = None) -> None:
+        if serde is None:
+            from stepgraph.checkpoint.serde import MsgpackSerializer
+
+            serde = MsgpackSerializer()
+        self.serde = serde
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, config: RunnableConfig) -> Checkpoint | None:
+        found = self.get_tuple(config)
+        return found.checkpoint if found else None
+
+    async def aget(self, config: RunnableConfig) -> Checkpoint | None:
+        found = await self.aget_tuple(config)
+        return found.checkpoint if found else None
+
+    @abstractmethod
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint named by ``checkpoint_id``, or the thread's latest in the namespace."""
+
+    @abstractmethod
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None: ...
+
+    @abstractmethod
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        """Checkpoints newest first, optionally only those whose metadata contains ``filter``."""
+
+    @abstractmethod
+    def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]: ...
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Save a checkpoint; only channels in ``new_versions`` changed since its parent.
+
+        ``config`` names the parent checkpoint (``checkpoint_id``) if there is one. Returns the
+        config of the saved checkpoint.
+        """
+
+    @abstractmethod
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig: ...
+
+    @abstractmethod
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Save a task's writes against the checkpoint named by ``config``.
+
+        Idempotent per ``(task_id, index)``: repeating a call does not duplicate writes. Writes to
+        the special channels (error, interrupt, resume, scheduled) replace earlier ones.
+        """
+
+    @abstractmethod
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None: ...
+
+    def put_step(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Save tasks' writes against ``config``'s checkpoint, then the next checkpoint.
+
+        Database savers do both in one transaction; this default is two separate saves.
+        """
+        for task in writes:
+            self.put_writes(config, task.writes, task.task_id, task.task_path)
+        return self.put(config, checkpoint, metadata, new_versions)
+
+    async def aput_step(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        for task in writes:
+            await self.aput_writes(config, task.writes, task.task_id, task.task_path)
+        return await self.aput(config, checkpoint, metadata, new_versions)
+
+    # -- thread management -------------------------------------------------------------------
+
+    @abstractmethod
+    def delete_thread(self, thread_id: str) -> None:
+        """Delete every checkpoint and write of a thread, in all namespaces."""
+
+    @abstractmethod
+    async def adelete_thread(self, thread_id: str) -> None: ...
+
+    @abstractmethod
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy a thread's whole history (all namespaces, checkpoints and writes) to a new id."""
+
+    @abstractmethod
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None: ...
+
+    @abstractmethod
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints (and their writes) whose metadata ``run_id`` is in ``run_ids``."""
+
+    @abstractmethod
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def prune(
+        self,
+        thread_ids: Sequence[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+    ) -> None:
+        """Shrink the history of threads.
+
+        ``strategy="delete"`` removes the threads entirely. ``"keep_latest"`` keeps, in every
+        namespace, the latest checkpoint plus the ``keep_last`` newest (default: only the latest)
+        and, when ``older_than`` is given, also every checkpoint newer than that age. A kept
+        checkpoint always stays fully readable.
+        """
+
+    @abstractmethod
+    async def aprune(
+        self,
+        thread_ids: Sequence[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+    ) -> None: ...
+
+    # -- versions ----------------------------------------------------------------------------
+
+    def get_next_version(self, current: str | None, channel: None = None) -> str:
+        """The version after ``current``: a zero-padded counter plus a random part.
+
+        The counter keeps versions sortable as strings; the random part keeps versions unique
+        across forked branches of one thread, so per-version value rows never collide.
+        """
+        counter = int(current.split(".", 1)[0], 16) + 1 if current else 1
+        return f"{counter:08x}.{random.getrandbits(64):016x}"

@@ -1,0 +1,40 @@
+"""Time-ordered checkpoint ids.
+
+Checkpoint ids must sort in creation order as plain strings, in every backend, so "latest
+checkpoint" and `before=` are simple string comparisons and index range scans. We use UUID
+version 6 (RFC 9562): the timestamp is stored most-significant first, so the canonical hex form
+sorts chronologically. Ids from one process are strictly increasing even when the clock does
+not move or steps backwards.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from uuid import UUID
+
+__all__ = ["uuid6"]
+
+# 100-ns intervals between the Gregorian epoch (1582-10-15) and the Unix epoch.
+_GREGORIAN_OFFSET = 0x01B21DD213814000
+
+_lock = threading.Lock()
+_last_timestamp = 0
+_node = int.from_bytes(os.urandom(6), "big") | 0x010000000000  # random node, multicast bit set
+
+
+def uuid6() -> UUID:
+    """Return a new UUIDv6 that sorts after every id this process returned before."""
+    global _last_timestamp
+    with _lock:
+        timestamp = time.time_ns() // 100 + _GREGORIAN_OFFSET
+        if timestamp <= _last_timestamp:
+            timestamp = _last_timestamp + 1
+        _last_timestamp = timestamp
+    clock_seq = int.from_bytes(os.urandom(2), "big") & 0x3FFF
+    time_high_and_mid = (timestamp >> 12) & 0xFFFF_FFFF_FFFF
+    time_low = timestamp & 0x0FFF
+    value = (time_high_and_mid << 80) | (0x6 << 76) | (time_low << 64)
+    value |= (0b10 << 62) | (clock_seq << 48) | _node
+    return UUID(int=value)

@@ -1,0 +1,55 @@
+"""Run configuration: the ``config`` dict passed to ``invoke`` and handed to checkpoint savers.
+
+The shape is LangGraph's (``{"configurable": {"thread_id": ...}}``) so ported programs keep
+their configs unchanged. stepgraph has no dependency on langchain-core, so the type lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+__all__ = ["CONFIG_KEYS", "RunnableConfig", "ensure_thread_id", "merge_configs"]
+
+
+class RunnableConfig(TypedDict, total=False):
+    configurable: dict[str, Any]
+    """Keys read by the runtime and savers: ``thread_id``, ``checkpoint_ns``, ``checkpoint_id``."""
+    metadata: dict[str, Any]
+    """Merged into the metadata of every checkpoint the run writes."""
+    tags: list[str]
+    run_id: Any
+    run_name: str
+    recursion_limit: int
+    max_concurrency: int | None
+    callbacks: Any
+
+
+CONFIG_KEYS = frozenset(RunnableConfig.__annotations__)
+
+
+def ensure_thread_id(config: RunnableConfig | None) -> str:
+    """Return ``config["configurable"]["thread_id"]`` as a string, or raise a clear error."""
+    configurable = (config or {}).get("configurable") or {}
+    thread_id = configurable.get("thread_id")
+    if thread_id is None or thread_id == "":
+        raise ValueError(
+            'A checkpointer requires config["configurable"]["thread_id"]: pass '
+            'config={"configurable": {"thread_id": "<any id for this conversation>"}}.'
+        )
+    return str(thread_id)
+
+
+def merge_configs(*configs: RunnableConfig | None) -> RunnableConfig:
+    """Merge configs left to right; ``configurable`` and ``metadata`` merge key by key, tags add."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        if not config:
+            continue
+        for key, value in config.items():
+            if key in ("configurable", "metadata") and value is not None:
+                merged[key] = {**merged.get(key, {}), **value}
+            elif key == "tags" and value is not None:
+                merged[key] = [*merged.get(key, []), *value]
+            else:
+                merged[key] = value
+    return merged  # type: ignore[return-value]
