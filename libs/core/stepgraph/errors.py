@@ -4,7 +4,9 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointNotFoundError",
+    "EmptyChannelError",
     "EmptyInputError",
+    "GraphInterrupt",
     "GraphRecursionError",
     "InvalidUpdateError",
     "SerializationError",
@@ -29,8 +31,29 @@ class CheckpointNotFoundError(LookupError):
 
 
 class SerializationError(TypeError):
-    """A value cannot be written: its type is not supported by the serializer."""
+    """A value cannot be written, or stored bytes cannot be read back.
+
+    ``type_name`` is the qualified name of the offending type and ``path`` where in the value
+    it sat (e.g. ``value['items'][3]``), when known.
+    """
+
+    def __init__(self, message: str, *, type_name: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.type_name = type_name
+        self.path = path
 
 
 class UnknownTypeError(SerializationError):
     """Stored bytes name a type that is not allowed, or cannot be resolved, at read time."""
+
+
+class EmptyChannelError(Exception):
+    """A channel was read before it received a value."""
+
+
+class GraphInterrupt(Exception):
+    """Raised inside a run to pause it; carries the ``Interrupt`` values."""
+
+    def __init__(self, interrupts: tuple = ()) -> None:
+        super().__init__(interrupts)
+        self.interrupts = interrupts
