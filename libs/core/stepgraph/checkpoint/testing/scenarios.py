@@ -1,0 +1,695 @@
+"""The contract scenarios, each written once against ``SaverApi`` (sync or async underneath).
+
+Scenarios use fresh thread and run ids, so they also hold on a store shared between tests.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+import pytest
+
+from stepgraph.checkpoint.base import (
+    ERROR,
+    INTERRUPT,
+    RESUME,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    TaskWrites,
+    copy_checkpoint,
+    empty_checkpoint,
+    uuid6,
+)
+from stepgraph.checkpoint.testing.api import SaverApi
+from stepgraph.checkpoint.testing.samples import SAMPLE_VALUES, allow_sample_types, assert_same
+from stepgraph.config import RunnableConfig
+from stepgraph.errors import SerializationError
+
+__all__ = ["SCENARIOS", "Scenario"]
+
+Scenario = Callable[[SaverApi], Awaitable[None]]
+
+EMPTY = object()
+"""An update that empties a channel (it keeps a version but has no value)."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4()}"
+
+
+def thread_config(thread_id: str, checkpoint_ns: str = "") -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns}}
+
+
+class History:
+    """Writes a chain of checkpoints into one thread and namespace, as the executor would."""
+
+    def __init__(self, api: SaverApi, thread_id: str, checkpoint_ns: str = "") -> None:
+        self.api = api
+        self.config = thread_config(thread_id, checkpoint_ns)
+        self.checkpoints: list[Checkpoint] = []
+        self.configs: list[RunnableConfig] = []
+
+    def next_checkpoint(
+        self, updates: dict[str, Any], ts: datetime | None = None
+    ) -> tuple[Checkpoint, dict[str, str]]:
+        checkpoint = (
+            copy_checkpoint(self.checkpoints[-1]) if self.checkpoints else empty_checkpoint()
+        )
+        checkpoint["id"] = str(uuid6())
+        checkpoint["ts"] = (ts or datetime.now(UTC)).isoformat()
+        new_versions = {}
+        for channel, value in updates.items():
+            version = self.api.saver.get_next_version(checkpoint["channel_versions"].get(channel))
+            checkpoint["channel_versions"][channel] = new_versions[channel] = version
+            checkpoint["versions_seen"].setdefault("node", {})[channel] = version
+            if value is EMPTY:
+                checkpoint["channel_values"].pop(channel, None)
+            else:
+                checkpoint["channel_values"][channel] = value
+        checkpoint["updated_channels"] = sorted(updates)
+        return checkpoint, new_versions
+
+    async def step(
+        self,
+        updates: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        ts: datetime | None = None,
+        writes: list[TaskWrites] | None = None,
+    ) -> RunnableConfig:
+        """Save the next checkpoint (with ``put``, or ``put_step`` when ``writes`` are given)."""
+        checkpoint, new_versions = self.next_checkpoint(updates or {}, ts)
+        meta: CheckpointMetadata = {"source": "loop", "step": len(self.checkpoints)}
+        meta.update(metadata or {})  # type: ignore[typeddict-item]
+        if writes is None:
+            saved = await self.api.put(self.config, checkpoint, meta, new_versions)
+        else:
+            saved = await self.api.put_step(self.config, writes, checkpoint, meta, new_versions)
+        self.checkpoints.append(checkpoint)
+        self.configs.append(saved)
+        self.config = saved
+        return saved
+
+    @property
+    def thread_id(self) -> str:
+        return str(self.config["configurable"]["thread_id"])
+
+
+def with_checkpoint_id(config: RunnableConfig, checkpoint_id: str) -> RunnableConfig:
+    return {"configurable": {**config["configurable"], "checkpoint_id": checkpoint_id}}
+
+
+def ids(tuples: list[CheckpointTuple]) -> list[str]:
+    return [found.config["configurable"]["checkpoint_id"] for found in tuples]
+
+
+def checkpoint_id_of(config: RunnableConfig) -> str:
+    return str(config["configurable"]["checkpoint_id"])
+
+
+async def must_get(api: SaverApi, config: RunnableConfig) -> CheckpointTuple:
+    found = await api.get_tuple(config)
+    assert found is not None, f"no checkpoint for {config!r}"
+    return found
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+
+async def roundtrip_every_type(api: SaverApi) -> None:
+    """Channel values and pending writes of every supported type come back identical."""
+    allow_sample_types(api.saver.serde)
+    history = History(api, new_id("types"))
+    config = await history.step(SAMPLE_VALUES)
+    await api.put_writes(config, list(SAMPLE_VALUES.items()), "task")
+
+    found = await must_get(api, config)
+    assert_same(found.checkpoint["channel_values"], SAMPLE_VALUES, "channel_values")
+    assert found.pending_writes is not None
+    assert [channel for _, channel, _ in found.pending_writes] == list(SAMPLE_VALUES)
+    for task_id, channel, value in found.pending_writes:
+        assert task_id == "task"
+        assert_same(value, SAMPLE_VALUES[channel], f"write {channel!r}")
+
+
+async def roundtrip_checkpoint_and_configs(api: SaverApi) -> None:
+    """The whole checkpoint dict, ``config`` and ``parent_config`` come back as saved."""
+    history = History(api, new_id("shape"))
+    first = await history.step({"a": 1, "b": [1]})
+    second = await history.step({"b": [1, 2], "gone": "x"})
+    third = await history.step({"gone": EMPTY})
+
+    assert first == {
+        "configurable": {
+            "thread_id": history.thread_id,
+            "checkpoint_ns": "",
+            "checkpoint_id": history.checkpoints[0]["id"],
+        }
+    }
+    found = await must_get(api, third)
+    assert found.config == third
+    assert found.parent_config == second
+    assert found.checkpoint == history.checkpoints[2]
+    # Unchanged channels are read from the checkpoint that last wrote them.
+    assert found.checkpoint["channel_values"] == {"a": 1, "b": [1, 2]}
+    assert found.pending_writes == []
+    assert (await must_get(api, first)).parent_config is None
+    assert (await must_get(api, second)).checkpoint == history.checkpoints[1]
+
+
+async def roundtrip_metadata(api: SaverApi) -> None:
+    """Metadata round-trips exactly, with the run's config metadata merged in."""
+    metadata = {
+        "source": "update",
+        "step": 7,
+        "parents": {"": "parent-id"},
+        "text": "ünïcødé ✓ 🙂 \x00 after-nul",
+        "key\x00with nul": "v",
+        "ratio": 0.1,
+        "flag": False,
+        "nothing": None,
+        "nested": {"list": [1, "two", None, True], "deeper": {"x": -1}},
+    }
+    thread_id = new_id("meta")
+    config: RunnableConfig = {
+        **thread_config(thread_id),
+        "metadata": {"user": "ann", "step": "ignored: the runtime's key wins", "__private": 1},
+    }
+    checkpoint = empty_checkpoint()
+    saved = await api.put(config, checkpoint, metadata, {})  # type: ignore[arg-type]
+    found = await must_get(api, saved)
+    assert_same(found.metadata, {**metadata, "user": "ann"}, "metadata")
+
+
+async def stored_state_is_isolated(api: SaverApi) -> None:
+    """Mutating what was saved, or what was read, does not change what is stored."""
+    history = History(api, new_id("isolated"))
+    value = {"items": [1, 2]}
+    config = await history.step({"state": value}, {"tags": ["a"]})
+    writes = [("state", {"w": [1]})]
+    await api.put_writes(config, writes, "task")
+    value["items"].append(3)
+    history.checkpoints[-1]["channel_versions"]["state"] = "mutated"
+    writes[0][1]["w"].append(2)
+
+    first = await must_get(api, config)
+    first.checkpoint["channel_values"]["state"]["items"].append(4)
+    first.metadata["tags"].append("b")  # type: ignore[typeddict-item]
+    again = await must_get(api, config)
+    assert again.checkpoint["channel_values"] == {"state": {"items": [1, 2]}}
+    assert again.checkpoint["channel_versions"]["state"] != "mutated"
+    assert again.metadata["tags"] == ["a"]  # type: ignore[typeddict-item]
+    assert again.pending_writes == [("task", "state", {"w": [1]})]
+
+
+async def very_large_values(api: SaverApi) -> None:
+    """Values of 10 MB and more are stored and read back intact."""
+    big_bytes = bytes(range(256)) * (40 * 1024)  # 10 MiB
+    big_text = "ü🙂" * (3 * 1024 * 1024)  # 6 M characters, 18 MiB in UTF-8
+    many = list(range(500_000))
+    history = History(api, new_id("large"))
+    config = await history.step({"bytes": big_bytes, "text": big_text, "many": many})
+    await api.put_writes(config, [("bytes", big_bytes)], "task")
+    found = await must_get(api, config)
+    assert found.checkpoint["channel_values"]["bytes"] == big_bytes
+    assert found.checkpoint["channel_values"]["text"] == big_text
+    assert found.checkpoint["channel_values"]["many"] == many
+    assert found.pending_writes == [("task", "bytes", big_bytes)]
+
+
+async def unicode_and_nul_in_keys(api: SaverApi) -> None:
+    """Thread ids, namespaces and metadata may hold any unicode, including NUL."""
+    thread_id = new_id("thréad-🙂-\x00-end")
+    checkpoint_ns = "child:ñ\x00|sub:✓"
+    metadata = {"note": "a\x00b ✓", "ключ": "значение"}
+    history = History(api, thread_id, checkpoint_ns)
+    config = await history.step({"chännel": "välue\x00"}, metadata)
+    await api.put_writes(config, [("chännel", "wrïte\x00")], "tâsk\x00")
+
+    found = await must_get(api, thread_config(thread_id, checkpoint_ns))
+    assert found.config == config
+    assert found.config["configurable"]["thread_id"] == thread_id
+    assert found.checkpoint["channel_values"] == {"chännel": "välue\x00"}
+    assert found.pending_writes == [("tâsk\x00", "chännel", "wrïte\x00")]
+    assert found.metadata["note"] == "a\x00b ✓"  # type: ignore[typeddict-item]
+    listed = await api.list(thread_config(thread_id, checkpoint_ns), filter=metadata)
+    assert ids(listed) == [checkpoint_id_of(config)]
+    assert await api.get_tuple(thread_config(thread_id, "child:ñ")) is None
+    assert await api.get_tuple(thread_config(thread_id.replace("\x00", ""), checkpoint_ns)) is None
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+async def get_tuple_latest_or_by_id(api: SaverApi) -> None:
+    """Without ``checkpoint_id`` the latest checkpoint; with one, exactly that one or None."""
+    history = History(api, new_id("get"))
+    configs = [await history.step({"n": n}) for n in range(3)]
+    latest = await must_get(api, thread_config(history.thread_id))
+    assert latest.config == configs[-1]
+    assert latest.checkpoint["channel_values"] == {"n": 2}
+    first = await must_get(api, configs[0])
+    assert first.checkpoint["channel_values"] == {"n": 0}
+    assert await api.get_tuple(with_checkpoint_id(configs[0], str(uuid6()))) is None
+    assert await api.get_tuple(thread_config(new_id("nobody"))) is None
+
+
+async def list_newest_first_with_before_and_limit(api: SaverApi) -> None:
+    """``list`` yields newest first; ``before`` and ``limit`` narrow it."""
+    history = History(api, new_id("list"))
+    configs = [await history.step({"n": n}) for n in range(5)]
+    newest_first = [checkpoint_id_of(config) for config in reversed(configs)]
+    config = thread_config(history.thread_id)
+
+    everything = await api.list(config)
+    assert ids(everything) == newest_first
+    assert [found.checkpoint["channel_values"]["n"] for found in everything] == [4, 3, 2, 1, 0]
+    assert everything[0].parent_config == configs[3]
+    assert ids(await api.list(config, limit=2)) == newest_first[:2]
+    assert ids(await api.list(config, before=configs[2])) == newest_first[3:]
+    assert ids(await api.list(config, before=configs[3], limit=1)) == newest_first[2:3]
+    assert await api.list(config, before=configs[0]) == []
+    assert ids(await api.list(configs[1])) == [checkpoint_id_of(configs[1])]
+    assert await api.list(thread_config(new_id("nobody"))) == []
+
+
+async def list_filter_on_metadata(api: SaverApi) -> None:
+    """``filter`` matches metadata by containment: nested dicts, None, bools apart from ints."""
+    history = History(api, new_id("filter"))
+    rows = [
+        {"kind": "a", "score": 1, "flag": True, "none": None, "nested": {"x": {"y": 1}, "z": 2}},
+        {"kind": "b", "score": True, "flag": 1, "nested": {"x": {"y": 2}}, "list": [1, 2]},
+        {"kind": "c", "score": 1.0, "flag": False, "none": "not none", "text": "é\x00"},
+    ]
+    configs = [await history.step({"n": n}, metadata) for n, metadata in enumerate(rows)]
+    a, b, c = (checkpoint_id_of(config) for config in configs)
+    config = thread_config(history.thread_id)
+
+    async def matching(filter: dict[str, Any]) -> list[str]:
+        return ids(await api.list(config, filter=filter))
+
+    assert await matching({}) == [c, b, a]
+    assert await matching({"kind": "a"}) == [a]
+    assert await matching({"kind": "a", "score": 1}) == [a]
+    assert await matching({"kind": "a", "score": 2}) == []
+    assert await matching({"source": "loop"}) == [c, b, a]
+    assert await matching({"flag": True}) == [a]
+    assert await matching({"flag": 1}) == [b]
+    assert await matching({"flag": False}) == [c]
+    assert await matching({"score": True}) == [b]
+    assert await matching({"none": None}) == [a]
+    assert await matching({"absent": None}) == []
+    assert await matching({"nested": {"x": {"y": 1}}}) == [a]
+    assert await matching({"nested": {"x": {"y": 1}, "z": 2}}) == [a]
+    assert await matching({"nested": {"x": {}}}) == [b, a]
+    assert await matching({"nested": {"z": 3}}) == []
+    assert await matching({"list": [1, 2]}) == [b]
+    assert await matching({"text": "é\x00"}) == [c]
+    assert await matching({"text": "é"}) == []
+    assert ids(await api.list(config, filter={"source": "loop"}, limit=2)) == [c, b]
+    before_c = await api.list(config, filter={"kind": "a"}, before=configs[2])
+    assert ids(before_c) == [a]
+
+
+async def namespaces_are_isolated(api: SaverApi) -> None:
+    """Each namespace of a thread has its own latest checkpoint, values and writes."""
+    thread_id = new_id("ns")
+    root = History(api, thread_id)
+    child = History(api, thread_id, "child:1")
+    root_config = await root.step({"x": "root"})
+    child_config = await child.step({"x": "child"})
+    await root.step({"x": "root 2"})
+    await api.put_writes(child_config, [("x", "child write")], "task")
+
+    latest_root = await must_get(api, thread_config(thread_id))
+    latest_child = await must_get(api, thread_config(thread_id, "child:1"))
+    assert latest_root.checkpoint["channel_values"] == {"x": "root 2"}
+    assert latest_root.pending_writes == []
+    assert latest_child.config == child_config
+    assert latest_child.checkpoint["channel_values"] == {"x": "child"}
+    assert latest_child.pending_writes == [("task", "x", "child write")]
+    root_only = await api.list(thread_config(thread_id))
+    assert ids(root_only) == [checkpoint_id_of(c) for c in reversed(root.configs)]
+    every_ns = await api.list({"configurable": {"thread_id": thread_id}})
+    assert sorted(ids(every_ns)) == sorted(
+        checkpoint_id_of(c) for c in [*root.configs, child_config]
+    )
+    assert ids(every_ns) == sorted(ids(every_ns), reverse=True)
+    wrong_ns = {"configurable": {**root_config["configurable"], "checkpoint_ns": "child:1"}}
+    assert await api.get_tuple(wrong_ns) is None  # type: ignore[arg-type]
+
+
+async def missing_thread_id_is_an_error(api: SaverApi) -> None:
+    """A config without ``thread_id`` raises ``ValueError`` naming it."""
+    bare: RunnableConfig = {"configurable": {}}
+    with pytest.raises(ValueError, match="thread_id"):
+        await api.get_tuple(bare)
+    with pytest.raises(ValueError, match="thread_id"):
+        await api.put(bare, empty_checkpoint(), {}, {})
+    with pytest.raises(ValueError, match="thread_id"):
+        await api.put_writes({"configurable": {"checkpoint_id": "x"}}, [("c", 1)], "task")
+    with pytest.raises(ValueError, match="thread_id"):
+        await api.put_step(bare, [TaskWrites("task", [("c", 1)])], empty_checkpoint(), {}, {})
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+async def pending_writes_ordered_and_idempotent(api: SaverApi) -> None:
+    """Writes come back ordered by task then index; repeating ``put_writes`` adds nothing."""
+    history = History(api, new_id("writes"))
+    config = await history.step({"n": 0})
+    await api.put_writes(config, [("a", 1), ("b", 2), ("a", 3)], "task-2", "path-2")
+    await api.put_writes(config, [("c", 4)], "task-1")
+    await api.put_writes(config, [("a", 1), ("b", 2), ("a", 3)], "task-2", "path-2")
+    await api.put_writes(config, [("c", "changed")], "task-1")
+
+    expected = [("task-1", "c", 4), ("task-2", "a", 1), ("task-2", "b", 2), ("task-2", "a", 3)]
+    assert (await must_get(api, config)).pending_writes == expected
+    # Writes belong to their checkpoint only.
+    later = await history.step({"n": 1})
+    assert (await must_get(api, later)).pending_writes == []
+    assert (await must_get(api, config)).pending_writes == expected
+
+
+async def special_writes_replace(api: SaverApi) -> None:
+    """Error, interrupt and resume writes replace the task's previous one of the same kind."""
+    history = History(api, new_id("special"))
+    config = await history.step({"n": 0})
+    await api.put_writes(config, [(ERROR, "first error")], "task")
+    await api.put_writes(config, [(ERROR, "second error")], "task")
+    await api.put_writes(config, [(INTERRUPT, ["ask 1"]), ("out", 1)], "task")
+    await api.put_writes(config, [(INTERRUPT, ["ask 2"]), ("out", 2)], "task")
+    await api.put_writes(config, [(RESUME, "yes")], "task")
+    await api.put_writes(config, [(RESUME, "no")], "task")
+    await api.put_writes(config, [(ERROR, "other task")], "other")
+
+    found = await must_get(api, config)
+    assert found.pending_writes == [
+        ("other", ERROR, "other task"),
+        ("task", RESUME, "no"),
+        ("task", INTERRUPT, ["ask 2"]),
+        ("task", ERROR, "second error"),
+        ("task", "out", 1),
+    ]
+
+
+async def put_step_saves_writes_and_checkpoint(api: SaverApi) -> None:
+    """``put_step`` saves tasks' writes against the current checkpoint, then the next one."""
+    history = History(api, new_id("step"))
+    first = await history.step({"n": 0})
+    step_writes = [
+        TaskWrites("task-b", [("n", 1), ("log", "b")], "path-b"),
+        TaskWrites("task-a", [("log", "a")]),
+    ]
+    second = await history.step({"n": 1, "log": ["a", "b"]}, writes=step_writes)
+
+    parent = await must_get(api, first)
+    assert parent.pending_writes == [
+        ("task-a", "log", "a"),
+        ("task-b", "n", 1),
+        ("task-b", "log", "b"),
+    ]
+    latest = await must_get(api, thread_config(history.thread_id))
+    assert latest.config == second
+    assert latest.parent_config == first
+    assert latest.checkpoint["channel_values"] == {"n": 1, "log": ["a", "b"]}
+    assert latest.pending_writes == []
+    # A step without task writes is a plain put.
+    third = await history.step({"n": 2}, writes=[])
+    assert (await must_get(api, thread_config(history.thread_id))).config == third
+
+
+async def put_step_is_visible_with_its_writes(api: SaverApi) -> None:
+    """A reader never sees a ``put_step`` checkpoint without the writes saved with it."""
+    history = History(api, new_id("step-atomic"))
+    await history.step({"n": 0})
+    latest_config = thread_config(history.thread_id)
+    writing = True
+
+    async def write() -> None:
+        nonlocal writing
+        try:
+            for n in range(1, 40):
+                await history.step({"n": n}, writes=[TaskWrites("task", [("n", n)])])
+                await api.pause()
+        finally:
+            writing = False
+
+    async def read() -> None:
+        while writing:
+            latest = await must_get(api, latest_config)
+            if latest.parent_config is not None:
+                parent = await must_get(api, latest.parent_config)
+                n = latest.checkpoint["channel_values"]["n"]
+                assert parent.pending_writes == [("task", "n", n)], f"step {n}"
+            await api.pause()
+
+    await api.concurrently([write, read])
+
+
+async def failed_serialization_saves_nothing(api: SaverApi) -> None:
+    """An unserializable value fails ``put``/``put_step`` naming the channel; nothing is saved."""
+
+    class NotAllowed:
+        pass
+
+    history = History(api, new_id("unserializable"))
+    first = await history.step({"n": 0})
+    checkpoint, new_versions = history.next_checkpoint({"n": 1, "bad": NotAllowed()})
+    metadata: CheckpointMetadata = {"source": "loop", "step": 1}
+    with pytest.raises(SerializationError, match="bad") as raised:
+        await api.put(first, checkpoint, metadata, new_versions)
+    assert history.thread_id in str(raised.value)
+    with pytest.raises(SerializationError, match="bad"):
+        await api.put_step(
+            first, [TaskWrites("task", [("n", 1)])], checkpoint, metadata, new_versions
+        )
+    with pytest.raises(SerializationError, match="bad"):
+        await api.put_writes(first, [("n", 1), ("bad", NotAllowed())], "task")
+
+    latest = await must_get(api, thread_config(history.thread_id))
+    assert latest.config == first
+    assert latest.pending_writes == []
+    assert await api.get_tuple(with_checkpoint_id(first, checkpoint["id"])) is None
+
+
+async def versions_increase(api: SaverApi) -> None:
+    """``get_next_version`` increases as strings and differs across branches."""
+    saver = api.saver
+    current = None
+    seen = []
+    for _ in range(300):
+        current = saver.get_next_version(current)
+        seen.append(current)
+    assert seen == sorted(seen)
+    assert len(set(seen)) == len(seen)
+    branch_a = saver.get_next_version(seen[10])
+    branch_b = saver.get_next_version(seen[10])
+    assert branch_a != branch_b
+    assert seen[10] < branch_a < seen[12]
+    assert seen[10] < branch_b < seen[12]
+
+
+async def concurrent_threads(api: SaverApi) -> None:
+    """Many threads written at the same time each keep exactly their own history."""
+    histories = [History(api, new_id(f"concurrent-{n}")) for n in range(12)]
+
+    async def run(history: History) -> None:
+        for step in range(6):
+            config = await history.step({"step": step, "owner": history.thread_id})
+            await api.put_writes(config, [("step", step)], f"task-{step}")
+
+    await api.concurrently([partial(run, history) for history in histories])
+    for history in histories:
+        listed = await api.list(thread_config(history.thread_id))
+        assert ids(listed) == [checkpoint_id_of(c) for c in reversed(history.configs)]
+        for found, step in zip(listed, reversed(range(6)), strict=True):
+            assert found.checkpoint["channel_values"] == {
+                "step": step,
+                "owner": history.thread_id,
+            }
+            assert found.pending_writes == [(f"task-{step}", "step", step)]
+
+
+# -- thread management -----------------------------------------------------------------------
+
+
+async def delete_thread_removes_all_namespaces(api: SaverApi) -> None:
+    """``delete_thread`` removes one thread entirely and leaves the others alone."""
+    doomed, kept = new_id("doomed"), new_id("kept")
+    for thread_id in (doomed, kept):
+        for checkpoint_ns in ("", "child:1"):
+            history = History(api, thread_id, checkpoint_ns)
+            config = await history.step({"x": thread_id})
+            await api.put_writes(config, [("x", 1)], "task")
+    await api.delete_thread(doomed)
+
+    assert await api.list({"configurable": {"thread_id": doomed}}) == []
+    assert await api.get_tuple(thread_config(doomed, "child:1")) is None
+    assert len(await api.list({"configurable": {"thread_id": kept}})) == 2
+    assert (await must_get(api, thread_config(kept))).pending_writes == [("task", "x", 1)]
+    # The id can be used again, starting from nothing.
+    again = History(api, doomed)
+    await again.step({"y": 1})
+    assert (await must_get(api, thread_config(doomed))).checkpoint["channel_values"] == {"y": 1}
+
+
+async def copy_thread_copies_whole_history(api: SaverApi) -> None:
+    """``copy_thread`` duplicates every namespace, checkpoint, value and write."""
+    source, target = new_id("source"), new_id("target")
+    root = History(api, source)
+    child = History(api, source, "child:1")
+    await root.step({"a": 1, "b": "kept"})
+    root_config = await root.step({"a": 2})
+    await api.put_writes(root_config, [("a", 3), (ERROR, "boom")], "task")
+    await child.step({"c": [1]})
+    await api.copy_thread(source, target)
+
+    for checkpoint_ns in ("", "child:1"):
+        originals = await api.list(thread_config(source, checkpoint_ns))
+        copies = await api.list(thread_config(target, checkpoint_ns))
+        assert ids(copies) == ids(originals)
+        for original, copy in zip(originals, copies, strict=True):
+            assert copy.config["configurable"]["thread_id"] == target
+            assert copy.checkpoint == original.checkpoint
+            assert copy.metadata == original.metadata
+            assert copy.pending_writes == original.pending_writes
+            if original.parent_config is None:
+                assert copy.parent_config is None
+            else:
+                assert copy.parent_config is not None
+                assert copy.parent_config["configurable"] == {
+                    **original.parent_config["configurable"],
+                    "thread_id": target,
+                }
+    # The copies are independent of the source.
+    continued = History(api, target)
+    continued.checkpoints = list(root.checkpoints)
+    continued.config = {**root_config, "configurable": {**root_config["configurable"]}}
+    continued.config["configurable"]["thread_id"] = target
+    await continued.step({"a": 99})
+    await api.delete_thread(source)
+    latest = await must_get(api, thread_config(target))
+    assert latest.checkpoint["channel_values"] == {"a": 99, "b": "kept"}
+    assert len(await api.list(thread_config(target))) == 3
+
+
+async def delete_for_runs_keeps_other_runs_readable(api: SaverApi) -> None:
+    """``delete_for_runs`` removes the runs' checkpoints; later runs stay fully readable."""
+    first_run, second_run = new_id("run"), new_id("run")
+    history = History(api, new_id("runs"))
+    await history.step({"a": "from first run", "b": 0}, {"run_id": first_run})
+    first_latest = await history.step({"b": 1}, {"run_id": first_run})
+    await api.put_writes(first_latest, [("b", 2)], "task")
+    await history.step({"b": 2}, {"run_id": second_run})
+    other_thread = History(api, new_id("runs-other"))
+    await other_thread.step({"x": 1}, {"run_id": first_run})
+    await api.delete_for_runs([first_run])
+
+    remaining = await api.list(thread_config(history.thread_id))
+    assert ids(remaining) == [checkpoint_id_of(history.configs[2])]
+    assert remaining[0].checkpoint["channel_values"] == {"a": "from first run", "b": 2}
+    assert await api.get_tuple(first_latest) is None
+    assert await api.list(thread_config(other_thread.thread_id)) == []
+    assert await api.list(thread_config(history.thread_id), filter={"run_id": first_run}) == []
+
+
+async def prune_keeps_latest(api: SaverApi) -> None:
+    """``prune`` keeps each namespace's latest checkpoints, fully readable, and drops the rest."""
+    thread_id, bystander = new_id("prune"), new_id("bystander")
+    root = History(api, thread_id)
+    child = History(api, thread_id, "child:1")
+    await root.step({"set_once": "first value", "n": 0, "emptied": "x"})
+    for n in range(1, 5):
+        config = await root.step({"n": n, **({"emptied": EMPTY} if n == 2 else {})})
+        await api.put_writes(config, [("n", n * 10)], "task")
+    for n in range(3):
+        await child.step({"c": n})
+    await History(api, bystander).step({"x": 1})
+
+    await api.prune([thread_id], keep_last=2)
+    kept = await api.list(thread_config(thread_id))
+    assert ids(kept) == [checkpoint_id_of(c) for c in reversed(root.configs[-2:])]
+    assert kept[0].checkpoint == root.checkpoints[-1]
+    assert kept[0].pending_writes == [("task", "n", 40)]
+    assert kept[1].checkpoint["channel_values"] == {"set_once": "first value", "n": 3}
+    assert ids(await api.list(thread_config(thread_id, "child:1"))) == [
+        checkpoint_id_of(c) for c in reversed(child.configs[-2:])
+    ]
+
+    await api.prune([thread_id])
+    latest = await api.list({"configurable": {"thread_id": thread_id}})
+    assert sorted(ids(latest)) == sorted(
+        [checkpoint_id_of(root.configs[-1]), checkpoint_id_of(child.configs[-1])]
+    )
+    assert (await must_get(api, thread_config(thread_id))).checkpoint == root.checkpoints[-1]
+    assert len(await api.list(thread_config(bystander))) == 1
+
+
+async def prune_older_than(api: SaverApi) -> None:
+    """With ``older_than``, recent checkpoints are kept too; the latest always is."""
+    now = datetime.now(UTC)
+    recent = History(api, new_id("prune-age"))
+    for days_ago in (30, 20, 10):
+        await recent.step({"n": days_ago}, ts=now - timedelta(days=days_ago))
+    await recent.step({"n": 0}, ts=now - timedelta(minutes=1))
+    await recent.step({"n": -1}, ts=now)
+    await api.prune([recent.thread_id], older_than=timedelta(days=15))
+    assert ids(await api.list(thread_config(recent.thread_id))) == [
+        checkpoint_id_of(c) for c in reversed(recent.configs[2:])
+    ]
+
+    stale = History(api, new_id("prune-stale"))
+    for days_ago in (3, 2, 1):
+        await stale.step({"n": days_ago}, ts=now - timedelta(days=days_ago))
+    await api.prune([stale.thread_id], older_than=timedelta(hours=1), keep_last=2)
+    kept = await api.list(thread_config(stale.thread_id))
+    assert ids(kept) == [checkpoint_id_of(c) for c in reversed(stale.configs[1:])]
+    assert kept[0].checkpoint == stale.checkpoints[-1]
+
+
+async def prune_delete_strategy(api: SaverApi) -> None:
+    """``strategy="delete"`` removes the named threads entirely."""
+    doomed, kept = new_id("prune-delete"), new_id("prune-kept")
+    for thread_id in (doomed, kept):
+        history = History(api, thread_id)
+        await history.step({"n": 0})
+        await history.step({"n": 1})
+    await api.prune([doomed], strategy="delete")
+    assert await api.list({"configurable": {"thread_id": doomed}}) == []
+    assert len(await api.list(thread_config(kept))) == 2
+
+
+SCENARIOS: list[Scenario] = [
+    roundtrip_every_type,
+    roundtrip_checkpoint_and_configs,
+    roundtrip_metadata,
+    stored_state_is_isolated,
+    very_large_values,
+    unicode_and_nul_in_keys,
+    get_tuple_latest_or_by_id,
+    list_newest_first_with_before_and_limit,
+    list_filter_on_metadata,
+    namespaces_are_isolated,
+    missing_thread_id_is_an_error,
+    pending_writes_ordered_and_idempotent,
+    special_writes_replace,
+    put_step_saves_writes_and_checkpoint,
+    put_step_is_visible_with_its_writes,
+    failed_serialization_saves_nothing,
+    versions_increase,
+    concurrent_threads,
+    delete_thread_removes_all_namespaces,
+    copy_thread_copies_whole_history,
+    delete_for_runs_keeps_other_runs_readable,
+    prune_keeps_latest,
+    prune_older_than,
+    prune_delete_strategy,
+]

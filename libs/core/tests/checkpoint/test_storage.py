@@ -1,0 +1,309 @@
+"""The backend-neutral storage logic: rows from saves, tuples from rows, filter, prune."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stepgraph.checkpoint.base import (
+    ERROR,
+    INTERRUPT,
+    Checkpoint,
+    CheckpointTuple,
+    TaskWrites,
+    empty_checkpoint,
+)
+from stepgraph.checkpoint.serde import MsgpackSerializer
+from stepgraph.checkpoint.storage import (
+    CheckpointRows,
+    CorruptCheckpointError,
+    WriteRow,
+    checkpoint_rows,
+    checkpoints_to_keep,
+    load_checkpoint,
+    load_tuple,
+    metadata_matches,
+    referenced_values,
+    rekey,
+    write_rows,
+)
+from stepgraph.config import RunnableConfig
+from stepgraph.errors import SerializationError, UnknownTypeError
+
+serde = MsgpackSerializer()
+
+
+def thread(thread_id: str = "t", checkpoint_ns: str = "", **extra: Any) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns, **extra}}
+
+
+def make_checkpoint(values: dict[str, Any], versions: dict[str, str]) -> Checkpoint:
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = dict(values)
+    checkpoint["channel_versions"] = dict(versions)
+    return checkpoint
+
+
+def read_back(rows: CheckpointRows, writes: Sequence[WriteRow] = ()) -> CheckpointTuple:
+    checkpoint = load_checkpoint(serde, rows.checkpoint)
+    return load_tuple(serde, rows.checkpoint, checkpoint, rows.values, writes)
+
+
+class Unregistered:
+    pass
+
+
+class Point(NamedTuple):
+    x: int
+
+
+# -- rows from saves -------------------------------------------------------------------------
+
+
+def test_put_stores_values_only_for_new_versions() -> None:
+    checkpoint = make_checkpoint({"a": 1, "b": 2}, {"a": "1", "b": "2", "gone": "3"})
+    rows = checkpoint_rows(serde, thread(checkpoint_id="parent"), checkpoint, {}, {"b": "2"})
+    assert [(v.channel, v.version) for v in rows.values] == [("b", "2")]
+    assert rows.checkpoint.parent_checkpoint_id == "parent"
+    assert rows.writes == []
+
+    emptied = checkpoint_rows(serde, thread(), checkpoint, {}, {"gone": "3"})
+    assert [(v.channel, v.type, v.value) for v in emptied.values] == [("gone", None, None)]
+
+
+def test_checkpoint_blob_leaves_out_values_id_and_ts() -> None:
+    checkpoint = make_checkpoint({"a": "x" * 1000}, {"a": "1"})
+    row = checkpoint_rows(serde, thread(), checkpoint, {}, {"a": "1"}).checkpoint
+    blob = serde.loads_typed((row.checkpoint_type, row.checkpoint))
+    assert set(blob) == {"v", "channel_versions", "versions_seen", "updated_channels"}
+    assert (row.checkpoint_id, row.ts) == (checkpoint["id"], checkpoint["ts"])
+
+
+def test_metadata_merges_config_and_exposes_run_id() -> None:
+    config: RunnableConfig = {**thread(), "metadata": {"user": "u", "run_id": "r-1"}}
+    rows = checkpoint_rows(serde, config, empty_checkpoint(), {"source": "input", "step": -1}, {})
+    found = read_back(rows)
+    assert found.metadata == {"source": "input", "step": -1, "user": "u", "run_id": "r-1"}
+    assert rows.checkpoint.run_id == "r-1"
+
+
+def test_round_trip_builds_configs_and_orders_writes() -> None:
+    checkpoint = make_checkpoint({"a": [1]}, {"a": "1"})
+    rows = checkpoint_rows(serde, thread("t", "ns", checkpoint_id="p"), checkpoint, {}, {"a": "1"})
+    at = thread("t", "ns", checkpoint_id=checkpoint["id"])
+    writes = [
+        *write_rows(serde, at, [("x", 1), ("y", 2)], "task-b"),
+        *write_rows(serde, at, [("z", 3), (ERROR, "e")], "task-a", "path"),
+    ]
+    found = read_back(rows, list(reversed(writes)))
+    assert found.config == at
+    assert found.parent_config == thread("t", "ns", checkpoint_id="p")
+    assert found.checkpoint == checkpoint
+    assert found.pending_writes == [
+        ("task-a", ERROR, "e"),
+        ("task-a", "z", 3),
+        ("task-b", "x", 1),
+        ("task-b", "y", 2),
+    ]
+
+
+def test_write_rows_index_rule() -> None:
+    rows = write_rows(serde, thread(checkpoint_id="c"), [("a", 1), (INTERRUPT, 2), ("b", 3)], "t")
+    assert [(row.idx, row.replaces_existing) for row in rows] == [
+        (0, False),
+        (-3, True),
+        (2, False),
+    ]
+    assert {row.task_path for row in rows} == {""}
+
+
+def test_put_step_rows_include_task_writes_against_parent() -> None:
+    checkpoint = make_checkpoint({}, {})
+    tasks = [TaskWrites("t1", [("a", 1)], "p1"), TaskWrites("t2", [("b", 2)])]
+    rows = checkpoint_rows(serde, thread(checkpoint_id="parent"), checkpoint, {}, {}, tasks)
+    assert [(w.checkpoint_id, w.task_id, w.task_path) for w in rows.writes] == [
+        ("parent", "t1", "p1"),
+        ("parent", "t2", ""),
+    ]
+
+
+def test_writes_need_a_checkpoint_id() -> None:
+    with pytest.raises(ValueError, match="checkpoint_id"):
+        write_rows(serde, thread(), [("a", 1)], "task")
+    with pytest.raises(ValueError, match="thread_id"):
+        write_rows(serde, {"configurable": {"checkpoint_id": "c"}}, [("a", 1)], "task")
+
+
+def test_serialization_error_names_channel_thread_and_checkpoint() -> None:
+    checkpoint = make_checkpoint({"fine": 1, "bad": Unregistered()}, {"fine": "1", "bad": "1"})
+    with pytest.raises(SerializationError) as raised:
+        checkpoint_rows(serde, thread("my-thread"), checkpoint, {}, {"fine": "1", "bad": "1"})
+    message = str(raised.value)
+    assert "'bad'" in message and "'my-thread'" in message and checkpoint["id"] in message
+
+    with pytest.raises(SerializationError, match="'out' of task 'task-9'"):
+        write_rows(serde, thread(checkpoint_id="c"), [("out", Unregistered())], "task-9")
+
+
+# -- reading broken rows ---------------------------------------------------------------------
+
+
+def test_truncated_value_names_channel() -> None:
+    checkpoint = make_checkpoint({"a": "x" * 100}, {"a": "1"})
+    rows = checkpoint_rows(serde, thread("t-1"), checkpoint, {}, {"a": "1"})
+    stored = rows.values[0].value
+    assert stored is not None
+    broken = rows._replace(values=[rows.values[0]._replace(value=stored[:5])])
+    with pytest.raises(CorruptCheckpointError) as raised:
+        read_back(broken)
+    message = str(raised.value)
+    assert "channel 'a'" in message and "'t-1'" in message and checkpoint["id"] in message
+
+
+def test_corrupt_checkpoint_blob_is_reported() -> None:
+    rows = checkpoint_rows(serde, thread("t-2"), empty_checkpoint(), {}, {})
+    broken = rows.checkpoint._replace(checkpoint=b"\xc1garbage")
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint .*'t-2'"):
+        load_checkpoint(serde, broken)
+    not_a_checkpoint = rows.checkpoint._replace(checkpoint=serde.dumps_typed([1, 2])[1])
+    with pytest.raises(CorruptCheckpointError, match="not a checkpoint"):
+        load_checkpoint(serde, not_a_checkpoint)
+
+
+def test_missing_value_row_names_channel() -> None:
+    checkpoint = make_checkpoint({"a": 1, "b": 2}, {"a": "1", "b": "2"})
+    rows = checkpoint_rows(serde, thread(), checkpoint, {}, {"a": "1", "b": "2"})
+    with pytest.raises(CorruptCheckpointError, match=r"channel 'b'.*'2'"):
+        read_back(rows._replace(values=rows.values[:1]))
+    stale_version = rows.values[1]._replace(version="1")
+    with pytest.raises(CorruptCheckpointError, match="channel 'b'"):
+        read_back(rows._replace(values=[rows.values[0], stale_version]))
+
+
+def test_disallowed_type_stays_unknown_type_error_with_context() -> None:
+    permissive = MsgpackSerializer(allowed_types=[Point])
+    checkpoint = make_checkpoint({"p": Point(1)}, {"p": "1"})
+    rows = checkpoint_rows(permissive, thread("t-3"), checkpoint, {}, {"p": "1"})
+    with pytest.raises(UnknownTypeError, match=r"channel 'p'.*'t-3'"):
+        read_back(rows)
+
+
+# -- filter semantics ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stored", "filter", "matches"),
+    [
+        ({"a": 1}, {}, True),
+        ({"a": 1}, None, True),
+        ({"a": 1}, {"a": 1}, True),
+        ({"a": 1}, {"a": 1.0}, True),
+        ({"a": 1}, {"a": True}, False),
+        ({"a": True}, {"a": 1}, False),
+        ({"a": False}, {"a": 0}, False),
+        ({"a": 0}, {"a": False}, False),
+        ({"a": None}, {"a": None}, True),
+        ({}, {"a": None}, False),
+        ({"a": 0}, {"a": None}, False),
+        ({"a": "x"}, {"a": "x", "b": 1}, False),
+        ({"a": {"b": {"c": 1, "d": 2}, "e": 3}}, {"a": {"b": {"c": 1}}}, True),
+        ({"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 1, "d": 2}}}, False),
+        ({"a": {"b": 1}}, {"a": {}}, True),
+        ({"a": 1}, {"a": {}}, False),
+        ({"a": {"b": True}}, {"a": {"b": 1}}, False),
+        ({"a": [1, 2, 3]}, {"a": [3, 1]}, True),
+        ({"a": [1, 2]}, {"a": [4]}, False),
+        ({"a": [{"k": 1, "j": 2}]}, {"a": [{"k": 1}]}, True),
+        ({"a": [1]}, {"a": 1}, False),
+        ({"a": "é\x00"}, {"a": "é\x00"}, True),
+        ({"a": "é\x00"}, {"a": "é"}, False),
+    ],
+)
+def test_metadata_matches(stored: dict[str, Any], filter: Any, matches: bool) -> None:
+    assert metadata_matches(stored, filter) is matches
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(), json_values, max_size=5), st.data())
+def test_metadata_contains_itself_and_its_parts(metadata: dict[str, Any], data: Any) -> None:
+    assert metadata_matches(metadata, metadata)
+    keys = data.draw(
+        st.lists(st.sampled_from(sorted(metadata)), unique=True) if metadata else st.just([])
+    )
+    assert metadata_matches(metadata, {key: metadata[key] for key in keys})
+    assert not metadata_matches(metadata, {**metadata, "\x00absent": None})
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+
+class Key(NamedTuple):
+    checkpoint_ns: str
+    checkpoint_id: str
+    ts: str
+
+
+NOW = datetime(2026, 1, 10, tzinfo=UTC)
+
+
+def keys(days_ago: list[float], checkpoint_ns: str = "") -> list[Key]:
+    return [
+        Key(checkpoint_ns, f"id-{n:02d}", (NOW - timedelta(days=days)).isoformat())
+        for n, days in enumerate(days_ago)
+    ]
+
+
+def test_keep_latest_by_default_per_namespace() -> None:
+    checkpoints = keys([3, 2, 1]) + keys([5, 4], "child")
+    assert checkpoints_to_keep(checkpoints) == {("", "id-02"), ("child", "id-01")}
+    assert checkpoints_to_keep(checkpoints, keep_last=0) == {("", "id-02"), ("child", "id-01")}
+
+
+def test_keep_last_and_older_than_combine() -> None:
+    checkpoints = keys([9, 8, 7, 1.5, 0.5])
+    assert checkpoints_to_keep(checkpoints, keep_last=2) == {("", "id-03"), ("", "id-04")}
+    by_age = checkpoints_to_keep(checkpoints, older_than=timedelta(days=2), now=NOW)
+    assert by_age == {("", "id-03"), ("", "id-04")}
+    assert checkpoints_to_keep(
+        checkpoints, keep_last=3, older_than=timedelta(hours=1), now=NOW
+    ) == {("", "id-02"), ("", "id-03"), ("", "id-04")}
+    assert checkpoints_to_keep(keys([9, 8]), older_than=timedelta(days=1), now=NOW) == {
+        ("", "id-01")
+    }
+
+
+def test_naive_and_unparseable_timestamps() -> None:
+    naive = Key("", "id-00", (NOW - timedelta(hours=1)).replace(tzinfo=None).isoformat())
+    garbage = Key("", "id-01", "not a time")
+    latest = Key("", "id-02", NOW.isoformat())
+    kept = checkpoints_to_keep([naive, garbage, latest], older_than=timedelta(hours=2), now=NOW)
+    assert kept == {("", "id-00"), ("", "id-01"), ("", "id-02")}
+
+
+def test_negative_keep_last_is_rejected() -> None:
+    with pytest.raises(ValueError, match="keep_last"):
+        checkpoints_to_keep([], keep_last=-1)
+
+
+def test_referenced_values_and_rekey() -> None:
+    first = make_checkpoint({"a": 1}, {"a": "1"})
+    second = make_checkpoint({"a": 1, "b": 2}, {"a": "1", "b": "2"})
+    rows = [
+        checkpoint_rows(serde, thread("t", "ns"), first, {}, {"a": "1"}),
+        checkpoint_rows(serde, thread("t", "ns"), second, {}, {"b": "2"}),
+    ]
+    assert referenced_values(serde, [rows[1].checkpoint]) == {("ns", "a", "1"), ("ns", "b", "2")}
+    [moved] = rekey([rows[1].checkpoint], "other")
+    assert moved == rows[1].checkpoint._replace(thread_id="other")
+    assert {row.thread_id for row in rekey(rows[1].values, "other")} == {"other"}
