@@ -1,0 +1,81 @@
+"""The database schema, as an append-only list of migrations.
+
+Never edit a released migration: add a new one. Every row written by an older version stays
+readable by newer ones (``tests/fixtures/schema_v1.sqlite`` is a database in the first format).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Synchronous"]
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+SYNCHRONOUS_LEVELS: tuple[str, ...] = get_args(Synchronous)
+
+# Tables are WITHOUT ROWID so each row lives in one b-tree ordered by its primary key: one
+# b-tree insert per row, and "latest checkpoint of a thread" is a seek to the end of a key range.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # One row per checkpoint, in ``storage.CheckpointRow`` column order. ``checkpoint`` and
+        # ``metadata`` are serialized exactly; ``metadata_json`` is a lossy JSON copy that only
+        # narrows ``list(filter=...)`` in SQL before the exact check.
+        """
+        CREATE TABLE checkpoints (
+            thread_id TEXT NOT NULL,
+            checkpoint_ns TEXT NOT NULL,
+            checkpoint_id TEXT NOT NULL,
+            parent_checkpoint_id TEXT,
+            ts TEXT NOT NULL,
+            run_id TEXT,
+            checkpoint_type TEXT NOT NULL,
+            checkpoint BLOB NOT NULL,
+            metadata_type TEXT NOT NULL,
+            metadata BLOB NOT NULL,
+            metadata_json TEXT NOT NULL,
+            PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX checkpoints_by_run ON checkpoints (run_id) WHERE run_id IS NOT NULL",
+        # One row per (channel, version), in ``storage.ValueRow`` column order: a step writes
+        # only the channels it changed. NULL type and value: the channel was empty. ``kind`` says
+        # how to read ``value``: 0 is a whole value; later kinds (e.g. appended deltas for list
+        # reducers) arrive with later migrations (and older code refuses newer schema versions).
+        """
+        CREATE TABLE checkpoint_values (
+            thread_id TEXT NOT NULL,
+            checkpoint_ns TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            version TEXT NOT NULL,
+            type TEXT,
+            value BLOB,
+            kind INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (thread_id, checkpoint_ns, channel, version)
+        ) WITHOUT ROWID
+        """,
+        # In ``storage.WriteRow`` column order.
+        """
+        CREATE TABLE checkpoint_writes (
+            thread_id TEXT NOT NULL,
+            checkpoint_ns TEXT NOT NULL,
+            checkpoint_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            channel TEXT NOT NULL,
+            type TEXT NOT NULL,
+            value BLOB,
+            task_path TEXT NOT NULL,
+            PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS checkpoint_migrations (
+    version INTEGER PRIMARY KEY,
+    applied_at TEXT NOT NULL
+)
+"""
