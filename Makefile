@@ -29,5 +29,23 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy libs/core/stepgraph libs/checkpoint-sqlite/stepgraph libs/checkpoint-postgres/stepgraph
 
+# The benchmark venv holds LangGraph (pinned) and stepgraph (editable) side by side: different
+# import roots, one interpreter. Kept apart from .venv so LangGraph never enters the test env.
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): bench/requirements.txt libs/core/pyproject.toml libs/checkpoint-sqlite/pyproject.toml libs/checkpoint-postgres/pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r bench/requirements.txt \
+		-e libs/core -e libs/checkpoint-sqlite -e libs/checkpoint-postgres
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/run.py
+
+bench-quick: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/run.py --quick
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
