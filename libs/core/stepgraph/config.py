@@ -6,9 +6,16 @@ their configs unchanged. stepgraph has no dependency on langchain-core, so the t
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
-__all__ = ["CONFIG_KEYS", "RunnableConfig", "ensure_thread_id", "merge_configs"]
+__all__ = [
+    "CONFIG_KEYS",
+    "RunnableConfig",
+    "ensure_thread_id",
+    "get_config",
+    "get_stream_writer",
+    "merge_configs",
+]
 
 
 class RunnableConfig(TypedDict, total=False):
@@ -47,9 +54,23 @@ def merge_configs(*configs: RunnableConfig | None) -> RunnableConfig:
             continue
         for key, value in config.items():
             if key in ("configurable", "metadata") and value is not None:
-                merged[key] = {**merged.get(key, {}), **value}
+                merged[key] = {**merged.get(key, {}), **cast(dict[str, Any], value)}
             elif key == "tags" and value is not None:
-                merged[key] = [*merged.get(key, []), *value]
+                merged[key] = [*merged.get(key, []), *cast(list[str], value)]
             else:
                 merged[key] = value
     return merged  # type: ignore[return-value]
+
+
+def get_config() -> RunnableConfig:
+    """The config of the node that is running (with LangGraph's ``langgraph_*`` metadata keys)."""
+    from stepgraph.runtime import current_task
+
+    return current_task().config
+
+
+def get_stream_writer() -> Any:
+    """A function that sends a chunk to ``stream_mode="custom"``; a no-op if nobody listens."""
+    from stepgraph.runtime import current_task
+
+    return current_task().stream_writer
