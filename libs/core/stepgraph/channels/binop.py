@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import collections.abc
+from collections.abc import Callable, Sequence
+from typing import Any, Self, get_origin
+
+from stepgraph.channels.base import MISSING, BaseChannel
+from stepgraph.errors import EmptyChannelError
+
+__all__ = ["BinaryOperatorAggregate"]
+
+_ABSTRACT_TO_CONCRETE: dict[Any, type] = {
+    collections.abc.Sequence: list,
+    collections.abc.MutableSequence: list,
+    collections.abc.Set: set,
+    collections.abc.MutableSet: set,
+    collections.abc.Mapping: dict,
+    collections.abc.MutableMapping: dict,
+}
+
+
+def _empty_value(typ: Any) -> Any:
+    """The type's empty value (``list()`` for ``list[int]``), or MISSING when it has none."""
+    origin = get_origin(typ) or typ
+    origin = _ABSTRACT_TO_CONCRETE.get(origin, origin)
+    if isinstance(origin, type):
+        try:
+            return origin()
+        except Exception:
+            return MISSING
+    return MISSING
+
+
+class BinaryOperatorAggregate(BaseChannel):
+    """Folds every write into the value with ``operator(value, write)`` (a reducer).
+
+    Starts from the type's empty value when it has one, so ``Annotated[list, operator.add]``
+    begins as ``[]``.
+    """
+
+    __slots__ = ("operator", "value")
+
+    def __init__(self, typ: Any, operator: Callable[[Any, Any], Any], key: str = "") -> None:
+        super().__init__(typ, key)
+        self.operator = operator
+        self.value: Any = _empty_value(typ)
+
+    def from_checkpoint(self, value: Any) -> Self:
+        new = self.__class__(self.typ, self.operator, self.key)
+        if value is not MISSING:
+            new.value = value
+        return new
+
+    def get(self) -> Any:
+        if self.value is MISSING:
+            raise EmptyChannelError(self.key)
+        return self.value
+
+    def checkpoint(self) -> Any:
+        return self.value
+
+    def is_available(self) -> bool:
+        return self.value is not MISSING
+
+    def update(self, values: Sequence[Any]) -> bool:
+        if not values:
+            return False
+        value = self.value
+        start = 0
+        if value is MISSING:
+            value, start = values[0], 1
+        operator = self.operator
+        for item in values[start:]:
+            value = operator(value, item)
+        self.value = value
+        return True

@@ -1,0 +1,177 @@
+"""The pieces of a superstep that do not depend on sync or async: nodes, tasks, task ids.
+
+A ``PregelNode`` is what the executor knows of a node: the channels that trigger it, how to read
+its input from the channels, and a callable turning that input into channel writes. Builders
+(``StateGraph``, later ``@entrypoint``) produce nodes; the loop in ``_loop`` plans, runs and
+applies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from hashlib import blake2b
+from typing import TYPE_CHECKING, Any
+
+from stepgraph.constants import PUSH, TAG_HIDDEN
+from stepgraph.errors import GraphInterrupt
+from stepgraph.runtime import Runtime
+from stepgraph.types import Interrupt, RetryPolicy
+
+if TYPE_CHECKING:
+    from stepgraph.channels.base import BaseChannel
+    from stepgraph.config import RunnableConfig
+    from stepgraph.pregel._loop import RunLoop
+
+__all__ = ["PregelNode", "Task", "task_id"]
+
+Writes = list[tuple[str, Any]]
+
+
+def task_id(checkpoint_id: str, namespace: str, step: int, name: str, path: tuple) -> str:
+    """A task's id: the same inputs give the same id, so a resumed step finds its saved writes.
+
+    A 128-bit hash written like a UUID (cheaper than ``uuid5``, and just as stable).
+    """
+    parts = "\x1f".join((checkpoint_id, namespace, str(step), name, *map(str, path)))
+    h = blake2b(parts.encode(), digest_size=16).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class PregelNode:
+    """A node as the executor sees it.
+
+    ``run(task, input)`` returns the task's writes; ``arun`` is its async form (``None`` when the
+    node is synchronous: async runs then call ``run``). ``read(channels)`` builds the input of a
+    task triggered by channels; a ``Send`` supplies the input itself.
+    """
+
+    __slots__ = ("arun", "hidden", "name", "read", "retry_policy", "run", "tags", "triggers")
+
+    def __init__(
+        self,
+        name: str,
+        triggers: Sequence[str],
+        read: Callable[[dict[str, BaseChannel]], Any],
+        run: Callable[[Task, Any], Writes],
+        arun: Callable[[Task, Any], Awaitable[Writes]] | None = None,
+        *,
+        retry_policy: Sequence[RetryPolicy] | RetryPolicy | None = None,
+        tags: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self.triggers = tuple(triggers)
+        self.read = read
+        self.run = run
+        self.arun = arun
+        if isinstance(retry_policy, RetryPolicy):
+            retry_policy = (retry_policy,)
+        self.retry_policy: tuple[RetryPolicy, ...] = tuple(retry_policy or ())
+        self.tags = tuple(tags)
+        self.hidden = TAG_HIDDEN in self.tags
+
+
+class Task:
+    """One node execution in one superstep.
+
+    Cheap to create: the id and the config a node sees through ``get_config()`` are computed only
+    when something asks for them.
+    """
+
+    __slots__ = (
+        "_config",
+        "_id",
+        "done",
+        "error",
+        "input",
+        "interrupts",
+        "loop",
+        "name",
+        "node",
+        "path",
+        "resume",
+        "resume_used",
+        "triggers",
+        "update",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        loop: RunLoop,
+        node: PregelNode,
+        input: Any,
+        path: tuple[Any, ...],
+        triggers: tuple[str, ...],
+    ) -> None:
+        self.loop = loop
+        self.node = node
+        self.name = node.name
+        self.input = input
+        self.path = path
+        self.triggers = triggers
+        self.writes: Writes = []
+        self.update: Any = None
+        """The node's state update, as reported by ``stream_mode="updates"``."""
+        self.done = False
+        self.error: BaseException | None = None
+        self.interrupts: tuple[Interrupt, ...] = ()
+        """Set when the node paused with ``interrupt()``."""
+        self.resume: list[Any] = []
+        """Answers to this task's earlier ``interrupt()`` calls, in call order."""
+        self.resume_used = 0
+        self._id: str | None = None
+        self._config: RunnableConfig | None = None
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            loop = self.loop
+            self._id = task_id(loop.checkpoint_id, loop.namespace, loop.step, self.name, self.path)
+        return self._id
+
+    @property
+    def is_push(self) -> bool:
+        return self.path[0] == PUSH
+
+    @property
+    def config(self) -> RunnableConfig:
+        """The run's config plus LangGraph's per-task metadata keys."""
+        if self._config is None:
+            loop = self.loop
+            base = loop.config
+            task_ns = f"{self.name}:{self.id}"
+            if loop.namespace:
+                task_ns = f"{loop.namespace}|{task_ns}"
+            self._config = {
+                **base,
+                "metadata": {
+                    **base.get("metadata", {}),
+                    "langgraph_step": loop.step,
+                    "langgraph_node": self.name,
+                    "langgraph_triggers": self.triggers,
+                    "langgraph_path": self.path,
+                    "langgraph_checkpoint_ns": task_ns,
+                },
+                "configurable": {**base.get("configurable", {}), "checkpoint_ns": task_ns},
+            }
+        return self._config
+
+    @property
+    def runtime(self) -> Runtime:
+        return Runtime(context=self.loop.context, stream_writer=self.stream_writer)
+
+    @property
+    def stream_writer(self) -> Callable[[Any], None]:
+        return self.loop.custom_writer
+
+    def interrupt(self, value: Any) -> Any:
+        """The answer to this task's next ``interrupt()`` call, or pause the run to ask for it."""
+        index = self.resume_used
+        self.resume_used += 1
+        if index < len(self.resume):
+            return self.resume[index]
+        digest = blake2b(f"{self.id}:{index}".encode(), digest_size=16).hexdigest()
+        raise GraphInterrupt((Interrupt(value=value, id=digest),))
+
+    def __repr__(self) -> str:
+        return f"Task(name={self.name!r}, path={self.path!r})"

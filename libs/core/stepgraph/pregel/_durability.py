@@ -1,0 +1,260 @@
+"""What reaches the checkpointer, and when, for each durability mode.
+
+``Persistence`` decides (shared by sync and async runs); ``SyncWriter`` and ``AsyncWriter`` carry
+the saves out.
+
+* ``sync``: every save is made before the run moves on. A task that finishes while others of its
+  step still run has its writes saved at once; the writes of the step's last task go in the same
+  ``put_step`` as the next checkpoint, so a one-task step costs one call (one transaction).
+* ``async``: the same saves, made in order by a background worker while the next step runs. At
+  most one checkpoint save is queued behind the running step: before handing over a checkpoint,
+  the run waits for the previous one, so memory stays flat when the store is slower than the
+  graph. Every save is finished before the call returns; a failed save fails the call.
+* ``exit``: nothing is saved while the run goes; when it ends, however it ends, the current
+  checkpoint and the writes of the tasks of the step that was running are saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from stepgraph.checkpoint.base import TaskWrites
+from stepgraph.pregel._algo import Task
+from stepgraph.pregel._loop import RunLoop, StepSave
+from stepgraph.types import Durability
+
+__all__ = ["AsyncWriter", "Persistence", "SyncWriter"]
+
+
+class Persistence:
+    """Turns run events into the saves the durability mode calls for."""
+
+    __slots__ = ("held", "loop", "mode")
+
+    def __init__(self, loop: RunLoop, mode: Durability | None) -> None:
+        self.loop = loop
+        self.mode = mode
+        """None without a checkpointer: nothing is ever saved."""
+        self.held: list[TaskWrites] = []
+        """Writes of finished tasks not saved yet; they go with the next checkpoint."""
+
+    def on_start(self, made_checkpoint: bool) -> list[StepSave]:
+        """The input was applied: save its checkpoint and the writes it recorded."""
+        loop = self.loop
+        if self.mode == "exit":
+            self.held.extend(loop.start_writes)
+            return []
+        if self.mode is None:
+            return []
+        saves = [loop.save_checkpoint([])] if made_checkpoint else []
+        if loop.start_writes:
+            saves.append(StepSave(loop.checkpoint_config(), list(loop.start_writes)))
+        return saves
+
+    def on_task_done(self, task: Task, last: bool) -> StepSave | None:
+        if self.mode is None:
+            return None
+        writes = self.loop.task_writes(task)
+        if self.mode == "exit" or (last and task.error is None and not task.interrupts):
+            self.held.append(writes)
+            return None
+        return StepSave(self.loop.checkpoint_config(), [writes])
+
+    def on_step_done(self) -> StepSave | None:
+        """The step's writes were applied and its checkpoint is current."""
+        held, self.held = self.held, []
+        if self.mode in ("sync", "async"):
+            return self.loop.save_checkpoint(held)
+        return None
+
+    def on_exit(self) -> list[StepSave]:
+        """Saves still due when the run ends, successfully or not."""
+        if self.mode is None:
+            return []
+        saves = []
+        if self.mode == "exit" and not self.loop.checkpoint_is_saved:
+            saves.append(self.loop.save_checkpoint([]))
+        if self.held:
+            saves.append(StepSave(self.loop.checkpoint_config(), self.held))
+            self.held = []
+        return saves
+
+
+def _save(saver: Any, save: StepSave) -> None:
+    if save.checkpoint is None:
+        for task in save.writes:
+            saver.put_writes(save.config, task.writes, task.task_id, task.task_path)
+    elif save.writes:
+        saver.put_step(save.config, save.writes, save.checkpoint, save.metadata, save.new_versions)
+    else:
+        saver.put(save.config, save.checkpoint, save.metadata, save.new_versions)
+
+
+async def _asave(saver: Any, save: StepSave) -> None:
+    if save.checkpoint is None:
+        for task in save.writes:
+            await saver.aput_writes(save.config, task.writes, task.task_id, task.task_path)
+    elif save.writes:
+        await saver.aput_step(
+            save.config, save.writes, save.checkpoint, save.metadata, save.new_versions
+        )
+    else:
+        await saver.aput(save.config, save.checkpoint, save.metadata, save.new_versions)
+
+
+_background_pool: ThreadPoolExecutor | None = None
+_background_lock = threading.Lock()
+
+
+def _background() -> ThreadPoolExecutor:
+    """Threads for background saves: separate from the task pool, so saves never queue behind
+    tasks that wait on them."""
+    global _background_pool
+    if _background_pool is None:
+        with _background_lock:
+            if _background_pool is None:
+                _background_pool = ThreadPoolExecutor(8, thread_name_prefix="stepgraph-save")
+    return _background_pool
+
+
+class SyncWriter:
+    """Carries out saves for the sync API: inline, or (``background``) in order, off the run's
+    thread.
+
+    Background saves run on a worker thread, but when the run has to wait for one (the bound on
+    checkpoints in flight, or the final flush) it runs the queued saves itself instead of
+    waiting for a thread to wake up: with a CPU-bound saver that removes most hand-offs.
+    """
+
+    def __init__(self, saver: Any, background: bool) -> None:
+        self.saver = saver
+        self.background = background
+        self.error: BaseException | None = None
+        self._queue: deque[tuple[StepSave, Future[None]]] = deque()
+        self._lock = threading.Lock()
+        self._draining = False
+        """Some thread is running queued saves."""
+        self._scheduled = False
+        """A worker was asked to drain the queue and has not started yet."""
+        self._idle = threading.Event()
+        self._idle.set()
+        self._last_checkpoint: Future[None] | None = None
+
+    def __call__(self, save: StepSave | None) -> None:
+        if save is None:
+            return
+        if not self.background:
+            _save(self.saver, save)
+            return
+        self.raise_error()
+        previous = self._last_checkpoint
+        if save.checkpoint is not None and previous is not None and not previous.done():
+            self._drain(until=previous)  # bound the queue: one checkpoint in flight
+            previous.exception()  # waits, if another thread is saving it
+            self.raise_error()
+        future: Future[None] = Future()
+        if save.checkpoint is not None:
+            self._last_checkpoint = future
+        with self._lock:
+            self._queue.append((save, future))
+            self._idle.clear()
+            if not self._draining and not self._scheduled:
+                self._scheduled = True
+                _background().submit(self._drain_in_background)
+
+    def _drain_in_background(self) -> None:
+        with self._lock:
+            self._scheduled = False
+        self._drain()
+
+    def _drain(self, until: Future[None] | None = None) -> None:
+        """Run queued saves in order (until ``until`` is done), unless another thread is."""
+        with self._lock:
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            while until is None or not until.done():
+                with self._lock:
+                    if not self._queue:
+                        break
+                    save, future = self._queue.popleft()
+                if self.error is None:
+                    try:
+                        _save(self.saver, save)
+                    except BaseException as error:
+                        self.error = error
+                future.set_result(None)
+        finally:
+            with self._lock:
+                self._draining = False
+                if not self._queue:
+                    self._idle.set()
+                elif not self._scheduled:
+                    self._scheduled = True
+                    _background().submit(self._drain_in_background)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def flush(self) -> None:
+        """Finish every queued save; raise the first failure."""
+        if self.background:
+            self._drain()
+            self._idle.wait()
+        self.raise_error()
+
+
+class AsyncWriter:
+    """Carries out saves for the async API: awaited, or (``background``) as a chain of asyncio
+    tasks that run in order."""
+
+    def __init__(self, saver: Any, background: bool) -> None:
+        self.saver = saver
+        self.background = background
+        self.error: BaseException | None = None
+        self._tail: asyncio.Future[None] | None = None
+        self._last_checkpoint: asyncio.Future[None] | None = None
+
+    async def __call__(self, save: StepSave | None) -> None:
+        if save is None:
+            return
+        if not self.background:
+            await _asave(self.saver, save)
+            return
+        self.raise_error()
+        previous = self._last_checkpoint
+        if save.checkpoint is not None and previous is not None and not previous.done():
+            # Shielded: cancelling the run must not cancel a save already handed over.
+            await asyncio.shield(previous)
+            self.raise_error()
+        job = asyncio.ensure_future(self._run_after(self._tail, save))
+        self._tail = job
+        if save.checkpoint is not None:
+            self._last_checkpoint = job
+
+    async def _run_after(self, previous: asyncio.Future[None] | None, save: StepSave) -> None:
+        if previous is not None and not previous.done():
+            await previous  # never raises: jobs record their failure in self.error
+        if self.error is None:
+            try:
+                await _asave(self.saver, save)
+            except BaseException as error:
+                self.error = error
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    async def flush(self) -> None:
+        if self._tail is not None:
+            # Shielded: a cancelled run still finishes what it already handed over.
+            await asyncio.shield(asyncio.wait([self._tail]))
+        self.raise_error()

@@ -1,0 +1,685 @@
+"""The state of one run between supersteps, and the logic that plans and applies a step.
+
+Everything here is shared by the sync and the async drivers (``_run``): they differ only in how
+they execute tasks and talk to the checkpointer. A superstep is:
+
+1. ``plan()``: the tasks triggered by channels that changed in the previous step (plus one task
+   per pending ``Send``), with writes restored for tasks that already finished in an earlier
+   attempt of this step;
+2. the driver runs the tasks (nodes read the state as it was at the start of the step);
+3. ``apply(tasks)``: their writes reach the channels in plan order, versions move on, and the
+   step's checkpoint becomes current (``checkpoint()`` builds it when someone needs it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from stepgraph.channels.base import MISSING, BaseChannel
+from stepgraph.checkpoint.base import (
+    LATEST_VERSION,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    PendingWrite,
+    TaskWrites,
+    get_checkpoint_metadata,
+    uuid6,
+)
+from stepgraph.constants import (
+    ERROR,
+    INTERRUPT,
+    NO_WRITES,
+    NULL_TASK_ID,
+    PULL,
+    PUSH,
+    RESUME,
+    START,
+    TASKS,
+)
+from stepgraph.errors import EmptyInputError, GraphRecursionError, InvalidUpdateError
+from stepgraph.pregel._algo import PregelNode, Task
+from stepgraph.types import Command, Interrupt, PregelTask, Send
+
+if TYPE_CHECKING:
+    from stepgraph.config import RunnableConfig
+    from stepgraph.pregel.main import Pregel
+
+__all__ = ["RunLoop", "StepSave"]
+
+_SPECIAL_CHANNELS = frozenset({ERROR, INTERRUPT, RESUME, NO_WRITES})
+
+
+def _next_int_version(current: Any, channel: Any = None) -> int:
+    """Versions without a checkpointer: plain counters (nothing else ever reads them)."""
+    return current + 1 if current else 1
+
+
+def _input_node(name: str) -> PregelNode:
+    def no_run(task: Task, input: Any) -> list[tuple[str, Any]]:
+        return []
+
+    return PregelNode(name, (), lambda channels: None, no_run)
+
+
+_INPUT_NODE = _input_node("__input__")
+
+
+class StepSave:
+    """What one save hands to the checkpointer: writes of tasks and, optionally, a checkpoint."""
+
+    __slots__ = ("checkpoint", "config", "metadata", "new_versions", "writes")
+
+    def __init__(
+        self,
+        config: RunnableConfig,
+        writes: list[TaskWrites],
+        checkpoint: Checkpoint | None = None,
+        metadata: CheckpointMetadata | None = None,
+        new_versions: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        """Names the checkpoint the writes belong to, which is the new checkpoint's parent."""
+        self.writes = writes
+        self.checkpoint = checkpoint
+        self.metadata = metadata
+        self.new_versions = new_versions
+
+
+class RunLoop:
+    """One run of a compiled graph: channels, versions, the current step and its output."""
+
+    def __init__(
+        self,
+        graph: Pregel,
+        config: RunnableConfig,
+        *,
+        checkpointer: Any,
+        stream_modes: frozenset[str],
+        context: Any = None,
+    ) -> None:
+        self.graph = graph
+        self.config = config
+        self.checkpointer = checkpointer
+        self.context = context
+        self.stream_modes = stream_modes
+        configurable = config.get("configurable") or {}
+        self.namespace: str = configurable.get("checkpoint_ns", "")
+        self.output: deque[tuple[str, Any]] = deque()
+        """``(mode, chunk)`` pairs waiting for the stream to hand them out."""
+        self.printed_modes: frozenset[str] = frozenset()
+        """Modes the caller did not ask for but ``debug=True`` prints."""
+        self.values_keys: tuple[str, ...] = graph.stream_channels
+        """Channels shown in ``values`` chunks and checkpoint events."""
+        self.output_keys: tuple[str, ...] | None = None
+        """Channels ``invoke`` returns, when the caller chose them."""
+        self.on_output: Callable[[], Any] | None = None
+        """Called after a custom chunk is added, when a stream hands chunks out live."""
+        self.custom_writer: Callable[[Any], None] = (
+            self._write_custom if "custom" in stream_modes else _discard
+        )
+        self.next_version = checkpointer.get_next_version if checkpointer else _next_int_version
+        # Checkpoints are built only if something reads them.
+        self.keeps_checkpoints = checkpointer is not None or bool(
+            stream_modes & {"checkpoints", "debug"}
+        )
+        self.channels: dict[str, BaseChannel] = {}
+        self.channel_values: dict[str, Any] = {}
+        """What ``checkpoint()`` stores per channel, kept up to date as channels change."""
+        self.channel_versions: dict[str, Any] = {}
+        self.max_version: Any = None
+        # Inner dicts are replaced, never mutated, so a checkpoint can share them.
+        self.versions_seen: dict[str, dict[str, Any]] = {}
+        self.step = -1
+        """Step number of the checkpoint the running step will produce."""
+        self.stop = 0
+        self.source = "input"
+        """Source of the current checkpoint (``input``, ``loop``, ``fork``, ``update``)."""
+        self._checkpoint_id: str | None = None
+        self.checkpoint_ts: str | None = None
+        self.updated_channels: set[str] | None = None
+        """Channels changed by the step that produced the current checkpoint (None: unknown)."""
+        self.unsaved_channels: set[str] = set()
+        """Channels changed since the last checkpoint handed to the checkpointer."""
+        self.live_ephemeral: set[str] = set()
+        self.pending_writes: list[PendingWrite] = []
+        """Writes saved against the current checkpoint by an earlier attempt of this step."""
+        self.saved_config: RunnableConfig | None = None
+        """Names the last checkpoint handed to the checkpointer: the next one's parent."""
+        self.saved_metadata: CheckpointMetadata = {}
+        self.parent_config: RunnableConfig | None = None
+        """Names the checkpoint before the current one."""
+        self.checkpoint_is_saved = False
+        self.start_writes: list[TaskWrites] = []
+        """Writes the input made against the current checkpoint (``Command`` answers)."""
+        self.interrupts: tuple[Interrupt, ...] = ()
+        self.interrupt_before: tuple[str, ...] = ()
+        self.interrupt_after: tuple[str, ...] = ()
+        """What the run paused on, if it paused inside a node."""
+        self.user_metadata = get_checkpoint_metadata(config, {}) if checkpointer else {}
+        run_id = config.get("run_id")
+        if run_id is not None and checkpointer is not None:
+            self.user_metadata["run_id"] = str(run_id)  # lets delete_for_runs find the run
+
+    # -- identity of the current checkpoint ------------------------------------------------
+
+    @property
+    def checkpoint_id(self) -> str:
+        if self._checkpoint_id is None:
+            self._checkpoint_id = str(uuid6())
+        return self._checkpoint_id
+
+    def checkpoint_config(self) -> RunnableConfig:
+        configurable = self.config.get("configurable") or {}
+        return {
+            "configurable": {
+                "thread_id": configurable.get("thread_id"),
+                "checkpoint_ns": self.namespace,
+                "checkpoint_id": self.checkpoint_id,
+            }
+        }
+
+    # -- starting a run ----------------------------------------------------------------------
+
+    def load(self, saved: CheckpointTuple | None) -> None:
+        """Restore channels and versions from ``saved`` (or start empty)."""
+        prototypes = self.graph.channels
+        if saved is None:
+            self.channels = {k: ch.from_checkpoint(MISSING) for k, ch in prototypes.items()}
+            self.channel_values = {
+                k: v for k, ch in self.channels.items() if (v := ch.checkpoint()) is not MISSING
+            }
+            self.step = -1
+            return
+        checkpoint = saved.checkpoint
+        values = checkpoint["channel_values"]
+        self.channels = {
+            k: ch.from_checkpoint(values.get(k, MISSING)) for k, ch in prototypes.items()
+        }
+        self.channel_values = {
+            k: v for k, ch in self.channels.items() if (v := ch.checkpoint()) is not MISSING
+        }
+        self.channel_versions = dict(checkpoint["channel_versions"])
+        self.max_version = max(self.channel_versions.values(), default=None)
+        self.versions_seen = dict(checkpoint["versions_seen"])
+        self._checkpoint_id = checkpoint["id"]
+        self.checkpoint_ts = checkpoint["ts"]
+        self.saved_metadata = saved.metadata or {}
+        self.step = self.saved_metadata.get("step", -1) + 1
+        self.source = self.saved_metadata.get("source", "loop")
+        updated = checkpoint.get("updated_channels")
+        self.updated_channels = set(updated) if updated is not None else None
+        self.pending_writes = list(saved.pending_writes or ())
+        self.saved_config = saved.config
+        self.parent_config = saved.parent_config
+        self.checkpoint_is_saved = True
+        ephemeral = self.graph.ephemeral_channels
+        self.live_ephemeral = {k for k in ephemeral if self.channels[k].is_available()}
+
+    def start(self, input: Any, *, addressed: bool, limit: int) -> bool:
+        """Apply the run's input; True if that made a checkpoint to save (input or fork).
+
+        ``input=None`` resumes the thread: tasks that finished before keep their saved writes.
+        With ``addressed`` (the config named a checkpoint) it replays from there instead, on a
+        new branch that starts with a ``fork`` checkpoint. A ``Command`` resumes too, after
+        answering interrupts (``resume``) and applying ``update``/``goto``; the writes that
+        records are left in ``start_writes`` for the caller to save.
+        """
+        made_checkpoint = False
+        self.stop = self.step + limit + 1
+        if input is None or isinstance(input, Command):
+            if not self.checkpoint_is_saved:
+                raise EmptyInputError(
+                    "Received no input: pass an input, or a thread_id that has a checkpoint."
+                )
+            if addressed and self.saved_metadata.get("source") not in ("update", "fork"):
+                self.pending_writes = []
+                self.unsaved_channels.update(self.channel_versions)
+                self._new_checkpoint("fork")
+                made_checkpoint = True
+            if isinstance(input, Command):
+                self._record_command(input)
+            null_writes = [(c, v) for t, c, v in self.pending_writes if t == NULL_TASK_ID]
+            if null_writes:
+                self.apply([self._pseudo_task(null_writes)], new_checkpoint=False)
+            # Interrupts before/after nodes fire again only once channels change again.
+            self.versions_seen[INTERRUPT] = dict(self.channel_versions)
+            if "values" in self.stream_modes:
+                self.emit_values()
+        else:
+            discarded = self.plan(restore=False) if self.checkpoint_is_saved else []
+            writes = [(START, input)]
+            self.apply([*discarded, self._pseudo_task(writes)], source="input")
+            made_checkpoint = True
+        return made_checkpoint
+
+    def _record_command(self, command: Command) -> None:
+        """Turn a ``Command`` input into pending writes of the current checkpoint."""
+        if command.resume is not None:
+            interrupted: dict[str, list[str]] = {}
+            answered: dict[str, list[Any]] = {}
+            for task_id, channel, value in self.pending_writes:
+                if channel == INTERRUPT:
+                    interrupted[task_id] = [i.id for i in value]
+                elif channel == RESUME:
+                    answered[task_id] = list(value)
+            resume = command.resume
+            known = {i for ids in interrupted.values() for i in ids}
+            if isinstance(resume, dict) and resume and set(resume) <= known:
+                answers = {
+                    task_id: [resume[i] for i in ids if i in resume]
+                    for task_id, ids in interrupted.items()
+                }
+            elif len(interrupted) > 1:
+                raise RuntimeError(
+                    "When there are multiple pending interrupts, you must specify the interrupt "
+                    "id when resuming: Command(resume={interrupt_id: value, ...})."
+                )
+            else:
+                answers = {task_id: [resume] for task_id in interrupted}
+            for task_id, new in answers.items():
+                if new:
+                    self._add_start_writes(task_id, [(RESUME, answered.get(task_id, []) + new)])
+        writes = self.graph.command_writes(command)
+        if writes:
+            previous = [(c, v) for t, c, v in self.pending_writes if t == NULL_TASK_ID]
+            self._add_start_writes(NULL_TASK_ID, previous + writes)
+
+    def _add_start_writes(self, task_id: str, writes: list[tuple[str, Any]]) -> None:
+        """Record writes against the current checkpoint (replacing the task's earlier ones)."""
+        self.pending_writes = [
+            w
+            for w in self.pending_writes
+            if w[0] != task_id or (task_id != NULL_TASK_ID and w[1] != RESUME)
+        ]
+        self.pending_writes.extend((task_id, c, v) for c, v in writes)
+        self.start_writes.append(TaskWrites(task_id, writes))
+
+    def _pseudo_task(self, writes: list[tuple[str, Any]]) -> Task:
+        task = Task(self, _INPUT_NODE, None, ("__input__",), ())
+        task.writes = writes
+        return task
+
+    # -- a superstep -------------------------------------------------------------------------
+
+    def plan(self, *, restore: bool = True) -> list[Task]:
+        """The tasks of the next step, in a deterministic order: ``Send`` tasks, then nodes."""
+        graph = self.graph
+        channels = self.channels
+        tasks: list[Task] = []
+        send_channel = channels.get(TASKS)
+        if send_channel is not None and send_channel.is_available():
+            nodes = graph.nodes
+            for index, packet in enumerate(send_channel.get()):
+                if not isinstance(packet, Send):
+                    raise InvalidUpdateError(f"Expected a Send, got {packet!r}")
+                node = nodes.get(packet.node)
+                if node is None:
+                    raise InvalidUpdateError(f"Send to unknown node '{packet.node}'")
+                tasks.append(Task(self, node, packet.arg, (PUSH, index), (PUSH,)))
+        updated = self.updated_channels
+        if updated is None:
+            candidates: Sequence[str] = graph.node_names
+        else:
+            candidates = graph.nodes_triggered_by(updated)
+        versions = self.channel_versions
+        versions_seen = self.versions_seen
+        for name in candidates:
+            node = graph.nodes[name]
+            seen = versions_seen.get(name, {})
+            for trigger in node.triggers:
+                version = versions.get(trigger)
+                if (
+                    version is not None
+                    and seen.get(trigger) != version
+                    and channels[trigger].is_available()
+                ):
+                    tasks.append(Task(self, node, node.read(channels), (PULL, name), node.triggers))
+                    break
+        if restore and self.pending_writes:
+            self._restore_finished(tasks)
+        return tasks
+
+    def _restore_finished(self, tasks: list[Task]) -> None:
+        """Give tasks that finished in an earlier attempt their saved writes back."""
+        by_task: dict[str, list[tuple[str, Any]]] = {}
+        for task_id, channel, value in self.pending_writes:
+            by_task.setdefault(task_id, []).append((channel, value))
+        for task in tasks:
+            saved = by_task.get(task.id)
+            if not saved:
+                continue
+            for channel, value in saved:
+                if channel == RESUME:
+                    task.resume = list(value)
+            # Only a success leaves regular writes (or the no-writes marker); errors and
+            # interrupts of earlier attempts do not make a task finished.
+            if any(c not in (ERROR, INTERRUPT, RESUME) for c, _ in saved):
+                task.writes = [(c, v) for c, v in saved if c not in _SPECIAL_CHANNELS]
+                task.done = True
+
+    def finish(self) -> bool:
+        """Nothing is left to run: let deferred nodes' channels fire. True if any did."""
+        updated = {k for k in self.graph.finish_channels if self.channels[k].finish()}
+        if not updated:
+            return False
+        self._bump(updated)
+        self.updated_channels = updated
+        return True
+
+    def check_recursion(self) -> None:
+        if self.step > self.stop:
+            limit = self.config.get("recursion_limit")
+            raise GraphRecursionError(
+                f"Recursion limit of {limit} reached without hitting a stop condition. You can "
+                "increase the limit by setting the `recursion_limit` config key."
+            )
+
+    def apply(
+        self, tasks: Sequence[Task], *, source: str = "loop", new_checkpoint: bool = True
+    ) -> set[str]:
+        """Apply the step's writes in task order, then make the step's checkpoint current."""
+        channels = self.channels
+        versions = self.channel_versions
+        versions_seen = self.versions_seen
+        updated: set[str] = set()
+        writes_by_channel: dict[str, list[Any]] = {}
+        for task in tasks:
+            if task.path[0] == PULL:
+                seen = dict(versions_seen.get(task.name, ()))
+                for trigger in task.triggers:
+                    if trigger in versions:
+                        seen[trigger] = versions[trigger]
+                versions_seen[task.name] = seen
+                for trigger in task.triggers:
+                    if channels[trigger].consume():
+                        updated.add(trigger)
+            for channel, value in task.writes:
+                if channel in channels:
+                    writes_by_channel.setdefault(channel, []).append(value)
+                elif channel not in _SPECIAL_CHANNELS:
+                    raise InvalidUpdateError(f"Write to unknown channel '{channel}'")
+        for channel, values in writes_by_channel.items():
+            if channels[channel].update(values):
+                updated.add(channel)
+        ephemeral = self.graph.ephemeral_channels
+        written_ephemeral = {c for c in writes_by_channel if c in ephemeral}
+        if new_checkpoint:
+            # Ephemeral channels live for one step: clear the ones nobody wrote again.
+            for channel in self.live_ephemeral:
+                if channel not in writes_by_channel and channels[channel].update(()):
+                    updated.add(channel)
+            self.live_ephemeral = written_ephemeral
+        else:
+            self.live_ephemeral |= written_ephemeral
+        self._bump(updated)
+        if new_checkpoint:
+            self.updated_channels = updated
+            self._new_checkpoint(source)
+        elif self.updated_channels is not None:
+            self.updated_channels |= updated
+        return updated
+
+    def _bump(self, channels: set[str]) -> None:
+        """Give changed channels the next version after every version so far (as LangGraph
+        does), so versions order writes across channels too."""
+        if not channels:
+            return
+        version = self.max_version = self.next_version(self.max_version)
+        versions = self.channel_versions
+        for channel in channels:
+            versions[channel] = version
+        if self.keeps_checkpoints:
+            self.unsaved_channels |= channels
+            values = self.channel_values
+            all_channels = self.channels
+            for channel in channels:
+                value = all_channels[channel].checkpoint()
+                if value is MISSING:
+                    values.pop(channel, None)
+                else:
+                    values[channel] = value
+
+    def _new_checkpoint(self, source: str) -> None:
+        self.parent_config = self.checkpoint_config() if self._checkpoint_id else None
+        self.source = source
+        self._checkpoint_id = str(uuid6()) if self.keeps_checkpoints else None
+        self.checkpoint_ts = None
+        self.pending_writes = []
+        self.checkpoint_is_saved = False
+        self.step += 1
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        """The current checkpoint, built from the channels."""
+        if self.checkpoint_ts is None:
+            self.checkpoint_ts = datetime.now(UTC).isoformat()
+        return Checkpoint(
+            v=LATEST_VERSION,
+            id=self.checkpoint_id,
+            ts=self.checkpoint_ts,
+            channel_values=dict(self.channel_values),
+            channel_versions=dict(self.channel_versions),
+            versions_seen=dict(self.versions_seen),
+            updated_channels=sorted(self.updated_channels) if self.updated_channels else None,
+        )
+
+    def metadata(self) -> CheckpointMetadata:
+        return {
+            **self.user_metadata,
+            "source": self.source,  # type: ignore[typeddict-item]
+            "step": self.step - 1,
+            "parents": {},
+        }
+
+    def save_checkpoint(self, writes: list[TaskWrites]) -> StepSave:
+        """The save that makes the current checkpoint durable, with ``writes`` of its parent."""
+        parent = self.saved_config or {
+            "configurable": {
+                "thread_id": (self.config.get("configurable") or {}).get("thread_id"),
+                "checkpoint_ns": self.namespace,
+            }
+        }
+        new_versions = {c: self.channel_versions[c] for c in self.unsaved_channels}
+        self.unsaved_channels = set()
+        save = StepSave(parent, writes, self.checkpoint(), self.metadata(), new_versions)
+        self.saved_config = self.checkpoint_config()
+        self.checkpoint_is_saved = True
+        return save
+
+    def task_writes(self, task: Task) -> TaskWrites:
+        """A finished task's writes as saved: a failure as ``__error__``, nothing as a marker."""
+        if task.error is not None:
+            writes: list[tuple[str, Any]] = [(ERROR, _describe_error(task.error))]
+        elif task.interrupts:
+            writes = [(INTERRUPT, list(task.interrupts))]
+        elif task.writes:
+            writes = task.writes
+        else:
+            writes = [(NO_WRITES, None)]
+        return TaskWrites(task.id, writes, _task_path(task))
+
+    # -- interrupts --------------------------------------------------------------------------
+
+    def should_interrupt(self, nodes: Sequence[str], tasks: Sequence[Task]) -> bool:
+        """A breakpoint (``interrupt_before``/``after``) applies to these tasks: one of them is
+        named in ``nodes`` and channels changed since the run last stopped or resumed."""
+        if not nodes:
+            return False
+        every = "*" in nodes
+        if not any((every and not t.node.hidden) or t.name in nodes for t in tasks):
+            return False
+        seen = self.versions_seen.get(INTERRUPT, {})
+        return any(seen.get(c) != v for c, v in self.channel_versions.items())
+
+    def stop_for_interrupts(self, interrupts: tuple[Interrupt, ...]) -> None:
+        """The run pauses: tell the stream (``()`` for a breakpoint)."""
+        self.interrupts = interrupts
+        if "updates" in self.stream_modes:
+            self.output.append(("updates", {INTERRUPT: interrupts}))
+        if interrupts and "values" in self.stream_modes:
+            values = read_channels(self.channels, self.values_keys)
+            self.output.append(("values", {**values, INTERRUPT: interrupts}))
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _write_custom(self, chunk: Any) -> None:
+        self.output.append(("custom", chunk))
+        if self.on_output is not None:
+            self.on_output()
+
+    def emit_values(self) -> None:
+        self.output.append(("values", read_channels(self.channels, self.values_keys)))
+
+    def emit_step(self, tasks: Sequence[Task], updated: set[str]) -> None:
+        """Output for a finished step: values (if the output changed), checkpoint events."""
+        modes = self.stream_modes
+        if "values" in modes and not updated.isdisjoint(self.values_keys):
+            self.emit_values()
+        if modes & {"checkpoints", "debug"}:
+            self.emit_checkpoint()
+
+    def emit_checkpoint(self) -> None:
+        next_tasks = self.plan(restore=False)
+        payload = {
+            "config": self.checkpoint_config(),
+            "parent_config": self.parent_config,
+            "values": read_channels(self.channels, self.values_keys),
+            "metadata": self.metadata(),
+            "next": [t.name for t in next_tasks],
+            "tasks": [
+                {"id": t.id, "name": t.name, "interrupts": (), "state": None} for t in next_tasks
+            ],
+        }
+        self._emit_event("checkpoints", "checkpoint", payload)
+
+    def emit_task_starts(self, tasks: Sequence[Task]) -> None:
+        if not self.stream_modes & {"tasks", "debug"}:
+            return
+        for task in tasks:
+            if task.node.hidden:
+                continue
+            payload: dict[str, Any] = {
+                "id": task.id,
+                "name": task.name,
+                "input": task.input,
+                "triggers": task.triggers,
+            }
+            self._emit_event("tasks", "task", payload)
+
+    def emit_task_result(self, task: Task) -> None:
+        """Output for a task that finished (or failed)."""
+        if task.node.hidden:
+            return
+        modes = self.stream_modes
+        if "updates" in modes and task.error is None and not task.interrupts:
+            self.output.append(("updates", {task.name: task.update}))
+        if modes & {"tasks", "debug"}:
+            output_channels = self.values_keys
+            payload: dict[str, Any] = {
+                "id": task.id,
+                "name": task.name,
+                "error": None if task.error is None else _describe_error(task.error),
+                "result": _result(task.writes, output_channels),
+                "interrupts": [{"value": i.value, "id": i.id} for i in task.interrupts],
+            }
+            self._emit_event("tasks", "task_result", payload)
+
+    def _emit_event(self, mode: str, kind: str, payload: dict[str, Any]) -> None:
+        if mode in self.stream_modes:
+            self.output.append((mode, payload))
+        if "debug" in self.stream_modes:
+            step = self.step - 1 if kind == "checkpoint" else self.step
+            event = {
+                "step": step,
+                "timestamp": datetime.now(UTC).isoformat(),
+                "type": kind,
+                "payload": payload,
+            }
+            self.output.append(("debug", event))
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def pending_state(self, live: bool) -> tuple[tuple[PregelTask, ...], tuple[str, ...]]:
+        """For ``get_state``: the next step's tasks, with the errors, interrupts and results
+        saved for them so far, and the names of the next nodes.
+
+        ``live`` (the thread's current state, as LangGraph's ``get_state`` without a checkpoint
+        id) shows progress: the channels then include the writes of tasks that finished, and only
+        unfinished tasks count as next. Otherwise the checkpoint is shown as a record of its step.
+        """
+        saved: dict[str, list[tuple[str, Any]]] = {}
+        for task_id, channel, value in self.pending_writes:
+            saved.setdefault(task_id, []).append((channel, value))
+        tasks = self.plan(restore=live)
+        finished: list[Task] = [task for task in tasks if task.done]
+        if NULL_TASK_ID in saved:
+            finished.append(self._pseudo_task(saved[NULL_TASK_ID]))
+        if finished:
+            self.apply(finished, new_checkpoint=False)
+        report = []
+        output_channels = self.values_keys
+        for task in tasks:
+            writes = saved.get(task.id, [])
+            error = next((v for c, v in writes if c == ERROR), None)
+            interrupts = tuple(i for c, v in writes if c == INTERRUPT for i in v)
+            result = None
+            if any(c not in (ERROR, INTERRUPT, RESUME) for c, _ in writes):
+                result = _result(writes, output_channels)
+                error = None
+                interrupts = ()
+            report.append(
+                PregelTask(
+                    task.id,
+                    task.name,
+                    task.path,
+                    error=error,
+                    interrupts=interrupts,
+                    result=result,
+                )
+            )
+        return tuple(report), tuple(task.name for task in tasks if not task.done)
+
+
+def read_channels(channels: dict[str, BaseChannel], keys: Sequence[str]) -> dict[str, Any]:
+    """The values of ``keys`` that channels hold."""
+    values: dict[str, Any] = {}
+    for key in keys:
+        channel = channels[key]
+        if channel.is_available():
+            values[key] = channel.get()
+    return values
+
+
+def _result(writes: list[tuple[str, Any]], channels: Sequence[str]) -> dict[str, Any]:
+    """A task's writes by channel; a channel written several times shows ``{"$writes": [...]}``."""
+    result: dict[str, Any] = {}
+    for channel, value in writes:
+        if channel not in channels:
+            continue
+        if channel in result:
+            previous = result[channel]
+            if isinstance(previous, dict) and "$writes" in previous:
+                previous["$writes"].append(value)
+            else:
+                result[channel] = {"$writes": [previous, value]}
+        else:
+            result[channel] = value
+    return result
+
+
+def _discard(chunk: Any) -> None:
+    return None
+
+
+def _task_path(task: Task) -> str:
+    return "~".join(map(str, task.path))
+
+
+def _describe_error(error: BaseException) -> str:
+    """How a task's error is saved and reported (LangGraph's ``repr`` form)."""
+    return repr(error)

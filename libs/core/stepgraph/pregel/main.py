@@ -1,0 +1,700 @@
+"""``Pregel``: a compiled graph. Runs supersteps (``invoke``/``stream`` and async twins) and
+exposes the thread's state (``get_state``, ``get_state_history``, ``update_state``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from typing import Any
+
+from stepgraph.channels.base import BaseChannel
+from stepgraph.checkpoint.base import CheckpointTuple
+from stepgraph.config import RunnableConfig, ensure_thread_id, merge_configs
+from stepgraph.constants import END, INTERRUPT, PULL, START, TASKS, branch_channel
+from stepgraph.errors import InvalidUpdateError
+from stepgraph.pregel._algo import PregelNode, Task, Writes
+from stepgraph.pregel._durability import AsyncWriter, Persistence, SyncWriter, _asave, _save
+from stepgraph.pregel._executor import arun_step, run_step, shared_pool
+from stepgraph.pregel._loop import RunLoop, read_channels
+from stepgraph.types import Command, Durability, Interrupt, Send, StateSnapshot, StreamMode
+
+__all__ = ["Pregel"]
+
+DEFAULT_RECURSION_LIMIT = 25
+_STREAM_MODES = frozenset({"values", "updates", "custom", "debug", "checkpoints", "tasks"})
+
+
+class Pregel:
+    """A compiled graph: nodes, the channels between them, and how to run them.
+
+    Built by ``StateGraph.compile()``; the constructor is the contract with builders.
+    """
+
+    def __init__(
+        self,
+        *,
+        nodes: dict[str, PregelNode],
+        channels: dict[str, BaseChannel],
+        output_channels: Sequence[str],
+        update_writers: dict[str, Callable[[Task, Any], Writes]],
+        ephemeral_channels: frozenset[str],
+        finish_channels: Sequence[str] = (),
+        checkpointer: Any = None,
+        interrupt_before: Sequence[str] = (),
+        interrupt_after: Sequence[str] = (),
+        name: str = "LangGraph",
+        debug: bool = False,
+        config: RunnableConfig | None = None,
+        builder: Any = None,
+        state_keys: Sequence[str] | None = None,
+        stream_channels: Sequence[str] | None = None,
+    ) -> None:
+        self.nodes = nodes
+        self.state_keys = frozenset(output_channels if state_keys is None else state_keys)
+        """Channels a ``Command(update=...)`` input may write."""
+        self.channels = channels
+        self.output_channels = tuple(output_channels)
+        """What ``invoke`` returns."""
+        self.stream_channels = tuple(
+            output_channels if stream_channels is None else stream_channels
+        )
+        """What ``values`` chunks and ``get_state`` show (LangGraph: the whole state)."""
+        self.update_writers = update_writers
+        self.ephemeral_channels = ephemeral_channels
+        self.finish_channels = tuple(finish_channels)
+        self.checkpointer = checkpointer
+        self.interrupt_before_nodes = tuple(interrupt_before)
+        self.interrupt_after_nodes = tuple(interrupt_after)
+        self.name = name
+        self.debug = debug
+        self.config = config or {}
+        self.builder = builder
+        # Precomputed trigger table: which nodes may run when a channel changes.
+        self.node_names = tuple(nodes)
+        self.node_index = {name: i for i, name in enumerate(nodes)}
+        trigger_to_nodes: dict[str, list[str]] = {}
+        for name, node in nodes.items():
+            for trigger in node.triggers:
+                trigger_to_nodes.setdefault(trigger, []).append(name)
+        self.trigger_to_nodes = {k: tuple(v) for k, v in trigger_to_nodes.items()}
+
+    def command_writes(self, command: Command) -> list[tuple[str, Any]]:
+        """The writes of a ``Command`` passed as input: its ``update`` and its ``goto``."""
+        writes = [(k, v) for k, v in command.update_writes() if k in self.state_keys]
+        for target in command.goto_targets():
+            if isinstance(target, Send):
+                writes.append((TASKS, target))
+            elif target not in self.nodes:
+                raise InvalidUpdateError(f"Command(goto=...) names unknown node '{target}'")
+            else:
+                writes.append((branch_channel(target), None))
+        return writes
+
+    def nodes_triggered_by(self, channels: set[str]) -> Sequence[str]:
+        """Candidate nodes for the next step, in node order."""
+        table = self.trigger_to_nodes
+        found: list[str] = []
+        for channel in channels:
+            names = table.get(channel)
+            if names:
+                found.extend(names)
+        if len(found) > 1:
+            return sorted(set(found), key=self.node_index.__getitem__)
+        return found
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        config: RunnableConfig | None,
+        stream_mode: StreamMode | Sequence[StreamMode] | None,
+        context: Any,
+        durability: Durability | None,
+        debug: bool | None,
+        interrupt_before: Any = None,
+        interrupt_after: Any = None,
+        output_keys: str | Sequence[str] | None = None,
+    ) -> tuple[RunLoop, Durability | None, bool]:
+        config = merge_configs(self.config, config) if config or self.config else {}
+        if "recursion_limit" not in config:
+            config["recursion_limit"] = DEFAULT_RECURSION_LIMIT
+        elif config["recursion_limit"] < 1:
+            raise ValueError("recursion_limit must be at least 1")
+        modes = requested = _modes(stream_mode)
+        printed = debug if debug is not None else self.debug
+        if printed:
+            modes = modes | {"debug"}
+        checkpointer = self.checkpointer
+        if checkpointer is not None:
+            ensure_thread_id(config)
+        mode = durability or "async"
+        if mode not in ("sync", "async", "exit"):
+            raise ValueError(f"durability must be 'sync', 'async' or 'exit', got {mode!r}")
+        loop = RunLoop(self, config, checkpointer=checkpointer, stream_modes=modes, context=context)
+        if printed and "debug" not in requested:
+            # debug=True prints debug events instead of streaming them (LangGraph's behaviour).
+            loop.printed_modes = frozenset({"debug"})
+        if output_keys is not None:
+            keys = (output_keys,) if isinstance(output_keys, str) else tuple(output_keys)
+            loop.output_keys = loop.values_keys = keys
+        loop.interrupt_before = _breakpoints(interrupt_before, self.interrupt_before_nodes)
+        loop.interrupt_after = _breakpoints(interrupt_after, self.interrupt_after_nodes)
+        if (loop.interrupt_before or loop.interrupt_after) and checkpointer is None:
+            raise ValueError("interrupt_before/interrupt_after need a checkpointer")
+        addressed = bool((config.get("configurable") or {}).get("checkpoint_id"))
+        return loop, (mode if checkpointer is not None else None), addressed
+
+    def _run(
+        self, loop: RunLoop, input: Any, mode: Durability | None, addressed: bool
+    ) -> Iterator[tuple[str, Any]]:
+        """Run supersteps until no task is left, yielding ``(mode, chunk)`` as they come."""
+        saver = loop.checkpointer
+        persistence = Persistence(loop, mode)
+        write = SyncWriter(saver, background=mode == "async")
+        output = loop.output
+
+        def on_done(task: Task, last: bool) -> None:
+            loop.emit_task_result(task)
+            write(persistence.on_task_done(task, last))
+
+        completed = False
+        try:
+            loop.load(saver.get_tuple(loop.config) if saver is not None else None)
+            made = loop.start(input, addressed=addressed, limit=loop.config["recursion_limit"])
+            for save in persistence.on_start(made):
+                write(save)
+            if made:
+                loop.emit_step((), set())
+            while True:
+                while output:
+                    yield output.popleft()
+                loop.check_recursion()
+                tasks = loop.plan()
+                if not tasks:
+                    if loop.finish():
+                        continue
+                    break
+                if loop.should_interrupt(loop.interrupt_before, tasks):
+                    loop.stop_for_interrupts(())
+                    break
+                loop.emit_task_starts(tasks)
+                run_step(tasks, on_done, loop.config.get("max_concurrency"))
+                if _paused(tasks):
+                    loop.stop_for_interrupts(_paused(tasks))
+                    break
+                updated = loop.apply(tasks)
+                write(persistence.on_step_done())
+                loop.emit_step(tasks, updated)
+                if loop.should_interrupt(loop.interrupt_after, tasks):
+                    loop.stop_for_interrupts(())
+                    break
+            completed = True
+        finally:
+            for save in persistence.on_exit():
+                write(save)
+            if completed:
+                write.flush()
+            else:
+                with contextlib.suppress(Exception):  # the run's own error is the one to report
+                    write.flush()
+        while output:
+            yield output.popleft()
+
+    async def _arun(
+        self, loop: RunLoop, input: Any, mode: Durability | None, addressed: bool
+    ) -> AsyncIterator[tuple[str, Any]]:
+        saver = loop.checkpointer
+        persistence = Persistence(loop, mode)
+        write = AsyncWriter(saver, background=mode == "async")
+        output = loop.output
+        # Custom chunks are streamed while a step runs (for LLM tokens, say).
+        live = "custom" in loop.stream_modes
+
+        async def on_done(task: Task, last: bool) -> None:
+            loop.emit_task_result(task)
+            await write(persistence.on_task_done(task, last))
+
+        completed = False
+        try:
+            loop.load(await saver.aget_tuple(loop.config) if saver is not None else None)
+            made = loop.start(input, addressed=addressed, limit=loop.config["recursion_limit"])
+            for save in persistence.on_start(made):
+                await write(save)
+            if made:
+                loop.emit_step((), set())
+            while True:
+                while output:
+                    yield output.popleft()
+                loop.check_recursion()
+                tasks = loop.plan()
+                if not tasks:
+                    if loop.finish():
+                        continue
+                    break
+                if loop.should_interrupt(loop.interrupt_before, tasks):
+                    loop.stop_for_interrupts(())
+                    break
+                loop.emit_task_starts(tasks)
+                step = arun_step(tasks, on_done, loop.config.get("max_concurrency"))
+                if live:
+                    async for chunk in _while_running(step, loop):
+                        yield chunk
+                else:
+                    await step
+                if _paused(tasks):
+                    loop.stop_for_interrupts(_paused(tasks))
+                    break
+                updated = loop.apply(tasks)
+                await write(persistence.on_step_done())
+                loop.emit_step(tasks, updated)
+                if loop.should_interrupt(loop.interrupt_after, tasks):
+                    loop.stop_for_interrupts(())
+                    break
+            completed = True
+        finally:
+            for save in persistence.on_exit():
+                await write(save)
+            if completed:
+                await write.flush()
+            else:
+                with contextlib.suppress(Exception):  # the run's own error is the one to report
+                    await write.flush()
+        while output:
+            yield output.popleft()
+
+    def stream(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        context: Any = None,
+        stream_mode: StreamMode | Sequence[StreamMode] | None = None,
+        output_keys: str | Sequence[str] | None = None,
+        interrupt_before: Any = None,
+        interrupt_after: Any = None,
+        durability: Durability | None = None,
+        subgraphs: bool = False,
+        debug: bool | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """Run the graph, yielding chunks of ``stream_mode`` (``(mode, chunk)`` for a list)."""
+        durability = _durability(durability, kwargs)
+        stream_mode = stream_mode or "values"
+        loop, mode, addressed = self._prepare(
+            config,
+            stream_mode,
+            context,
+            durability,
+            debug,
+            interrupt_before,
+            interrupt_after,
+            output_keys,
+        )
+        shape = _chunk_shape(stream_mode, subgraphs)
+        printed = loop.printed_modes
+        for chunk in self._run(loop, input, mode, addressed):
+            if chunk[0] in printed:
+                _print_event(chunk[1])
+            else:
+                yield shape(chunk)
+
+    async def astream(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        context: Any = None,
+        stream_mode: StreamMode | Sequence[StreamMode] | None = None,
+        output_keys: str | Sequence[str] | None = None,
+        interrupt_before: Any = None,
+        interrupt_after: Any = None,
+        durability: Durability | None = None,
+        subgraphs: bool = False,
+        debug: bool | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        durability = _durability(durability, kwargs)
+        stream_mode = stream_mode or "values"
+        loop, mode, addressed = self._prepare(
+            config,
+            stream_mode,
+            context,
+            durability,
+            debug,
+            interrupt_before,
+            interrupt_after,
+            output_keys,
+        )
+        shape = _chunk_shape(stream_mode, subgraphs)
+        printed = loop.printed_modes
+        async for chunk in self._arun(loop, input, mode, addressed):
+            if chunk[0] in printed:
+                _print_event(chunk[1])
+            else:
+                yield shape(chunk)
+
+    def invoke(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        context: Any = None,
+        stream_mode: StreamMode = "values",
+        output_keys: str | Sequence[str] | None = None,
+        interrupt_before: Any = None,
+        interrupt_after: Any = None,
+        durability: Durability | None = None,
+        debug: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the graph to the end; return the final state (``values``) or the chunks."""
+        durability = _durability(durability, kwargs)
+        if stream_mode != "values":
+            return list(
+                self.stream(
+                    input,
+                    config,
+                    context=context,
+                    stream_mode=stream_mode,
+                    durability=durability,
+                    debug=debug,
+                )
+            )
+        # The final value is read once at the end: no per-step output is built.
+        loop, mode, addressed = self._prepare(
+            config,
+            (),
+            context,
+            durability,
+            debug,
+            interrupt_before,
+            interrupt_after,
+            output_keys,
+        )
+        for chunk in self._run(loop, input, mode, addressed):
+            _print_event(chunk[1])  # only debug events reach here
+        return _final_output(loop)
+
+    async def ainvoke(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        context: Any = None,
+        stream_mode: StreamMode = "values",
+        output_keys: str | Sequence[str] | None = None,
+        interrupt_before: Any = None,
+        interrupt_after: Any = None,
+        durability: Durability | None = None,
+        debug: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        durability = _durability(durability, kwargs)
+        if stream_mode != "values":
+            return [
+                chunk
+                async for chunk in self.astream(
+                    input,
+                    config,
+                    context=context,
+                    stream_mode=stream_mode,
+                    durability=durability,
+                    debug=debug,
+                )
+            ]
+        loop, mode, addressed = self._prepare(
+            config,
+            (),
+            context,
+            durability,
+            debug,
+            interrupt_before,
+            interrupt_after,
+            output_keys,
+        )
+        async for chunk in self._arun(loop, input, mode, addressed):
+            _print_event(chunk[1])  # only debug events reach here
+        return _final_output(loop)
+
+    def batch(
+        self,
+        inputs: Sequence[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """``invoke`` each input (in parallel threads), with one config or one per input."""
+        configs = _batch_configs(config, len(inputs))
+
+        def one(pair: tuple[Any, RunnableConfig | None]) -> Any:
+            try:
+                return self.invoke(pair[0], pair[1], **kwargs)
+            except Exception as error:
+                if return_exceptions:
+                    return error
+                raise
+
+        if len(inputs) <= 1:
+            return [one(pair) for pair in zip(inputs, configs, strict=True)]
+        return list(shared_pool().map(one, zip(inputs, configs, strict=True)))
+
+    async def abatch(
+        self,
+        inputs: Sequence[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        configs = _batch_configs(config, len(inputs))
+        runs = [self.ainvoke(i, c, **kwargs) for i, c in zip(inputs, configs, strict=True)]
+        return list(await asyncio.gather(*runs, return_exceptions=return_exceptions))
+
+    # -- state API -------------------------------------------------------------------------
+
+    def _saver(self) -> Any:
+        if self.checkpointer is None:
+            raise ValueError("No checkpointer set: compile the graph with checkpointer=...")
+        return self.checkpointer
+
+    def _state_loop(self, config: RunnableConfig) -> RunLoop:
+        config = merge_configs(self.config, config)
+        ensure_thread_id(config)
+        return RunLoop(self, config, checkpointer=self._saver(), stream_modes=frozenset())
+
+    def _snapshot(
+        self, config: RunnableConfig, saved: CheckpointTuple | None, *, live: bool
+    ) -> StateSnapshot:
+        if saved is None:
+            return StateSnapshot({}, (), config, None, None, None, ())
+        loop = self._state_loop(saved.config)
+        loop.load(saved)
+        tasks, next_names = loop.pending_state(live)
+        return StateSnapshot(
+            values=read_channels(loop.channels, self.stream_channels),
+            next=next_names,
+            config=saved.config,
+            metadata=dict(saved.metadata) if saved.metadata is not None else None,
+            created_at=saved.checkpoint["ts"],
+            parent_config=saved.parent_config,
+            tasks=tasks,
+            interrupts=tuple(i for task in tasks for i in task.interrupts),
+        )
+
+    def get_state(self, config: RunnableConfig, *, subgraphs: bool = False) -> StateSnapshot:
+        """The thread's latest state, or the checkpoint ``config`` names."""
+        return self._snapshot(
+            config, self._saver().get_tuple(self._lookup_config(config)), live=_is_live(config)
+        )
+
+    async def aget_state(self, config: RunnableConfig, *, subgraphs: bool = False) -> StateSnapshot:
+        saved = await self._saver().aget_tuple(self._lookup_config(config))
+        return self._snapshot(config, saved, live=_is_live(config))
+
+    def get_state_history(
+        self,
+        config: RunnableConfig,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[StateSnapshot]:
+        """The thread's checkpoints, newest first."""
+        listed = self._saver().list(
+            self._lookup_config(config), filter=filter, before=before, limit=limit
+        )
+        for saved in listed:
+            yield self._snapshot(config, saved, live=False)
+
+    async def aget_state_history(
+        self,
+        config: RunnableConfig,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[StateSnapshot]:
+        listed = self._saver().alist(
+            self._lookup_config(config), filter=filter, before=before, limit=limit
+        )
+        async for saved in listed:
+            yield self._snapshot(config, saved, live=False)
+
+    def _lookup_config(self, config: RunnableConfig) -> RunnableConfig:
+        config = merge_configs(self.config, config)
+        ensure_thread_id(config)
+        configurable = config["configurable"]
+        if "checkpoint_ns" not in configurable:
+            config["configurable"] = {**configurable, "checkpoint_ns": ""}
+        return config
+
+    def _update(
+        self,
+        config: RunnableConfig,
+        saved: CheckpointTuple | None,
+        values: Any,
+        as_node: str | None,
+    ) -> tuple[RunLoop, Any]:
+        loop = self._state_loop(self._lookup_config(config))
+        loop.load(saved)
+        if saved is None:
+            loop.step = 0  # LangGraph numbers an update of an empty thread step 0
+        if as_node is None:
+            as_node = _last_writer(loop) if saved is not None else START
+        if as_node == END:
+            raise InvalidUpdateError("Cannot update the state as END")
+        writers = self.update_writers.get(as_node)
+        if writers is None:
+            raise InvalidUpdateError(f"Node {as_node} does not exist")
+        node = self.nodes[as_node]
+        task = Task(loop, node, values, (PULL, as_node), node.triggers)
+        task.writes = writers(task, values)
+        loop.apply([task], source="update")
+        return loop, loop.save_checkpoint([])
+
+    def update_state(
+        self, config: RunnableConfig, values: Any, as_node: str | None = None
+    ) -> RunnableConfig:
+        """Write ``values`` as if node ``as_node`` had returned them: a ``source="update"``
+        checkpoint whose next nodes are those that follow ``as_node``."""
+        saver = self._saver()
+        saved = saver.get_tuple(self._lookup_config(config))
+        loop, save = self._update(config, saved, values, as_node)
+        _save(saver, save)
+        return loop.checkpoint_config()
+
+    async def aupdate_state(
+        self, config: RunnableConfig, values: Any, as_node: str | None = None
+    ) -> RunnableConfig:
+        saver = self._saver()
+        saved = await saver.aget_tuple(self._lookup_config(config))
+        loop, save = self._update(config, saved, values, as_node)
+        await _asave(saver, save)
+        return loop.checkpoint_config()
+
+    def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Pregel:
+        """A copy of this graph whose runs start from ``config`` merged with the run's config."""
+        copy = object.__new__(Pregel)
+        copy.__dict__.update(self.__dict__)
+        copy.config = merge_configs(self.config, config, kwargs)  # type: ignore[arg-type]
+        return copy
+
+
+async def _while_running(
+    step: Coroutine[Any, Any, None], loop: RunLoop
+) -> AsyncIterator[tuple[str, Any]]:
+    """Run a step, handing out the chunks its nodes write as they come."""
+    signal = asyncio.Event()
+    event_loop = asyncio.get_running_loop()
+    # Nodes may write from worker threads, so wake the stream thread-safely.
+    loop.on_output = lambda: event_loop.call_soon_threadsafe(signal.set)
+    running = asyncio.ensure_future(step)
+    try:
+        while not running.done():
+            waiter = asyncio.ensure_future(signal.wait())
+            await asyncio.wait({running, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            signal.clear()
+            while loop.output:
+                yield loop.output.popleft()
+        running.result()
+    finally:
+        loop.on_output = None
+        if not running.done():
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    """One line per debug event, for ``debug=True``."""
+    payload = event.get("payload", {})
+    name = payload.get("name") or ", ".join(payload.get("next", ())) or "-"
+    detail = payload.get("result", payload.get("values", ""))
+    print(f"[{event.get('step')}:{event.get('type')}] {name} {detail}")
+
+
+def _durability(durability: Durability | None, kwargs: dict[str, Any]) -> Durability | None:
+    """LangGraph's deprecated ``checkpoint_during`` still chooses the mode when given."""
+    during = kwargs.pop("checkpoint_during", None)
+    if durability is None and during is not None:
+        return "async" if during else "exit"
+    return durability
+
+
+def _is_live(config: RunnableConfig) -> bool:
+    """``get_state`` of the thread's latest checkpoint shows progress made since."""
+    return not (config.get("configurable") or {}).get("checkpoint_id")
+
+
+def _final_output(loop: RunLoop) -> Any:
+    values = read_channels(loop.channels, loop.output_keys or loop.graph.output_channels)
+    if loop.interrupts:
+        return {**values, INTERRUPT: list(loop.interrupts)}
+    return values
+
+
+def _breakpoints(requested: Any, compiled: tuple[str, ...]) -> tuple[str, ...]:
+    if requested is None:
+        return compiled
+    return ("*",) if requested == "*" else tuple(requested)
+
+
+def _last_writer(loop: RunLoop) -> str:
+    """The node that wrote last, for ``update_state`` without ``as_node``."""
+    graph = loop.graph
+    latest: dict[str, Any] = {}
+    for name, seen in loop.versions_seen.items():
+        if name in graph.update_writers and seen:
+            latest[name] = max(seen.values())
+    if not latest:
+        return START
+    newest = max(latest.values())
+    writers = [name for name, version in latest.items() if version == newest]
+    if len(writers) > 1:
+        raise InvalidUpdateError("Ambiguous update, specify as_node")
+    return writers[0]
+
+
+def _paused(tasks: Sequence[Task]) -> tuple[Interrupt, ...]:
+    """The interrupts the step's nodes raised; raises the first failure, which wins."""
+    interrupts: tuple[Interrupt, ...] = ()
+    for task in tasks:
+        if task.error is not None:
+            raise task.error
+        interrupts += task.interrupts
+    return interrupts
+
+
+def _modes(stream_mode: Any) -> frozenset[str]:
+    modes = frozenset([stream_mode] if isinstance(stream_mode, str) else stream_mode)
+    unknown = modes - _STREAM_MODES
+    if unknown:
+        # "messages" streams LangChain chat-model tokens; stepgraph has no LangChain layer.
+        raise ValueError(
+            f"Unsupported stream_mode {sorted(unknown)}; use one of {sorted(_STREAM_MODES)}"
+        )
+    return modes
+
+
+def _chunk_shape(stream_mode: Any, subgraphs: bool) -> Callable[[tuple[str, Any]], Any]:
+    if isinstance(stream_mode, str):
+        if subgraphs:
+            return lambda pair: ((), pair[1])
+        return lambda pair: pair[1]
+    if subgraphs:
+        return lambda pair: ((), pair[0], pair[1])
+    return lambda pair: pair
+
+
+def _batch_configs(
+    config: RunnableConfig | Sequence[RunnableConfig] | None, count: int
+) -> list[RunnableConfig | None]:
+    if config is None or isinstance(config, dict):
+        return [config] * count
+    configs = list(config)
+    if len(configs) != count:
+        raise ValueError("batch: pass one config, or one per input")
+    return configs  # type: ignore[return-value]

@@ -1,0 +1,217 @@
+"""Public value types: what nodes return, what runs stream, what the state API reports.
+
+Names and fields follow LangGraph's ``langgraph.types``. The classes are plain dataclasses with
+simple fields so the checkpoint serializer can store them as built-in safe types.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
+
+from stepgraph.config import RunnableConfig
+
+__all__ = [
+    "All",
+    "CachePolicy",
+    "Checkpointer",
+    "Command",
+    "Durability",
+    "Interrupt",
+    "PregelTask",
+    "RetryPolicy",
+    "Send",
+    "StateSnapshot",
+    "StreamMode",
+    "StreamWriter",
+    "default_retry_on",
+    "interrupt",
+]
+
+N = TypeVar("N")
+
+All = Literal["*"]
+"""Pass ``"*"`` as ``interrupt_before``/``interrupt_after`` to interrupt at every node."""
+
+StreamMode = Literal["values", "updates", "custom", "debug", "checkpoints", "tasks"]
+"""What ``stream`` yields: full state after each step, each node's update, data sent with
+``get_stream_writer()``, checkpoint and task events (``debug`` is both, wrapped)."""
+
+Durability = Literal["sync", "async", "exit"]
+"""When a run's progress reaches the checkpointer: before the next step starts (``sync``), in the
+background while the next step runs (``async``, the default), or only when the run ends (``exit``)."""
+
+StreamWriter = Callable[[Any], None]
+
+Checkpointer = Any
+"""A ``BaseCheckpointSaver``, or ``None`` (a subgraph then uses its parent's)."""
+
+
+def default_retry_on(exc: BaseException) -> bool:
+    """Retry transient failures, not programming errors.
+
+    Connection errors and HTTP 5xx responses (from ``httpx`` or ``requests``, when those are the
+    cause) retry; the builtin errors that signal a bug or bad input do not; anything else does.
+    """
+    if isinstance(exc, ConnectionError):
+        return True
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if type(exc).__name__ in ("HTTPStatusError", "HTTPError") and isinstance(status, int):
+        return 500 <= status < 600
+    return not isinstance(
+        exc,
+        (
+            ValueError,
+            TypeError,
+            ArithmeticError,
+            ImportError,
+            LookupError,
+            NameError,
+            SyntaxError,
+            RuntimeError,
+            ReferenceError,
+            StopIteration,
+            StopAsyncIteration,
+            OSError,
+        ),
+    )
+
+
+class RetryPolicy(NamedTuple):
+    """How a node is retried when it raises."""
+
+    initial_interval: float = 0.5
+    """Seconds before the first retry."""
+    backoff_factor: float = 2.0
+    """Multiplier applied to the interval after each retry."""
+    max_interval: float = 128.0
+    """Upper bound on the interval, in seconds."""
+    max_attempts: int = 3
+    """Attempts in total, the first one included."""
+    jitter: bool = True
+    """Add up to one second of random delay to each interval."""
+    retry_on: (
+        type[BaseException] | Sequence[type[BaseException]] | Callable[[BaseException], bool]
+    ) = default_retry_on
+    """Exception classes to retry, or a predicate deciding from the exception."""
+
+    def should_retry(self, exc: BaseException) -> bool:
+        retry_on = self.retry_on
+        if isinstance(retry_on, type):
+            return isinstance(exc, retry_on)
+        if isinstance(retry_on, Sequence):
+            return isinstance(exc, tuple(retry_on))
+        return bool(retry_on(exc))
+
+    def interval(self, attempt: int) -> float:
+        """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
+        interval = min(
+            self.max_interval, self.initial_interval * self.backoff_factor ** (attempt - 1)
+        )
+        return interval + random.uniform(0, 1) if self.jitter else interval
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Accepted for API compatibility; node results are not cached yet."""
+
+    key_func: Callable[..., str | bytes] | None = None
+    ttl: int | None = None
+
+
+@dataclass(eq=True)
+class Send:
+    """Run ``node`` in the next step with ``arg`` as its input (map-reduce fan-out).
+
+    Return a list of these from a conditional edge to start one task per item.
+    """
+
+    node: str
+    arg: Any
+
+
+@dataclass
+class Interrupt:
+    """A pause requested by a node, surfaced to the caller under ``__interrupt__``."""
+
+    value: Any
+    id: str = ""
+
+
+@dataclass
+class Command(Generic[N]):
+    """Returned by a node to update the state and choose the next nodes in one value.
+
+    Passed as input, ``Command(resume=...)`` answers an interrupt.
+    """
+
+    graph: str | None = None
+    """``None`` for the current graph, ``Command.PARENT`` for the closest parent graph."""
+    update: Any = None
+    resume: Any = None
+    goto: Send | Sequence[Send | N] | N | tuple[()] = ()
+
+    PARENT: ClassVar[Literal["__parent__"]] = "__parent__"
+
+    def update_writes(self) -> list[tuple[str, Any]]:
+        """``update`` as ``(key, value)`` pairs: a dict, or a list of pairs."""
+        update = self.update
+        if update is None:
+            return []
+        if isinstance(update, dict):
+            return list(update.items())
+        if isinstance(update, (list, tuple)) and all(
+            isinstance(item, tuple) and len(item) == 2 for item in update
+        ):
+            return list(update)
+        return [("__root__", update)]
+
+    def goto_targets(self) -> list[Send | str]:
+        goto = self.goto
+        if isinstance(goto, (str, Send)):
+            return [goto]
+        return list(goto)  # type: ignore[arg-type]
+
+
+class PregelTask(NamedTuple):
+    """A task of the next step, as reported by ``get_state``."""
+
+    id: str
+    name: str
+    path: tuple[Any, ...]
+    error: Any = None
+    """The saved error of a task that failed, as ``repr(exception)``."""
+    interrupts: tuple[Interrupt, ...] = ()
+    state: Any = None
+    result: Any = None
+
+
+class StateSnapshot(NamedTuple):
+    """The state of a thread at one checkpoint."""
+
+    values: dict[str, Any] | Any
+    """Channel values (the output schema's keys)."""
+    next: tuple[str, ...]
+    """Nodes that run in the next step."""
+    config: RunnableConfig
+    """Config naming this checkpoint."""
+    metadata: dict[str, Any] | None
+    created_at: str | None
+    parent_config: RunnableConfig | None
+    tasks: tuple[PregelTask, ...]
+    """Tasks of the next step, with the error or result saved for those that already ran."""
+    interrupts: tuple[Interrupt, ...] = ()
+
+
+def interrupt(value: Any) -> Any:
+    """Pause the run and surface ``value`` to the caller; return the answer once resumed.
+
+    The caller resumes with ``invoke(Command(resume=answer), config)``; the node then runs again
+    from its start, and this call returns ``answer``. Needs a checkpointer.
+    """
+    from stepgraph.runtime import current_task
+
+    return current_task().interrupt(value)
