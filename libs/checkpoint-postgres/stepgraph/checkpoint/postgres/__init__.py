@@ -1,0 +1,309 @@
+"""``PostgresSaver``: checkpoints in PostgreSQL, through psycopg 3 (and psycopg-pool).
+
+A step with ``durability="sync"`` is one statement: one round trip, one commit. The SQL, the
+rows and the transaction rules are shared with ``AsyncPostgresSaver`` (``_plans``); this module
+only runs them on a ``psycopg.Connection`` or a ``psycopg_pool.ConnectionPool``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from psycopg import Connection, Cursor
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool
+
+from stepgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    PruneStrategy,
+    TaskWrites,
+)
+from stepgraph.checkpoint.postgres import _plans
+from stepgraph.checkpoint.postgres._plans import ListPager, Plan, Scope
+from stepgraph.checkpoint.serde.base import SerializerProtocol
+from stepgraph.config import RunnableConfig
+
+__all__ = ["PostgresSaver", "run_plan"]
+
+T = TypeVar("T")
+
+_UNFINISHED = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+
+def run_plan(conn: Connection[Any], plan: Plan[T], scope: Scope) -> T:
+    """Execute ``plan`` on ``conn`` in the transaction ``scope`` asks for (see ``_plans.begin``).
+
+    Statements go through the saver's own binary, tuple-row cursor, whatever the connection's
+    row factory.
+    """
+    cursor: Cursor[Any] = _plans.cursor_of(conn)
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        with conn.transaction():  # a savepoint in the caller's transaction
+            return _steps(cursor, plan)
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    try:
+        if (first := _plans.begin(scope)) is None:
+            return _steps(cursor, plan)
+        with conn.pipeline():
+            cursor.execute(first.sql)
+            result = _steps(cursor, plan)
+            cursor.execute(_plans.COMMIT.sql)
+        return result
+    finally:
+        if conn.info.transaction_status in _UNFINISHED:  # failed or interrupted
+            conn.rollback()
+        if conn.info.transaction_status == TransactionStatus.IDLE:
+            conn.autocommit = autocommit
+
+
+def _steps(cursor: Cursor[Any], plan: Plan[T]) -> T:
+    try:
+        statement = next(plan)
+        while True:
+            cursor.execute(statement.sql, statement.params)
+            statement = plan.send(cursor.fetchall() if statement.fetch else [])
+    except StopIteration as done:
+        return done.value
+
+
+class PostgresSaver(BaseCheckpointSaver):
+    """A checkpoint saver on a ``psycopg.Connection`` or a ``psycopg_pool.ConnectionPool``.
+
+    Any connection works: autocommit or not, any row factory, inside a transaction of the
+    caller's or not (then the saver's statements join it, in a savepoint, and the caller
+    commits). Calls on a lone connection are serialized by a lock; with a pool they run in
+    parallel, and a plan that fails because its connection broke (server restart, terminated
+    backend) runs again on a fresh one. ``prepare_threshold=None`` connections (PgBouncer in
+    transaction mode) work: nothing depends on session state.
+
+    The schema is created or migrated on first use; ``setup()`` does it explicitly. The async
+    methods run the sync ones in a worker thread; ``AsyncPostgresSaver`` is the native twin.
+    """
+
+    conn: Connection[Any] | ConnectionPool[Any]
+
+    def __init__(
+        self,
+        conn: Connection[Any] | ConnectionPool[Any],
+        *,
+        serde: SerializerProtocol | None = None,
+    ) -> None:
+        super().__init__(serde=serde)
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.is_setup = False
+
+    @classmethod
+    @contextmanager
+    def from_conn_string(
+        cls,
+        conn_string: str,
+        *,
+        pool: Mapping[str, Any] | None = None,
+        prepare_threshold: int | None = 0,
+        serde: SerializerProtocol | None = None,
+    ) -> Iterator[PostgresSaver]:
+        """A saver on a new ``ConnectionPool`` to ``conn_string``, closed on exit.
+
+        ``pool`` overrides ``ConnectionPool`` arguments (``min_size``, ``max_size``,
+        ``max_lifetime``, ``max_idle``, ``kwargs``, ...). Statements are prepared on first use;
+        pass ``prepare_threshold=None`` behind PgBouncer in transaction mode.
+        """
+        connections: ConnectionPool[Any] = ConnectionPool(
+            **_plans.pool_options(conn_string, pool, prepare_threshold)
+        )
+        try:
+            connections.open(wait=True, timeout=connections.timeout)
+            yield cls(connections, serde=serde)
+        finally:
+            connections.close()
+
+    def setup(self) -> None:
+        """Create or migrate the schema. Idempotent, and safe to call from many processes at
+        once (they serialize on an advisory lock); runs on first use anyway."""
+        self._execute(_plans.setup, Scope.TRANSACTION)
+        self.is_setup = True
+
+    def _execute(self, make_plan: Callable[[], Plan[T]], scope: Scope) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            owned = broken = False
+            try:
+                if isinstance(self.conn, ConnectionPool):
+                    with self.conn.connection() as conn:
+                        owned = conn.info.transaction_status == TransactionStatus.IDLE
+                        try:
+                            return run_plan(conn, make_plan(), scope)
+                        finally:
+                            broken = conn.broken
+                with self.lock:
+                    owned = self.conn.info.transaction_status == TransactionStatus.IDLE
+                    return run_plan(self.conn, make_plan(), scope)
+            except Exception as error:
+                if not _plans.should_retry(error, attempt, owned=owned, broken=broken):
+                    raise
+                if broken and isinstance(self.conn, ConnectionPool):
+                    self.conn.check()  # the other idle connections are likely broken too
+
+    def _run(self, make_plan: Callable[[], Plan[T]], scope: Scope = Scope.STATEMENT) -> T:
+        if not self.is_setup:
+            self.setup()
+        return self._execute(make_plan, scope)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._run(lambda: _plans.get_tuple(self.serde, config))
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        pager = ListPager(config, filter, before, limit)
+        while not pager.done:
+            yield from self._run(lambda: pager.next_page(self.serde))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return self.put_step(config, (), checkpoint, metadata, new_versions)
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        statement = _plans.put_writes(self.serde, config, writes, task_id, task_path)
+        if statement is not None:
+            self._run(lambda: _plans.execute(statement))
+
+    def put_step(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        statement, saved = _plans.put_step(
+            self.serde, config, writes, checkpoint, metadata, new_versions
+        )
+        self._run(lambda: _plans.execute(statement))
+        return saved
+
+    # -- thread management -------------------------------------------------------------------
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._run(lambda: _plans.delete_threads([thread_id]))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._run(lambda: _plans.copy_thread(source_thread_id, target_thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._run(lambda: _plans.delete_for_runs(self.serde, run_ids), Scope.SNAPSHOT)
+
+    def prune(
+        self,
+        thread_ids: Sequence[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+    ) -> None:
+        self._run(
+            lambda: _plans.prune(self.serde, thread_ids, strategy, keep_last, older_than),
+            _plans.prune_scope(strategy),
+        )
+
+    # -- async twins: the sync methods in a worker thread -----------------------------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await asyncio.to_thread(self.get_tuple, config)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        pager = ListPager(config, filter, before, limit)
+        while not pager.done:
+            page = await asyncio.to_thread(self._run, lambda: pager.next_page(self.serde))
+            for found in page:
+                yield found
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+
+    async def aput_step(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return await asyncio.to_thread(
+            self.put_step, config, writes, checkpoint, metadata, new_versions
+        )
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await asyncio.to_thread(self.delete_thread, thread_id)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await asyncio.to_thread(self.delete_for_runs, run_ids)
+
+    async def aprune(
+        self,
+        thread_ids: Sequence[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+    ) -> None:
+        await asyncio.to_thread(
+            self.prune, thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than
+        )

@@ -1,0 +1,90 @@
+"""The database schema, as an append-only list of migrations.
+
+Never edit a released migration: add a new one. ``setup()`` applies the missing ones in order,
+under a transaction-scoped advisory lock, so concurrent callers serialize and each migration runs
+once (a transaction-scoped lock also works behind PgBouncer in transaction mode).
+
+Identifiers (thread, namespace, checkpoint, task, channel, version, task path) are ``bytea``
+holding the UTF-8 of the Python string, lone surrogates included ("surrogatepass"): Postgres
+``text`` cannot hold NUL, and this encoding is exact and sorts bytewise like Python sorts
+``str`` (by code point), so ``checkpoint_id`` ordering and ``before=`` stay index range scans
+with no collation involved. Read them in psql with ``convert_from(thread_id, 'UTF8')``.
+
+Tables carry a ``stepgraph_`` prefix: a database that also holds LangGraph's ``checkpoints``
+tables (a port in progress) must not have them mistaken for ours.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CREATE_MIGRATIONS_TABLE", "MIGRATIONS", "SCHEMA_VERSION", "SETUP_LOCK"]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # One row per checkpoint, in ``storage.CheckpointRow`` column order. ``checkpoint`` and
+        # ``metadata`` are serialized exactly; ``metadata_json`` is a JSON copy (strings that
+        # JSON cannot hold are escaped) that only narrows ``list(filter=...)`` in SQL before
+        # the exact check on ``metadata``.
+        """
+        CREATE TABLE stepgraph_checkpoints (
+            thread_id bytea NOT NULL,
+            checkpoint_ns bytea NOT NULL,
+            checkpoint_id bytea NOT NULL,
+            parent_checkpoint_id bytea,
+            ts text NOT NULL,
+            run_id bytea,
+            checkpoint_type text NOT NULL,
+            checkpoint bytea NOT NULL,
+            metadata_type text NOT NULL,
+            metadata bytea NOT NULL,
+            metadata_json jsonb NOT NULL,
+            PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id)
+        )
+        """,
+        """
+        CREATE INDEX stepgraph_checkpoints_by_run ON stepgraph_checkpoints (run_id)
+        WHERE run_id IS NOT NULL
+        """,
+        # One row per (channel, version), in ``storage.ValueRow`` column order: a step writes
+        # only the channels it changed. NULL type and value: the channel was empty. ``kind``
+        # says how to read ``value`` (0: a whole value), as in the SQLite schema.
+        """
+        CREATE TABLE stepgraph_checkpoint_values (
+            thread_id bytea NOT NULL,
+            checkpoint_ns bytea NOT NULL,
+            channel bytea NOT NULL,
+            version bytea NOT NULL,
+            type text,
+            value bytea,
+            kind smallint NOT NULL DEFAULT 0,
+            PRIMARY KEY (thread_id, checkpoint_ns, channel, version)
+        )
+        """,
+        # In ``storage.WriteRow`` column order.
+        """
+        CREATE TABLE stepgraph_checkpoint_writes (
+            thread_id bytea NOT NULL,
+            checkpoint_ns bytea NOT NULL,
+            checkpoint_id bytea NOT NULL,
+            task_id bytea NOT NULL,
+            idx integer NOT NULL,
+            channel bytea NOT NULL,
+            type text NOT NULL,
+            value bytea NOT NULL,
+            task_path bytea NOT NULL,
+            PRIMARY KEY (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
+        )
+        """,
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS stepgraph_migrations (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+# pg_advisory_xact_lock key taken by setup(): the bytes "stepgraf" as a signed 64-bit integer.
+SETUP_LOCK = int.from_bytes(b"stepgraf", "big", signed=True)

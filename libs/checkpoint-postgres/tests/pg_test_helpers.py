@@ -1,0 +1,144 @@
+"""Small builders shared by the Postgres tests (and the worker processes they start)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from stepgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    TaskWrites,
+    empty_checkpoint,
+)
+from stepgraph.config import RunnableConfig
+
+
+def thread(thread_id: str, checkpoint_ns: str = "") -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns}}
+
+
+def next_checkpoint(
+    saver: BaseCheckpointSaver, previous: Checkpoint | None, changes: dict[str, Any]
+) -> tuple[Checkpoint, ChannelVersions]:
+    """The checkpoint after ``previous`` with ``changes`` applied, and the versions that changed."""
+    checkpoint = empty_checkpoint()
+    if previous is not None:
+        checkpoint["channel_values"] = dict(previous["channel_values"])
+        checkpoint["channel_versions"] = dict(previous["channel_versions"])
+    new_versions = {
+        channel: saver.get_next_version(checkpoint["channel_versions"].get(channel))
+        for channel in changes
+    }
+    checkpoint["channel_values"].update(changes)
+    checkpoint["channel_versions"].update(new_versions)
+    return checkpoint, new_versions
+
+
+def run_steps(
+    saver: BaseCheckpointSaver,
+    config: RunnableConfig,
+    steps: int,
+    after_step: Callable[[int], None] | None = None,
+    **metadata: Any,
+) -> RunnableConfig:
+    """An input checkpoint, then ``steps`` supersteps of one task each, saved with put_step."""
+    checkpoint, versions = next_checkpoint(saver, None, {"count": 0, "log": []})
+    config = saver.put(config, checkpoint, {"source": "input", "step": -1, **metadata}, versions)
+    for step in range(steps):
+        task_id = f"task-{step}-{random.getrandbits(32):08x}"
+        changes = {"count": step + 1, "log": [*checkpoint["channel_values"]["log"], step]}
+        checkpoint, versions = next_checkpoint(saver, checkpoint, changes)
+        config = saver.put_step(
+            config,
+            [TaskWrites(task_id, list(changes.items()))],
+            checkpoint,
+            {"source": "loop", "step": step, **metadata},
+            versions,
+        )
+        if after_step is not None:
+            after_step(step)
+    return config
+
+
+class RestartingProxy:
+    """A TCP proxy in front of the test server that can imitate a server restart.
+
+    ``restart(down_for)`` cuts every open connection (as a restarting server does) and turns
+    new ones away for ``down_for`` seconds (as a server still starting up does).
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        params = conninfo_to_dict(conninfo)
+        host = str(params.get("host") or "127.0.0.1")
+        port = int(params.get("port") or 5432)
+        if host.startswith("/"):  # a Unix socket directory (the embedded server)
+            self._upstream: tuple[int, Any] = (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}")
+        else:
+            self._upstream = (socket.AF_INET, (host, port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.conninfo = make_conninfo(conninfo, host="127.0.0.1", port=self.port)
+        self._links: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._up = threading.Event()
+        self._up.set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def restart(self, down_for: float) -> int:
+        """Cut every connection, refuse new ones for a while; return how many were cut."""
+        self._up.clear()
+        with self._lock:
+            cut = len(self._links) // 2
+            for link in self._links:
+                _close(link)
+            self._links.clear()
+        threading.Timer(down_for, self._up.set).start()
+        return cut
+
+    def close(self) -> None:
+        self.restart(0)
+        _close(self._listener)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if not self._up.is_set():
+                _close(client)
+                continue
+            upstream = socket.socket(self._upstream[0], socket.SOCK_STREAM)
+            upstream.connect(self._upstream[1])
+            with self._lock:
+                self._links.update((client, upstream))
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(source, target), daemon=True).start()
+
+
+def _pump(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while data := source.recv(1 << 16):
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        _close(source)
+        _close(target)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

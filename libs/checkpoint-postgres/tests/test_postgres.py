@@ -1,0 +1,472 @@
+"""What the contract cannot see: SQL safety, connections, transactions, round trips, faults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from pg_test_helpers import RestartingProxy, next_checkpoint, run_steps, thread
+from psycopg import sql
+from psycopg.pq import Trace, TransactionStatus
+from psycopg.rows import dict_row, tuple_row
+
+from stepgraph.checkpoint.base import TaskWrites
+from stepgraph.checkpoint.postgres import PostgresSaver
+from stepgraph.checkpoint.postgres._schema import SCHEMA_VERSION
+from stepgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+WORKER = Path(__file__).with_name("pg_worker.py")
+
+
+@pytest.fixture
+def saver(postgres_uri: str) -> Iterator[PostgresSaver]:
+    with PostgresSaver.from_conn_string(postgres_uri) as saver:
+        saver.setup()
+        yield saver
+
+
+def put_with_metadata(saver: PostgresSaver, thread_id: str, metadata: dict[str, Any]) -> str:
+    checkpoint, versions = next_checkpoint(saver, None, {"x": 1})
+    saved = saver.put(thread(thread_id), checkpoint, metadata, versions)  # type: ignore[arg-type]
+    return str(saved["configurable"]["checkpoint_id"])
+
+
+def listed_ids(saver: PostgresSaver, **kwargs: Any) -> list[str]:
+    return [found.config["configurable"]["checkpoint_id"] for found in saver.list(None, **kwargs)]
+
+
+# -- list(filter=...) -------------------------------------------------------------------------
+
+HOSTILE = [
+    "x') OR TRUE --",
+    "'; DROP TABLE stepgraph_checkpoints; --",
+    '"}, "source": "loop',
+    "%s",
+    "%(thread_id)s",
+    "$1",
+    "\\",
+    "a'b\"c",
+]
+
+
+def test_filter_keys_and_values_cannot_inject_sql(saver: PostgresSaver) -> None:
+    plain = put_with_metadata(saver, "plain", {"source": "loop"})
+    hostile = {text: text for text in HOSTILE}
+    target = put_with_metadata(saver, "hostile", {"source": "update", **hostile})
+
+    for text in HOSTILE:
+        assert listed_ids(saver, filter={text: text}) == [target]
+        assert listed_ids(saver, filter={"source": text}) == []
+        assert listed_ids(saver, filter={text: "other"}) == []
+    assert listed_ids(saver, filter=hostile) == [target]
+    assert sorted(listed_ids(saver)) == sorted([plain, target])  # nothing dropped or altered
+
+
+def test_filter_is_exact_for_strings_json_cannot_hold(saver: PostgresSaver) -> None:
+    # NUL and lone surrogates are escaped in the JSON copy; the escape must not collide with
+    # ordinary strings, including ones that look like an escaped form.
+    texts = ["a\x00b", "a\ufffdb", "a\\u0000b", "\ud800", "?", "\uffff", "\uffff61", "a"]
+    ids = {text: put_with_metadata(saver, f"t{i}", {"k": text}) for i, text in enumerate(texts)}
+    for text, checkpoint_id in ids.items():
+        assert listed_ids(saver, filter={"k": text}) == [checkpoint_id]
+        assert listed_ids(saver, filter={text: 1}) == []
+        found = next(saver.list(None, filter={"k": text}, limit=1))
+        assert found.metadata["k"] == text  # type: ignore[typeddict-item]
+
+
+def test_filter_on_values_json_cannot_hold_pages_past_false_candidates(
+    saver: PostgresSaver,
+) -> None:
+    # Values JSON cannot hold (a datetime here) only narrow the SQL to "null"; the exact check
+    # then rejects the newer checkpoints and the listing pages on until it finds the match.
+    moment = datetime(2024, 5, 17, 12, 30)
+    wanted = put_with_metadata(saver, "dt", {"when": moment})
+    for _ in range(40):
+        put_with_metadata(saver, "dt", {"when": None})
+    assert listed_ids(saver, filter={"when": moment}, limit=1) == [wanted]
+    assert listed_ids(saver, filter={"when": moment}) == [wanted]
+    assert len(listed_ids(saver, filter={"when": None})) == 40
+
+
+def test_filter_types_match_like_metadata_matches(saver: PostgresSaver) -> None:
+    as_bool = put_with_metadata(saver, "types", {"n": True})
+    as_int = put_with_metadata(saver, "types", {"n": 1})
+    as_float = put_with_metadata(saver, "types", {"n": 1.0})
+    nested = put_with_metadata(saver, "types", {"n": {"a": [1, 2], "b": None}})
+    assert listed_ids(saver, filter={"n": True}) == [as_bool]
+    assert set(listed_ids(saver, filter={"n": 1})) == {as_int, as_float}
+    assert listed_ids(saver, filter={"n": {"a": [2]}}) == [nested]
+    assert listed_ids(saver, filter={"n": {"b": None}}) == [nested]
+    assert listed_ids(saver, filter={"n": {"b": False}}) == []
+
+
+# -- identifiers ------------------------------------------------------------------------------
+
+
+def test_identifiers_round_trip_nul_and_lone_surrogates(saver: PostgresSaver) -> None:
+    config = thread("thread\x00\ud800", "ns\udfff\x00")
+    checkpoint, versions = next_checkpoint(saver, None, {"chan\x00nel\ud83d": "v"})
+    saved = saver.put(config, checkpoint, {"source": "input"}, versions)
+    saver.put_writes(saved, [("chan\x00nel\ud83d", 1)], "task\x00\udc00", "path\ud800")
+
+    found = saver.get_tuple(config)
+    assert found is not None
+    assert found.config == saved
+    assert found.checkpoint["channel_values"] == {"chan\x00nel\ud83d": "v"}
+    assert found.pending_writes == [("task\x00\udc00", "chan\x00nel\ud83d", 1)]
+    saver.copy_thread("thread\x00\ud800", "copy\ud800")
+    assert saver.get_tuple(thread("copy\ud800", "ns\udfff\x00")) is not None
+
+
+def test_list_pages_through_ties_across_threads(saver: PostgresSaver) -> None:
+    # Copied threads share checkpoint ids: paging over all threads must not skip or repeat.
+    run_steps(saver, thread("original"), 39)
+    saver.copy_thread("original", "copy")
+    listed = [
+        (found.config["configurable"]["checkpoint_id"], found.config["configurable"]["thread_id"])
+        for found in saver.list(None)
+    ]
+    assert len(listed) == 80
+    assert listed == sorted(set(listed), reverse=True)
+    assert len(list(saver.list(None, limit=50))) == 50
+
+
+def test_one_call_repeating_a_write_key_keeps_what_separate_calls_would(
+    saver: PostgresSaver,
+) -> None:
+    # One INSERT ... ON CONFLICT DO UPDATE may not touch a row twice: repeated keys within one
+    # call are settled before the statement, as a sequence of separate calls would settle them.
+    config = run_steps(saver, thread("t"), 1)
+    previous = saver.get_tuple(config)
+    assert previous is not None
+    checkpoint, versions = next_checkpoint(saver, previous.checkpoint, {"count": 5})
+    writes = [
+        TaskWrites("task", [("__error__", "first"), ("__error__", "second")]),
+        TaskWrites("task", [("count", 1)]),
+        TaskWrites("task", [("count", 2)]),  # same (task, idx 0): the first one stays
+    ]
+    saver.put_step(config, writes, checkpoint, {"step": 5}, versions)
+    found = saver.get_tuple(config)
+    assert found is not None
+    assert found.pending_writes == [("task", "__error__", "second"), ("task", "count", 1)]
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def test_concurrent_setup_from_several_processes(postgres_uri: str) -> None:
+    start = time.time() + 2.0  # all workers call setup() at the same moment
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "setup", postgres_uri, str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(6)
+    ]
+    outputs = [worker.communicate(timeout=120)[0].decode() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 6, outputs
+
+    with psycopg.connect(postgres_uri) as conn:
+        versions = conn.execute("SELECT version FROM stepgraph_migrations ORDER BY 1").fetchall()
+    assert versions == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
+
+
+def test_setup_inside_the_callers_transaction(postgres_uri: str) -> None:
+    with psycopg.connect(postgres_uri) as conn:
+        conn.execute("SELECT 1")  # the caller's transaction is open
+        saver = PostgresSaver(conn)
+        saver.setup()
+        assert conn.info.transaction_status == TransactionStatus.INTRANS
+        conn.rollback()  # the caller decides: the tables go with its transaction
+        assert conn.execute("SELECT to_regclass('stepgraph_checkpoints')").fetchone() == (None,)
+
+        conn.execute("SELECT 1")
+        saver.setup()
+        conn.commit()
+        run_steps(saver, thread("t"), 2)
+        assert saver.get_tuple(thread("t")) is not None
+
+
+def test_setup_of_a_current_schema_needs_no_create_rights(saver: PostgresSaver) -> None:
+    # An application role that may only read the schema can still start a saver.
+    role = f"stepgraph_reader_{uuid.uuid4().hex[:12]}"
+    conninfo = saver.conn.conninfo  # type: ignore[union-attr]
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]  # type: ignore[index]
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        try:
+            for grant in (
+                "GRANT USAGE ON SCHEMA {} TO {}",
+                "GRANT SELECT ON {}.stepgraph_migrations TO {}",
+            ):
+                conn.execute(sql.SQL(grant).format(sql.Identifier(schema), sql.Identifier(role)))
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("CREATE TABLE not_allowed (a int)")
+            PostgresSaver(conn).setup()
+        finally:
+            conn.execute("RESET ROLE")
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+# -- connections and transactions -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "no-autocommit"])
+@pytest.mark.parametrize("row_factory", [tuple_row, dict_row], ids=["tuple_row", "dict_row"])
+def test_any_connection_is_left_as_found(
+    postgres_uri: str, autocommit: bool, row_factory: Any
+) -> None:
+    with psycopg.connect(postgres_uri, autocommit=autocommit, row_factory=row_factory) as conn:
+        saver = PostgresSaver(conn)
+
+        def unchanged() -> None:
+            assert conn.info.transaction_status == TransactionStatus.IDLE
+            assert conn.autocommit is autocommit
+            assert conn.row_factory is row_factory
+
+        saver.setup()
+        unchanged()
+        config = run_steps(saver, thread("t"), 3, run_id="r1")
+        unchanged()
+        assert saver.get_tuple(config) is not None
+        assert len(list(saver.list(thread("t")))) == 4
+        unchanged()
+        saver.prune(["t"], keep_last=2)
+        saver.delete_for_runs(["r1"])
+        unchanged()
+        assert list(saver.list(thread("t"))) == []
+
+
+def test_writes_join_the_callers_transaction(postgres_uri: str) -> None:
+    with psycopg.connect(postgres_uri) as conn:
+        saver = PostgresSaver(conn)
+        saver.setup()
+        conn.execute("SELECT 1")
+        run_steps(saver, thread("t"), 2)
+        assert saver.get_tuple(thread("t")) is not None  # visible inside the transaction
+        conn.rollback()
+        assert saver.get_tuple(thread("t")) is None
+
+
+def _protocol_messages(conn: psycopg.Connection[Any], action: Any) -> list[str]:
+    """The libpq protocol messages ``action`` sends and receives on ``conn``."""
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+        try:
+            action()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        fields = [line.split("\t") for line in trace.read().splitlines()]
+    return [f"{f[0]}:{f[2].split(' ')[0]}" for f in fields if len(f) > 2 and f[0] in "FB"]
+
+
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "no-autocommit"])
+def test_put_step_is_one_statement_and_one_round_trip(postgres_uri: str, autocommit: bool) -> None:
+    with psycopg.connect(postgres_uri, autocommit=autocommit) as conn:
+        saver = PostgresSaver(conn)
+        saver.setup()
+        config = run_steps(saver, thread("t"), 1)
+        previous = saver.get_tuple(config)
+        assert previous is not None
+        checkpoint, versions = next_checkpoint(saver, previous.checkpoint, {"count": 9})
+        writes = [TaskWrites("task", [("count", 9), ("log", [1])])]
+
+        messages = _protocol_messages(
+            conn, lambda: saver.put_step(config, writes, checkpoint, {"step": 9}, versions)
+        )
+        assert messages.count("F:Execute") == 1
+        assert messages.count("F:Sync") == 1  # the client waits once: one round trip
+        assert messages[-1] == "B:ReadyForQuery"
+        found = saver.get_tuple(thread("t"))
+        assert found is not None
+        assert found.checkpoint["channel_values"]["count"] == 9
+
+
+def test_prepare_threshold_none_prepares_nothing(postgres_uri: str) -> None:
+    # Behind PgBouncer in transaction mode a prepared statement may land on another server
+    # connection: with prepare_threshold=None nothing is ever prepared.
+    with PostgresSaver.from_conn_string(postgres_uri, prepare_threshold=None) as saver:
+        run_steps(saver, thread("t"), 10)
+        assert len(list(saver.list(thread("t")))) == 11
+        with saver.conn.connection() as conn:  # type: ignore[union-attr]
+            assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)
+    with PostgresSaver.from_conn_string(postgres_uri) as saver:  # prepared on first use
+        run_steps(saver, thread("u"), 2)
+        with saver.conn.connection() as conn:  # type: ignore[union-attr]
+            row = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+            assert row is not None and row[0] > 0
+
+
+def test_one_connection_shared_by_threads(postgres_uri: str) -> None:
+    with psycopg.connect(postgres_uri) as conn:
+        saver = PostgresSaver(conn)
+        errors: list[BaseException] = []
+
+        def work(name: str) -> None:
+            try:
+                run_steps(saver, thread(name), 10)
+            except BaseException as error:
+                errors.append(error)
+
+        workers = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert errors == []
+        for i in range(8):
+            found = saver.get_tuple(thread(f"t{i}"))
+            assert found is not None
+            assert found.checkpoint["channel_values"]["count"] == 10
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+
+def _terminate(postgres_uri: str, application_name: str) -> int:
+    with psycopg.connect(postgres_uri, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            [application_name],
+        ).fetchall()
+    return len(rows)
+
+
+def test_pool_replaces_terminated_connections(postgres_uri: str) -> None:
+    name = f"stepgraph-terminated-{time.monotonic_ns()}"
+    options = {"min_size": 3, "max_size": 3, "kwargs": {"application_name": name}}
+    with PostgresSaver.from_conn_string(postgres_uri, pool=options) as saver:
+        config = run_steps(saver, thread("t"), 2)
+        saver.conn.wait()  # type: ignore[union-attr]  # all three connections open
+        assert _terminate(postgres_uri, name) == 3
+        config = run_steps(saver, thread("t"), 2)  # no error: the plan reran on a new one
+        assert saver.get_tuple(config) is not None
+        assert len(list(saver.list(thread("t")))) == 6
+
+
+def test_lone_connection_reports_its_termination(postgres_uri: str) -> None:
+    name = f"stepgraph-terminated-{time.monotonic_ns()}"
+    with psycopg.connect(postgres_uri, application_name=name) as conn:
+        saver = PostgresSaver(conn)
+        run_steps(saver, thread("t"), 1)
+        assert _terminate(postgres_uri, name) == 1
+        with pytest.raises(psycopg.OperationalError):
+            saver.get_tuple(thread("t"))  # the caller owns the connection: no silent retry
+
+
+def test_processes_writing_at_once(postgres_uri: str) -> None:
+    # Eight processes: each runs its own thread step by step, writes after every step to one
+    # checkpoint they all share, and prunes its thread while the others still write.
+    with PostgresSaver.from_conn_string(postgres_uri) as saver:
+        checkpoint, versions = next_checkpoint(saver, None, {"log": []})
+        shared = saver.put(thread("shared"), checkpoint, {"source": "input"}, versions)
+    shared_id = str(shared["configurable"]["checkpoint_id"])
+    start = time.time() + 2.0
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "steps",
+                postgres_uri,
+                f"p{i}",
+                "25",
+                shared_id,
+                str(start),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(8)
+    ]
+    outputs = [worker.communicate(timeout=240)[0].decode() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 8, outputs
+
+    with PostgresSaver.from_conn_string(postgres_uri) as saver:
+        for i in range(8):
+            history = list(saver.list(thread(f"p{i}")))
+            assert len(history) == 3  # pruned to the newest three, all readable
+            assert history[0].checkpoint["channel_values"] == {
+                "count": 25,
+                "log": list(range(25)),
+            }
+            assert history[2].checkpoint["channel_values"]["count"] == 23
+        found = saver.get_tuple(shared)
+        assert found is not None
+        assert sorted(found.pending_writes or []) == sorted(
+            (f"p{i}-{step}", "log", step) for i in range(8) for step in range(25)
+        )
+        saver.delete_for_runs(["p0", "p1"])
+        assert list(saver.list(thread("p0"))) == []
+        assert len(list(saver.list(thread("p2")))) == 3
+
+
+# -- async ------------------------------------------------------------------------------------
+
+
+async def test_async_saver_on_plain_connection_leaves_it_as_found(postgres_uri: str) -> None:
+    async with await psycopg.AsyncConnection.connect(postgres_uri, row_factory=dict_row) as conn:
+        saver = AsyncPostgresSaver(conn)
+        await saver.setup()
+        checkpoint, versions = next_checkpoint(saver, None, {"x": 1})
+        saved = await saver.aput(thread("t"), checkpoint, {"source": "input"}, versions)
+        await saver.aput_writes(saved, [("x", 2)], "task")
+        await saver.aprune(["t"])
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert conn.autocommit is False
+        found = await saver.aget_tuple(thread("t"))
+        assert found is not None
+        assert found.pending_writes == [("task", "x", 2)]
+
+
+async def test_async_sync_methods_refuse_to_deadlock_the_loop(postgres_uri: str) -> None:
+    import asyncio
+
+    async with AsyncPostgresSaver.from_conn_string(postgres_uri) as saver:
+        with pytest.raises(asyncio.InvalidStateError):
+            saver.get_tuple(thread("t"))
+        found = await asyncio.to_thread(saver.get_tuple, thread("t"))  # another thread: fine
+        assert found is None
+
+
+def test_pool_rides_out_a_server_restart(postgres_uri: str) -> None:
+    proxy = RestartingProxy(postgres_uri)
+    try:
+        with PostgresSaver.from_conn_string(proxy.conninfo, pool={"min_size": 2}) as saver:
+            run_steps(saver, thread("t"), 2)
+            assert proxy.restart(down_for=1.0) >= 1
+            config = run_steps(saver, thread("t"), 2)  # waits for the server, then succeeds
+            assert saver.get_tuple(config) is not None
+            assert len(list(saver.list(thread("t")))) == 6
+    finally:
+        proxy.close()
+
+
+async def test_async_pool_rides_out_a_server_restart(postgres_uri: str) -> None:
+    proxy = RestartingProxy(postgres_uri)
+    try:
+        async with AsyncPostgresSaver.from_conn_string(proxy.conninfo) as saver:
+            await saver.setup()
+            checkpoint, versions = next_checkpoint(saver, None, {"x": 1})
+            await saver.aput(thread("t"), checkpoint, {}, versions)
+            assert proxy.restart(down_for=1.0) >= 1
+            found = await saver.aget_tuple(thread("t"))
+            assert found is not None
+            assert found.checkpoint["channel_values"] == {"x": 1}
+    finally:
+        proxy.close()
