@@ -71,9 +71,9 @@ def count(saver: SqliteSaver, table: str) -> int:
 
 
 def test_unchanged_channels_are_not_written_again(saver: SqliteSaver) -> None:
-    config, checkpoint = step(saver, thread("t"), {"big": "x" * 10_000, "counter": 0})
+    config, checkpoint = step(saver, thread("t"), {"big": "x" * 10_000, "counter": [0]})
     for number in range(1, 20):
-        config, checkpoint = step(saver, config, {"counter": number}, previous=checkpoint)
+        config, checkpoint = step(saver, config, {"counter": [number]}, previous=checkpoint)
 
     assert count(saver, "checkpoint_values") == 2 + 19
     stored = saver.conn.execute(
@@ -82,7 +82,31 @@ def test_unchanged_channels_are_not_written_again(saver: SqliteSaver) -> None:
     assert stored[0] == 1 and stored[1] >= 10_000
     latest = saver.get_tuple(thread("t"))
     assert latest is not None
-    assert latest.checkpoint["channel_values"] == {"big": "x" * 10_000, "counter": 19}
+    assert latest.checkpoint["channel_values"] == {"big": "x" * 10_000, "counter": [19]}
+
+
+def test_small_scalars_travel_in_the_checkpoint_row(saver: SqliteSaver) -> None:
+    """None, booleans, numbers and short strings need no value row; longer values do."""
+    small = {"trigger": None, "flag": True, "count": 3, "ratio": 0.5, "name": "n" * 64}
+    config, checkpoint = step(saver, thread("t"), {**small, "text": "t" * 65, "items": [1]})
+    rows = saver.conn.execute("SELECT channel FROM checkpoint_values").fetchall()
+    assert sorted(channel for (channel,) in rows) == ["items", "text"]
+    config, _ = step(saver, config, {"count": 4}, previous=checkpoint)
+    assert count(saver, "checkpoint_values") == 2
+    for found in saver.list(thread("t")):
+        values = found.checkpoint["channel_values"]
+        assert list(values) == [*small, "text", "items"]  # the order they were saved in
+        assert values["count"] in (3, 4) and values["text"] == "t" * 65
+    # A pruned history keeps what its checkpoints read from rows.
+    saver.prune(["t"])
+    latest = saver.get_tuple(thread("t"))
+    assert latest is not None
+    assert latest.checkpoint["channel_values"] == {
+        **small,
+        "count": 4,
+        "text": "t" * 65,
+        "items": [1],
+    }
 
 
 def test_reads_use_the_primary_keys(saver: SqliteSaver) -> None:
@@ -101,6 +125,46 @@ def test_reads_use_the_primary_keys(saver: SqliteSaver) -> None:
         assert "SCAN checkpoint" not in plan, plan
         assert "TEMP B-TREE" not in plan, plan
         assert "USING PRIMARY KEY" in plan, plan
+
+
+def test_listing_a_thread_reads_each_namespace_by_range(saver: SqliteSaver) -> None:
+    """list() of a thread without a namespace merges each namespace's newest rows instead of
+    sorting the whole thread, so its cost does not grow with the thread's length."""
+    configs = {ns: step(saver, thread("t", ns), {"n": 0}) for ns in ("", "child", "other")}
+    for number in range(1, 30):
+        for ns, (config, checkpoint) in configs.items():
+            configs[ns] = step(saver, config, {"n": number}, previous=checkpoint)
+    statements: list[str] = []
+    saver.conn.set_trace_callback(statements.append)
+    listed = list(saver.list({"configurable": {"thread_id": "t"}}, limit=5))
+    saver.conn.set_trace_callback(None)
+
+    ids = [found.checkpoint["id"] for found in listed]
+    every = [found.checkpoint["id"] for found in saver.list({"configurable": {"thread_id": "t"}})]
+    assert len(every) == 90
+    assert every == sorted(every, reverse=True)
+    assert ids == every[:5]
+    selects = [sql for sql in statements if "FROM checkpoints" in sql]
+    page = next(sql for sql in selects if "ORDER BY checkpoint_id DESC LIMIT" in sql)
+    plan = " | ".join(row[3] for row in saver.conn.execute(f"EXPLAIN QUERY PLAN {page}"))
+    assert "SCAN checkpoints" not in plan, plan
+    assert plan.count("USING PRIMARY KEY") == 3, plan
+
+
+def test_listing_a_thread_of_many_namespaces_sorts_them_together(saver: SqliteSaver) -> None:
+    """Beyond _SPLIT_NAMESPACES namespaces, one sorted query lists them: same results."""
+    for index in range(20):
+        config, checkpoint = step(saver, thread("many", f"ns{index:02}"), {"n": [index]})
+        step(saver, config, {"n": [index, index]}, previous=checkpoint)
+    listed = list(saver.list({"configurable": {"thread_id": "many"}}))
+    assert len(listed) == 40
+    ids = [found.checkpoint["id"] for found in listed]
+    assert ids == sorted(ids, reverse=True)
+    assert {found.config["configurable"]["checkpoint_ns"] for found in listed} == {
+        f"ns{index:02}" for index in range(20)
+    }
+    page = list(saver.list({"configurable": {"thread_id": "many"}}, limit=3))
+    assert [found.checkpoint["id"] for found in page] == ids[:3]
 
 
 def test_put_step_is_one_transaction(saver: SqliteSaver) -> None:
@@ -122,14 +186,14 @@ def test_put_step_is_one_transaction(saver: SqliteSaver) -> None:
 
 
 def test_failed_put_step_leaves_nothing_and_the_saver_usable(saver: SqliteSaver) -> None:
-    config, checkpoint = step(saver, thread("t"), {"a": 1})
+    config, checkpoint = step(saver, thread("t"), {"a": [1]})
     saver.conn.execute(
         "CREATE TRIGGER refuse BEFORE INSERT ON checkpoints"
         " BEGIN SELECT RAISE(ABORT, 'refused by test'); END"
     )
     following = empty_checkpoint()
     following["channel_versions"] = {"a": saver.get_next_version(None)}
-    following["channel_values"] = {"a": 2}
+    following["channel_values"] = {"a": [2]}
     with pytest.raises(sqlite3.IntegrityError, match="refused by test"):
         saver.put_step(
             config,
@@ -258,9 +322,9 @@ def test_filter_on_values_json_cannot_hold(saver: SqliteSaver) -> None:
 
 def test_delete_for_runs_with_unusual_run_ids(saver: SqliteSaver) -> None:
     runs = ["run\x00one", "run-two", "r\u00e9"]
-    config, checkpoint = step(saver, thread("t"), {"a": 0}, {"run_id": runs[0]})
+    config, checkpoint = step(saver, thread("t"), {"a": [0]}, {"run_id": runs[0]})
     for number, run in enumerate(runs[1:], start=1):
-        config, checkpoint = step(saver, config, {"a": number}, {"run_id": run}, checkpoint)
+        config, checkpoint = step(saver, config, {"a": [number]}, {"run_id": run}, checkpoint)
     saver.delete_for_runs([runs[0], runs[2]])
     left = [found.metadata.get("run_id") for found in saver.list(thread("t"))]
     assert left == ["run-two"]

@@ -10,10 +10,12 @@ __all__ = [
     "INTERRUPT",
     "NO_WRITES",
     "NULL_TASK_ID",
+    "PREVIOUS",
     "PULL",
     "PUSH",
     "RESERVED",
     "RESUME",
+    "RETURN",
     "SCHEDULED",
     "START",
     "TAG_HIDDEN",
@@ -29,6 +31,10 @@ TASKS = "__pregel_tasks"
 """Channel of ``Send`` packets, each of which becomes a task in the next step."""
 NO_WRITES = "__no_writes__"
 """Pending-write marker of a task that succeeded without writing anything."""
+RETURN = "__return__"
+"""Pending-write channel of a ``@task`` call's result."""
+PREVIOUS = "__previous__"
+"""Channel of the value an ``@entrypoint`` saved for the next run on its thread."""
 PUSH = "__pregel_push"
 PULL = "__pregel_pull"
 NULL_TASK_ID = "00000000-0000-0000-0000-000000000000"
@@ -42,4 +48,6 @@ def branch_channel(node: str) -> str:
     return f"branch:to:{node}"
 
 
-RESERVED = frozenset({START, END, TASKS, NO_WRITES, ERROR, INTERRUPT, RESUME, SCHEDULED})
+RESERVED = frozenset(
+    {START, END, TASKS, NO_WRITES, ERROR, INTERRUPT, RESUME, SCHEDULED, RETURN, PREVIOUS}
+)

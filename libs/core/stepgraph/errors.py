@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "CheckpointNotFoundError",
     "EmptyChannelError",
@@ -9,6 +11,7 @@ __all__ = [
     "GraphInterrupt",
     "GraphRecursionError",
     "InvalidUpdateError",
+    "ParentCommand",
     "SerializationError",
     "UnknownTypeError",
 ]
@@ -57,3 +60,12 @@ class GraphInterrupt(Exception):
     def __init__(self, interrupts: tuple = ()) -> None:
         super().__init__(interrupts)
         self.interrupts = interrupts
+
+
+class ParentCommand(Exception):
+    """Raised by a subgraph node that returned ``Command(graph=Command.PARENT)``: the node of the
+    parent graph that runs the subgraph catches it and applies ``command`` as its own output."""
+
+    def __init__(self, command: Any) -> None:
+        super().__init__(command)
+        self.command = command

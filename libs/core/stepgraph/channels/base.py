@@ -65,6 +65,21 @@ class BaseChannel(ABC):
     def copy(self) -> Self:
         return self.from_checkpoint(self.checkpoint())
 
+    @property
+    def can_append(self) -> bool:
+        """True if ``update`` only ever appends to a list value (a list reducer such as
+        ``Annotated[list, operator.add]``), and ``appended`` tells what it appended."""
+        return False
+
+    def appended(self) -> list[Any] | None:
+        """The items the last ``update`` appended to the list the channel held before it, when
+        appending is all that update did; None otherwise.
+
+        Lets a checkpointer store only the items a step added to a long list (see
+        ``Checkpoint["channel_appends"]``).
+        """
+        return None
+
     def consume(self) -> bool:
         """Called after a node triggered by this channel ran; True if the value changed."""
         return False

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import collections.abc
+import operator as _operator
 from collections.abc import Callable, Sequence
 from typing import Any, Self, get_origin
 
@@ -35,15 +36,18 @@ class BinaryOperatorAggregate(BaseChannel):
     """Folds every write into the value with ``operator(value, write)`` (a reducer).
 
     Starts from the type's empty value when it has one, so ``Annotated[list, operator.add]``
-    begins as ``[]``.
+    begins as ``[]``. With ``operator.add`` on a list, an update of list writes appends their
+    items, and ``appended()`` reports them.
     """
 
-    __slots__ = ("operator", "value")
+    __slots__ = ("_appended", "_appends", "operator", "value")
 
     def __init__(self, typ: Any, operator: Callable[[Any, Any], Any], key: str = "") -> None:
         super().__init__(typ, key)
         self.operator = operator
         self.value: Any = _empty_value(typ)
+        self._appends = operator is _operator.add or operator is list.__add__
+        self._appended: list[Any] | None = None
 
     def from_checkpoint(self, value: Any) -> Self:
         new = self.__class__(self.typ, self.operator, self.key)
@@ -62,10 +66,24 @@ class BinaryOperatorAggregate(BaseChannel):
     def is_available(self) -> bool:
         return self.value is not MISSING
 
+    @property
+    def can_append(self) -> bool:
+        return self._appends
+
+    def appended(self) -> list[Any] | None:
+        return self._appended
+
     def update(self, values: Sequence[Any]) -> bool:
         if not values:
             return False
         value = self.value
+        self._appended = None
+        if self._appends and type(value) is list and all(type(item) is list for item in values):
+            # list + list appends: record what, and build the new list in one go.
+            added = values[0] if len(values) == 1 else [x for item in values for x in item]
+            self.value = value + added
+            self._appended = added
+            return True
         start = 0
         if value is MISSING:
             value, start = values[0], 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -22,7 +23,7 @@ from stepgraph.channels.last_value import LastValueAfterFinish
 from stepgraph.channels.named_barrier_value import NamedBarrierValue, NamedBarrierValueAfterFinish
 from stepgraph.channels.topic import Topic
 from stepgraph.constants import END, RESERVED, START, TAG_HIDDEN, TASKS, branch_channel
-from stepgraph.errors import InvalidUpdateError
+from stepgraph.errors import InvalidUpdateError, ParentCommand
 from stepgraph.graph._schema import (
     channels_for,
     check_update,
@@ -287,8 +288,6 @@ class StateGraph:
         self,
         checkpointer: Any = None,
         *,
-        cache: Any = None,
-        store: Any = None,
         interrupt_before: Sequence[str] | Literal["*"] | None = None,
         interrupt_after: Sequence[str] | Literal["*"] | None = None,
         debug: bool = False,
@@ -405,7 +404,7 @@ class _Compiler:
             update_writers[node_name] = self._update_writer(
                 node_name, partial(self._to_update, node_name, keys=keys)
             )
-        return CompiledStateGraph(
+        compiled = CompiledStateGraph(
             nodes=nodes,
             channels=self.channels,
             output_channels=schema_keys(builder.output_schema),
@@ -421,6 +420,11 @@ class _Compiler:
             builder=builder,
             state_keys=self.state_keys_in_order,
         )
+        for node_name, spec in builder.nodes.items():
+            subgraph = _find_subgraph(spec.action)
+            if subgraph is not None:
+                compiled.subgraphs[node_name] = subgraph
+        return compiled
 
     def _pregel_node(
         self,
@@ -436,15 +440,22 @@ class _Compiler:
         write, awrite = self._writers(name)
 
         def run(task: Task, value: Any) -> Writes:
-            return write(task, to_update(_not_awaitable(name, call(task, value))))
+            try:
+                output = call(task, value)
+            except ParentCommand as bubbled:  # a subgraph this node ran addressed this graph
+                output = bubbled.command
+            return write(task, to_update(_not_awaitable(name, output)))
 
         arun = None
         if call_is_async or any(b.is_async for b in self.builder.branches.get(name, ())):
 
             async def arun(task: Task, value: Any) -> Writes:
-                output = call(task, value)
-                if inspect.isawaitable(output):
-                    output = await output
+                try:
+                    output = call(task, value)
+                    if inspect.isawaitable(output):
+                        output = await output
+                except ParentCommand as bubbled:
+                    output = bubbled.command
                 return await awrite(task, to_update(output))
 
         return PregelNode(
@@ -560,9 +571,8 @@ class _Update:
 
 def _command_update(name: str, command: Command, keys: frozenset[str]) -> _Update:
     if command.graph == Command.PARENT:
-        raise InvalidUpdateError(
-            f"Node '{name}' returned Command(graph=Command.PARENT), but this graph has no parent"
-        )
+        # The parent graph applies it, as the output of its node that runs this graph.
+        raise ParentCommand(replace(command, graph=None))
     pairs = command.update_writes()
     writes = [(k, v) for k, v in pairs if k in keys]
     update = _Update(writes, dict(writes) if pairs else None)
@@ -588,12 +598,11 @@ _INJECTED = {
     "config": lambda task: task.config,
     "runtime": lambda task: task.runtime,
     "writer": lambda task: task.stream_writer,
-    "store": lambda task: None,
 }
 
 
 def _caller(fn: Any, schema: Any = None) -> Callable[[Task, Any], Any]:
-    """``fn(state)`` plus the keyword arguments it asks for (config, runtime, writer, store).
+    """``fn(state)`` plus the keyword arguments it asks for (config, runtime, writer).
 
     With a model ``schema``, a ``Send`` argument given as a dict is turned into the model.
     """
@@ -607,6 +616,20 @@ def _caller(fn: Any, schema: Any = None) -> Callable[[Task, Any], Any]:
         return call(task, state)
 
     return call_with_model
+
+
+def _find_subgraph(action: Any) -> Pregel | None:
+    """The compiled graph a node runs: the node itself, or one its function refers to."""
+    if isinstance(action, Pregel):
+        return action
+    try:
+        found = inspect.getclosurevars(action)
+    except (TypeError, ValueError):
+        return None
+    for value in (*found.nonlocals.values(), *found.globals.values()):
+        if isinstance(value, Pregel):
+            return value
+    return None
 
 
 def _not_awaitable(name: str, value: Any) -> Any:

@@ -80,6 +80,7 @@ class Task:
     __slots__ = (
         "_config",
         "_id",
+        "calls",
         "done",
         "error",
         "input",
@@ -88,8 +89,10 @@ class Task:
         "name",
         "node",
         "path",
+        "paused",
         "resume",
         "resume_used",
+        "subgraph_calls",
         "triggers",
         "update",
         "writes",
@@ -116,9 +119,17 @@ class Task:
         self.error: BaseException | None = None
         self.interrupts: tuple[Interrupt, ...] = ()
         """Set when the node paused with ``interrupt()``."""
-        self.resume: list[Any] = []
-        """Answers to this task's earlier ``interrupt()`` calls, in call order."""
+        self.paused = False
+        """The node paused: on ``interrupts``, or on a breakpoint of a subgraph it ran."""
+        self.resume: dict[str, Any] = loop.resume_map
+        """Answers to interrupts by interrupt id (this task's, and those raised inside the
+        subgraphs and ``@task`` calls it runs): ids are stable, so a rerun finds its answers."""
         self.resume_used = 0
+        self.calls = 0
+        """``@task`` calls made so far by this attempt: the next call's index in its path."""
+        self.subgraph_calls = 0
+        """Graphs run so far by this attempt: the n-th one (from 0) keeps its checkpoints in
+        the task's namespace, suffixed ``|n`` after the first."""
         self._id: str | None = None
         self._config: RunnableConfig | None = None
 
@@ -168,10 +179,10 @@ class Task:
         """The answer to this task's next ``interrupt()`` call, or pause the run to ask for it."""
         index = self.resume_used
         self.resume_used += 1
-        if index < len(self.resume):
-            return self.resume[index]
-        digest = blake2b(f"{self.id}:{index}".encode(), digest_size=16).hexdigest()
-        raise GraphInterrupt((Interrupt(value=value, id=digest),))
+        interrupt_id = blake2b(f"{self.id}:{index}".encode(), digest_size=16).hexdigest()
+        if interrupt_id in self.resume:
+            return self.resume[interrupt_id]
+        raise GraphInterrupt((Interrupt(value=value, id=interrupt_id),))
 
     def __repr__(self) -> str:
         return f"Task(name={self.name!r}, path={self.path!r})"

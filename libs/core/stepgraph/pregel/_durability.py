@@ -9,7 +9,8 @@ the saves out.
 * ``async``: the same saves, made in order by a background worker while the next step runs. At
   most one checkpoint save is queued behind the running step: before handing over a checkpoint,
   the run waits for the previous one, so memory stays flat when the store is slower than the
-  graph. Every save is finished before the call returns; a failed save fails the call.
+  graph. Every save is finished before the call returns; a failed save fails the call. A saver
+  whose saves are CPU work only (``background_saves = False``) gets them inline, as with ``sync``.
 * ``exit``: nothing is saved while the run goes; when it ends, however it ends, the current
   checkpoint and the writes of the tasks of the step that was running are saved.
 """
@@ -59,7 +60,16 @@ class Persistence:
         if self.mode is None:
             return None
         writes = self.loop.task_writes(task)
-        if self.mode == "exit" or (last and task.error is None and not task.interrupts):
+        if self.mode == "exit" or (last and task.error is None and not task.paused):
+            self.held.append(writes)
+            return None
+        return StepSave(self.loop.checkpoint_config(), [writes])
+
+    def on_call_done(self, writes: TaskWrites) -> StepSave | None:
+        """A ``@task`` call finished: its outcome is saved at once (held with ``exit``)."""
+        if self.mode is None:
+            return None
+        if self.mode == "exit":
             self.held.append(writes)
             return None
         return StepSave(self.loop.checkpoint_config(), [writes])
@@ -76,8 +86,11 @@ class Persistence:
         if self.mode is None:
             return []
         saves = []
-        if self.mode == "exit" and not self.loop.checkpoint_is_saved:
-            saves.append(self.loop.save_checkpoint([]))
+        loop = self.loop
+        # No channel has a version: the run stopped before its input was applied (a resume of
+        # an empty thread, say), and there is no state to save.
+        if self.mode == "exit" and not loop.checkpoint_is_saved and loop.channel_versions:
+            saves.append(loop.save_checkpoint([]))
         if self.held:
             saves.append(StepSave(self.loop.checkpoint_config(), self.held))
             self.held = []
@@ -106,6 +119,11 @@ async def _asave(saver: Any, save: StepSave) -> None:
         await saver.aput(save.config, save.checkpoint, save.metadata, save.new_versions)
 
 
+def _in_background(saver: Any, background: bool) -> bool:
+    """Background saves only pay off when the saver waits on I/O (``background_saves``)."""
+    return background and getattr(saver, "background_saves", True)
+
+
 _background_pool: ThreadPoolExecutor | None = None
 _background_lock = threading.Lock()
 
@@ -132,7 +150,7 @@ class SyncWriter:
 
     def __init__(self, saver: Any, background: bool) -> None:
         self.saver = saver
-        self.background = background
+        self.background = _in_background(saver, background)
         self.error: BaseException | None = None
         self._queue: deque[tuple[StepSave, Future[None]]] = deque()
         self._lock = threading.Lock()
@@ -217,7 +235,7 @@ class AsyncWriter:
 
     def __init__(self, saver: Any, background: bool) -> None:
         self.saver = saver
-        self.background = background
+        self.background = _in_background(saver, background)
         self.error: BaseException | None = None
         self._tail: asyncio.Future[None] | None = None
         self._last_checkpoint: asyncio.Future[None] | None = None

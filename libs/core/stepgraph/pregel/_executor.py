@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
-from stepgraph.errors import GraphInterrupt
+from stepgraph.errors import GraphInterrupt, InvalidUpdateError, ParentCommand
 from stepgraph.pregel._algo import Task
 from stepgraph.runtime import CURRENT_TASK
 from stepgraph.types import RetryPolicy
@@ -49,6 +49,12 @@ def _retry_policy(task: Task, error: Exception, attempt: int) -> RetryPolicy | N
     return None
 
 
+def _no_parent(command: ParentCommand) -> InvalidUpdateError:
+    return InvalidUpdateError(
+        "A node returned Command(graph=Command.PARENT), but this graph has no parent graph"
+    )
+
+
 def run_task(task: Task) -> None:
     """Run a task with its retry policy; leaves ``task.writes`` or ``task.error`` set."""
     token = CURRENT_TASK.set(task)
@@ -61,7 +67,13 @@ def run_task(task: Task) -> None:
                 return
             except GraphInterrupt as paused:
                 task.interrupts = tuple(paused.interrupts)
+                task.paused = True
                 task.writes = []
+                return
+            except ParentCommand as command:
+                if task.loop.parent_task is not None:
+                    raise  # the parent graph's node applies it
+                task.error = _no_parent(command)
                 return
             except Exception as error:
                 policy = _retry_policy(task, error, attempt)
@@ -69,7 +81,7 @@ def run_task(task: Task) -> None:
                     task.error = error
                     return
                 task.update = None
-                task.resume_used = 0
+                task.resume_used = task.calls = task.subgraph_calls = 0
                 time.sleep(policy.interval(attempt))
     finally:
         CURRENT_TASK.reset(token)
@@ -90,7 +102,13 @@ async def arun_task(task: Task) -> None:
                 return
             except GraphInterrupt as paused:
                 task.interrupts = tuple(paused.interrupts)
+                task.paused = True
                 task.writes = []
+                return
+            except ParentCommand as command:
+                if task.loop.parent_task is not None:
+                    raise  # the parent graph's node applies it
+                task.error = _no_parent(command)
                 return
             except Exception as error:
                 policy = _retry_policy(task, error, attempt)
@@ -98,7 +116,7 @@ async def arun_task(task: Task) -> None:
                     task.error = error
                     return
                 task.update = None
-                task.resume_used = 0
+                task.resume_used = task.calls = task.subgraph_calls = 0
                 await asyncio.sleep(policy.interval(attempt))
     finally:
         CURRENT_TASK.reset(token)

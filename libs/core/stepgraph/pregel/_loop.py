@@ -14,7 +14,7 @@ they execute tasks and talk to the checkpointer. A superstep is:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from stepgraph.config import RunnableConfig
     from stepgraph.pregel.main import Pregel
 
-__all__ = ["RunLoop", "StepSave"]
+__all__ = ["OneChannel", "RunLoop", "StepSave", "read_channels", "with_interrupts"]
 
 _SPECIAL_CHANNELS = frozenset({ERROR, INTERRUPT, RESUME, NO_WRITES})
 
@@ -144,6 +144,15 @@ class RunLoop:
         """Channels changed by the step that produced the current checkpoint (None: unknown)."""
         self.unsaved_channels: set[str] = set()
         """Channels changed since the last checkpoint handed to the checkpointer."""
+        self.appendable: frozenset[str] = (
+            frozenset(k for k, ch in graph.channels.items() if ch.can_append)
+            if checkpointer is not None
+            else frozenset()
+        )
+        """List channels that report what they append, so saves can store just that."""
+        self.append_bases: dict[str, tuple[Any, int, list[Any]]] = {}
+        """Per appendable channel: the version last handed to (or loaded from) the
+        checkpointer, the list's length then, and the items appended since."""
         self.live_ephemeral: set[str] = set()
         self.pending_writes: list[PendingWrite] = []
         """Writes saved against the current checkpoint by an earlier attempt of this step."""
@@ -156,9 +165,28 @@ class RunLoop:
         self.start_writes: list[TaskWrites] = []
         """Writes the input made against the current checkpoint (``Command`` answers)."""
         self.interrupts: tuple[Interrupt, ...] = ()
+        self.paused = False
+        """The run stopped on interrupts or a breakpoint (not at the end of the graph)."""
         self.interrupt_before: tuple[str, ...] = ()
         self.interrupt_after: tuple[str, ...] = ()
         """What the run paused on, if it paused inside a node."""
+        self.parent_task: Task | None = None
+        """The task that runs this graph as a subgraph (None for a root run)."""
+        self.continues_saved = False
+        """A subgraph run that has a checkpoint continues it, whatever its input."""
+        self.resume_map: dict[str, Any] = {}
+        """Answers to interrupts, by id, handed down by the parent task (subgraphs)."""
+        self.resuming = False
+        """The run continues a thread (input ``None`` or a ``Command``) instead of new input."""
+        self.durability: Any = None
+        self.forward_to: deque[Any] | None = None
+        """The root stream's queue, when it streams subgraphs (``subgraphs=True``)."""
+        self.save_task_writes: Callable[[TaskWrites], None] | None = None
+        """Saves the outcome of a ``@task`` call as soon as it finishes (set by the driver)."""
+        self.asave_calls: Callable[[], Awaitable[None]] | None = None
+        """Async runs: saves the outcomes ``save_task_writes`` queued (from a coroutine)."""
+        self.parents: dict[str, str] = {}
+        """Checkpoint id of the running step of each enclosing graph, by namespace."""
         self.user_metadata = get_checkpoint_metadata(config, {}) if checkpointer else {}
         run_id = config.get("run_id")
         if run_id is not None and checkpointer is not None:
@@ -218,6 +246,7 @@ class RunLoop:
         self.checkpoint_is_saved = True
         ephemeral = self.graph.ephemeral_channels
         self.live_ephemeral = {k for k in ephemeral if self.channels[k].is_available()}
+        self._new_append_bases(self.appendable & self.channel_versions.keys())
 
     def start(self, input: Any, *, addressed: bool, limit: int) -> bool:
         """Apply the run's input; True if that made a checkpoint to save (input or fork).
@@ -230,7 +259,10 @@ class RunLoop:
         """
         made_checkpoint = False
         self.stop = self.step + limit + 1
-        if input is None or isinstance(input, Command):
+        if self.continues_saved and self.checkpoint_is_saved:
+            input = None  # the parent task runs again: continue where this subgraph stopped
+        self.resuming = input is None or isinstance(input, Command)
+        if self.resuming:
             if not self.checkpoint_is_saved:
                 raise EmptyInputError(
                     "Received no input: pass an input, or a thread_id that has a checkpoint."
@@ -260,29 +292,33 @@ class RunLoop:
         """Turn a ``Command`` input into pending writes of the current checkpoint."""
         if command.resume is not None:
             interrupted: dict[str, list[str]] = {}
-            answered: dict[str, list[Any]] = {}
+            answered: dict[str, dict[str, Any]] = {}
             for task_id, channel, value in self.pending_writes:
                 if channel == INTERRUPT:
                     interrupted[task_id] = [i.id for i in value]
                 elif channel == RESUME:
-                    answered[task_id] = list(value)
+                    answered[task_id] = value
             resume = command.resume
             known = {i for ids in interrupted.values() for i in ids}
             if isinstance(resume, dict) and resume and set(resume) <= known:
                 answers = {
-                    task_id: [resume[i] for i in ids if i in resume]
+                    task_id: {i: resume[i] for i in ids if i in resume}
                     for task_id, ids in interrupted.items()
                 }
-            elif len(interrupted) > 1:
+            elif len(known) > 1:
                 raise RuntimeError(
                     "When there are multiple pending interrupts, you must specify the interrupt "
                     "id when resuming: Command(resume={interrupt_id: value, ...})."
                 )
             else:
-                answers = {task_id: [resume] for task_id in interrupted}
+                answers = {
+                    task_id: dict.fromkeys(ids, resume) for task_id, ids in interrupted.items()
+                }
             for task_id, new in answers.items():
                 if new:
-                    self._add_start_writes(task_id, [(RESUME, answered.get(task_id, []) + new)])
+                    self._add_start_writes(
+                        task_id, [(RESUME, {**answered.get(task_id, {}), **new})]
+                    )
         writes = self.graph.command_writes(command)
         if writes:
             previous = [(c, v) for t, c, v in self.pending_writes if t == NULL_TASK_ID]
@@ -354,7 +390,7 @@ class RunLoop:
                 continue
             for channel, value in saved:
                 if channel == RESUME:
-                    task.resume = list(value)
+                    task.resume = {**self.resume_map, **value}
             # Only a success leaves regular writes (or the no-writes marker); errors and
             # interrupts of earlier attempts do not make a task finished.
             if any(c not in (ERROR, INTERRUPT, RESUME) for c, _ in saved):
@@ -415,7 +451,7 @@ class RunLoop:
             self.live_ephemeral = written_ephemeral
         else:
             self.live_ephemeral |= written_ephemeral
-        self._bump(updated)
+        self._bump(updated, writes_by_channel)
         if new_checkpoint:
             self.updated_channels = updated
             self._new_checkpoint(source)
@@ -423,11 +459,14 @@ class RunLoop:
             self.updated_channels |= updated
         return updated
 
-    def _bump(self, channels: set[str]) -> None:
+    def _bump(self, channels: set[str], written: Collection[str] = ()) -> None:
         """Give changed channels the next version after every version so far (as LangGraph
-        does), so versions order writes across channels too."""
+        does), so versions order writes across channels too. ``written``: channels that
+        changed by their writes (``update``)."""
         if not channels:
             return
+        if self.append_bases:
+            self._record_appends(channels, written)
         version = self.max_version = self.next_version(self.max_version)
         versions = self.channel_versions
         for channel in channels:
@@ -442,6 +481,48 @@ class RunLoop:
                     values.pop(channel, None)
                 else:
                     values[channel] = value
+
+    def _record_appends(self, changed: set[str], written: Collection[str]) -> None:
+        """Add what changed list channels appended to ``append_bases``; a channel that changed
+        in another way loses its base (its next save stores the whole value)."""
+        bases = self.append_bases
+        for channel in changed & bases.keys():
+            added = self.channels[channel].appended() if channel in written else None
+            if added is None:
+                del bases[channel]
+            else:
+                bases[channel][2].extend(added)
+
+    def _new_append_bases(self, channels: Collection[str]) -> None:
+        """``channels`` now have a stored version: appends are counted from it."""
+        bases = self.append_bases
+        values = self.channel_values
+        versions = self.channel_versions
+        for channel in channels:
+            value = values.get(channel)
+            if type(value) is list:
+                bases[channel] = (versions[channel], len(value), [])
+            else:
+                bases.pop(channel, None)
+
+    def _take_appends(self, new_versions: dict[str, Any]) -> dict[str, tuple[Any, list[Any]]]:
+        """``channel_appends`` for a checkpoint saving ``new_versions``; counts restart there."""
+        channels = self.appendable.intersection(new_versions)
+        if not channels:
+            return {}
+        appends = {}
+        values = self.channel_values
+        for channel in channels:
+            base = self.append_bases.get(channel)
+            # The length check catches a list mutated in place instead of through writes.
+            if (
+                base is not None
+                and base[0] != new_versions[channel]
+                and len(values.get(channel, ())) == base[1] + len(base[2])
+            ):
+                appends[channel] = (base[0], base[2])
+        self._new_append_bases(channels)
+        return appends
 
     def _new_checkpoint(self, source: str) -> None:
         self.parent_config = self.checkpoint_config() if self._checkpoint_id else None
@@ -473,7 +554,7 @@ class RunLoop:
             **self.user_metadata,
             "source": self.source,  # type: ignore[typeddict-item]
             "step": self.step - 1,
-            "parents": {},
+            "parents": self.parents,
         }
 
     def save_checkpoint(self, writes: list[TaskWrites]) -> StepSave:
@@ -486,7 +567,10 @@ class RunLoop:
         }
         new_versions = {c: self.channel_versions[c] for c in self.unsaved_channels}
         self.unsaved_channels = set()
-        save = StepSave(parent, writes, self.checkpoint(), self.metadata(), new_versions)
+        checkpoint = self.checkpoint()
+        if appends := self._take_appends(new_versions):
+            checkpoint["channel_appends"] = appends
+        save = StepSave(parent, writes, checkpoint, self.metadata(), new_versions)
         self.saved_config = self.checkpoint_config()
         self.checkpoint_is_saved = True
         return save
@@ -495,7 +579,7 @@ class RunLoop:
         """A finished task's writes as saved: a failure as ``__error__``, nothing as a marker."""
         if task.error is not None:
             writes: list[tuple[str, Any]] = [(ERROR, _describe_error(task.error))]
-        elif task.interrupts:
+        elif task.paused:
             writes = [(INTERRUPT, list(task.interrupts))]
         elif task.writes:
             writes = task.writes
@@ -519,11 +603,11 @@ class RunLoop:
     def stop_for_interrupts(self, interrupts: tuple[Interrupt, ...]) -> None:
         """The run pauses: tell the stream (``()`` for a breakpoint)."""
         self.interrupts = interrupts
+        self.paused = True
         if "updates" in self.stream_modes:
             self.output.append(("updates", {INTERRUPT: interrupts}))
         if interrupts and "values" in self.stream_modes:
-            values = read_channels(self.channels, self.values_keys)
-            self.output.append(("values", {**values, INTERRUPT: interrupts}))
+            self.output.append(("values", with_interrupts(self.emitted_values(), interrupts)))
 
     # -- output ------------------------------------------------------------------------------
 
@@ -532,8 +616,11 @@ class RunLoop:
         if self.on_output is not None:
             self.on_output()
 
+    def emitted_values(self) -> Any:
+        return read_channels(self.channels, self.values_keys)
+
     def emit_values(self) -> None:
-        self.output.append(("values", read_channels(self.channels, self.values_keys)))
+        self.output.append(("values", self.emitted_values()))
 
     def emit_step(self, tasks: Sequence[Task], updated: set[str]) -> None:
         """Output for a finished step: values (if the output changed), checkpoint events."""
@@ -576,7 +663,7 @@ class RunLoop:
         if task.node.hidden:
             return
         modes = self.stream_modes
-        if "updates" in modes and task.error is None and not task.interrupts:
+        if "updates" in modes and task.error is None and not task.paused:
             self.output.append(("updates", {task.name: task.update}))
         if modes & {"tasks", "debug"}:
             output_channels = self.values_keys
@@ -645,14 +732,30 @@ class RunLoop:
         return tuple(report), tuple(task.name for task in tasks if not task.done)
 
 
-def read_channels(channels: dict[str, BaseChannel], keys: Sequence[str]) -> dict[str, Any]:
-    """The values of ``keys`` that channels hold."""
+class OneChannel(tuple[str, ...]):
+    """Output keys of a graph whose output is one channel's bare value (an entrypoint's)."""
+
+    __slots__ = ()
+
+
+def read_channels(channels: dict[str, BaseChannel], keys: Sequence[str]) -> Any:
+    """The values of ``keys`` that channels hold (for ``OneChannel``, the bare value or None)."""
+    if type(keys) is OneChannel:
+        channel = channels[keys[0]]
+        return channel.get() if channel.is_available() else None
     values: dict[str, Any] = {}
     for key in keys:
         channel = channels[key]
         if channel.is_available():
             values[key] = channel.get()
     return values
+
+
+def with_interrupts(values: Any, interrupts: Sequence[Interrupt]) -> Any:
+    """State values plus ``__interrupt__`` (alone, when the output is not a dict)."""
+    if isinstance(values, dict):
+        return {**values, INTERRUPT: interrupts}
+    return {INTERRUPT: interrupts}
 
 
 def _result(writes: list[tuple[str, Any]], channels: Sequence[str]) -> dict[str, Any]:

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from stepgraph.channels.base import BaseChannel
-from stepgraph.checkpoint.base import CheckpointTuple
+from stepgraph.checkpoint.base import CheckpointTuple, TaskWrites
 from stepgraph.config import RunnableConfig, ensure_thread_id, merge_configs
-from stepgraph.constants import END, INTERRUPT, PULL, START, TASKS, branch_channel
-from stepgraph.errors import InvalidUpdateError
+from stepgraph.constants import END, PULL, START, TASKS, branch_channel
+from stepgraph.errors import GraphInterrupt, InvalidUpdateError
 from stepgraph.pregel._algo import PregelNode, Task, Writes
 from stepgraph.pregel._durability import AsyncWriter, Persistence, SyncWriter, _asave, _save
 from stepgraph.pregel._executor import arun_step, run_step, shared_pool
-from stepgraph.pregel._loop import RunLoop, read_channels
-from stepgraph.types import Command, Durability, Interrupt, Send, StateSnapshot, StreamMode
+from stepgraph.pregel._loop import OneChannel, RunLoop, StepSave, read_channels, with_interrupts
+from stepgraph.runtime import CURRENT_TASK
+from stepgraph.types import (
+    Command,
+    Durability,
+    Interrupt,
+    PregelTask,
+    Send,
+    StateSnapshot,
+    StreamMode,
+)
 
 __all__ = ["Pregel"]
 
@@ -54,9 +64,9 @@ class Pregel:
         self.state_keys = frozenset(output_channels if state_keys is None else state_keys)
         """Channels a ``Command(update=...)`` input may write."""
         self.channels = channels
-        self.output_channels = tuple(output_channels)
+        self.output_channels = _keys(output_channels)
         """What ``invoke`` returns."""
-        self.stream_channels = tuple(
+        self.stream_channels = _keys(
             output_channels if stream_channels is None else stream_channels
         )
         """What ``values`` chunks and ``get_state`` show (LangGraph: the whole state)."""
@@ -78,6 +88,9 @@ class Pregel:
             for trigger in node.triggers:
                 trigger_to_nodes.setdefault(trigger, []).append(name)
         self.trigger_to_nodes = {k: tuple(v) for k, v in trigger_to_nodes.items()}
+        self.subgraphs: dict[str, Pregel] = {}
+        """Graphs run by nodes, by node name (for ``get_state(subgraphs=True)``)."""
+        self._schemas_allowed: set[int] = set()
 
     def command_writes(self, command: Command) -> list[tuple[str, Any]]:
         """The writes of a ``Command`` passed as input: its ``update`` and its ``goto``."""
@@ -116,6 +129,16 @@ class Pregel:
         interrupt_after: Any = None,
         output_keys: str | Sequence[str] | None = None,
     ) -> tuple[RunLoop, Durability | None, bool]:
+        parent = CURRENT_TASK.get()
+        if parent is not None:
+            config = _nested_config(parent, recast=self.checkpointer is True, config=config)
+            if context is None:
+                context = parent.loop.context
+            if durability is None:
+                durability = parent.loop.durability
+            if parent.loop.forward_to is not None and not stream_mode:
+                # An invoke under a root streaming subgraphs makes the root's chunks.
+                stream_mode = tuple(parent.loop.stream_modes)  # type: ignore[arg-type]
         config = merge_configs(self.config, config) if config or self.config else {}
         if "recursion_limit" not in config:
             config["recursion_limit"] = DEFAULT_RECURSION_LIMIT
@@ -125,7 +148,7 @@ class Pregel:
         printed = debug if debug is not None else self.debug
         if printed:
             modes = modes | {"debug"}
-        checkpointer = self.checkpointer
+        checkpointer = self._run_saver(parent)
         if checkpointer is not None:
             ensure_thread_id(config)
         mode = durability or "async"
@@ -143,7 +166,42 @@ class Pregel:
         if (loop.interrupt_before or loop.interrupt_after) and checkpointer is None:
             raise ValueError("interrupt_before/interrupt_after need a checkpointer")
         addressed = bool((config.get("configurable") or {}).get("checkpoint_id"))
+        loop.durability = mode
+        if parent is not None:
+            self._nest(loop, parent)
         return loop, (mode if checkpointer is not None else None), addressed
+
+    def _run_saver(self, parent: Task | None) -> Any:
+        """A subgraph saves with its parent's checkpointer unless compiled with ``False``."""
+        own = self.checkpointer
+        if own is False:
+            return None
+        if parent is not None and parent.loop.checkpointer is not None:
+            return parent.loop.checkpointer
+        if own is True:
+            raise ValueError(
+                "checkpointer=True keeps a subgraph's state across its parent's runs; a graph "
+                "run on its own needs a checkpointer instance"
+            )
+        return own
+
+    def _nest(self, loop: RunLoop, parent: Task) -> None:
+        """Make ``loop`` a subgraph run of ``parent``'s task."""
+        outer = parent.loop
+        loop.parent_task = parent
+        loop.resume_map = parent.resume
+        loop.forward_to = outer.forward_to
+        loop.parents = {**outer.parents, outer.namespace: outer.checkpoint_id}
+        # Under a per-task namespace a saved checkpoint can only be an earlier attempt of this
+        # very task; a shared one (checkpointer=True) is continued only when the parent resumes.
+        loop.continues_saved = self.checkpointer is not True or outer.resuming
+        saver = loop.checkpointer
+        if saver is not None and id(saver) not in self._schemas_allowed:
+            allow = getattr(getattr(saver, "serde", None), "allow_schema", None)
+            if allow is not None and self.builder is not None:
+                for schema in self.builder._schemas():
+                    allow(schema)
+            self._schemas_allowed.add(id(saver))
 
     def _run(
         self, loop: RunLoop, input: Any, mode: Durability | None, addressed: bool
@@ -158,6 +216,8 @@ class Pregel:
             loop.emit_task_result(task)
             write(persistence.on_task_done(task, last))
 
+        if mode is not None:
+            loop.save_task_writes = lambda writes: write(persistence.on_call_done(writes))
         completed = False
         try:
             loop.load(saver.get_tuple(loop.config) if saver is not None else None)
@@ -180,8 +240,9 @@ class Pregel:
                     break
                 loop.emit_task_starts(tasks)
                 run_step(tasks, on_done, loop.config.get("max_concurrency"))
-                if _paused(tasks):
-                    loop.stop_for_interrupts(_paused(tasks))
+                paused = _paused(tasks)
+                if paused is not None:
+                    loop.stop_for_interrupts(paused)
                     break
                 updated = loop.apply(tasks)
                 write(persistence.on_step_done())
@@ -200,6 +261,8 @@ class Pregel:
                     write.flush()
         while output:
             yield output.popleft()
+        if loop.paused and loop.parent_task is not None:
+            raise GraphInterrupt(loop.interrupts)  # the parent's task pauses on them too
 
     async def _arun(
         self, loop: RunLoop, input: Any, mode: Durability | None, addressed: bool
@@ -215,6 +278,21 @@ class Pregel:
             loop.emit_task_result(task)
             await write(persistence.on_task_done(task, last))
 
+        # ``@task`` outcomes may come from worker threads: queue them, save them from here.
+        calls: deque[StepSave] = deque()
+
+        def save_call(writes: TaskWrites) -> None:
+            save = persistence.on_call_done(writes)
+            if save is not None:
+                calls.append(save)
+
+        async def save_calls() -> None:
+            while calls:
+                await write(calls.popleft())
+
+        if mode is not None:
+            loop.save_task_writes = save_call
+            loop.asave_calls = save_calls
         completed = False
         try:
             loop.load(await saver.aget_tuple(loop.config) if saver is not None else None)
@@ -242,8 +320,10 @@ class Pregel:
                         yield chunk
                 else:
                     await step
-                if _paused(tasks):
-                    loop.stop_for_interrupts(_paused(tasks))
+                await save_calls()
+                paused = _paused(tasks)
+                if paused is not None:
+                    loop.stop_for_interrupts(paused)
                     break
                 updated = loop.apply(tasks)
                 await write(persistence.on_step_done())
@@ -253,6 +333,7 @@ class Pregel:
                     break
             completed = True
         finally:
+            await save_calls()
             for save in persistence.on_exit():
                 await write(save)
             if completed:
@@ -262,6 +343,8 @@ class Pregel:
                     await write.flush()
         while output:
             yield output.popleft()
+        if loop.paused and loop.parent_task is not None:
+            raise GraphInterrupt(loop.interrupts)
 
     def stream(
         self,
@@ -293,6 +376,8 @@ class Pregel:
         )
         shape = _chunk_shape(stream_mode, subgraphs)
         printed = loop.printed_modes
+        if subgraphs and loop.parent_task is None:
+            loop.forward_to = loop.output
         for chunk in self._run(loop, input, mode, addressed):
             if chunk[0] in printed:
                 _print_event(chunk[1])
@@ -328,6 +413,8 @@ class Pregel:
         )
         shape = _chunk_shape(stream_mode, subgraphs)
         printed = loop.printed_modes
+        if subgraphs and loop.parent_task is None:
+            loop.forward_to = loop.output
         async for chunk in self._arun(loop, input, mode, addressed):
             if chunk[0] in printed:
                 _print_event(chunk[1])
@@ -373,7 +460,7 @@ class Pregel:
             output_keys,
         )
         for chunk in self._run(loop, input, mode, addressed):
-            _print_event(chunk[1])  # only debug events reach here
+            _pass_on(loop, chunk)
         return _final_output(loop)
 
     async def ainvoke(
@@ -414,7 +501,7 @@ class Pregel:
             output_keys,
         )
         async for chunk in self._arun(loop, input, mode, addressed):
-            _print_event(chunk[1])  # only debug events reach here
+            _pass_on(loop, chunk)
         return _final_output(loop)
 
     def batch(
@@ -464,16 +551,42 @@ class Pregel:
         ensure_thread_id(config)
         return RunLoop(self, config, checkpointer=self._saver(), stream_modes=frozenset())
 
+    def _graph_at(self, namespace: str) -> Pregel:
+        """The (sub)graph whose checkpoints live in ``namespace``."""
+        graph = self
+        for part in namespace.split("|") if namespace else ():
+            if part.isdigit():
+                continue  # the n-th graph run by one task
+            node = part.split(":")[0]
+            found = graph.subgraphs.get(node)
+            if found is None:
+                raise ValueError(f"No subgraph of node '{node}' (namespace '{namespace}')")
+            graph = found
+        return graph
+
     def _snapshot(
         self, config: RunnableConfig, saved: CheckpointTuple | None, *, live: bool
     ) -> StateSnapshot:
         if saved is None:
             return StateSnapshot({}, (), config, None, None, None, ())
-        loop = self._state_loop(saved.config)
+        namespace = saved.config["configurable"].get("checkpoint_ns", "")
+        graph = self._graph_at(namespace)
+        loop = RunLoop(
+            graph,
+            merge_configs(self.config, saved.config),
+            checkpointer=self._saver(),
+            stream_modes=frozenset(),
+        )
         loop.load(saved)
         tasks, next_names = loop.pending_state(live)
+        tasks = tuple(
+            task._replace(state=graph._subgraph_state_config(saved.config, task))
+            if task.name in graph.subgraphs
+            else task
+            for task in tasks
+        )
         return StateSnapshot(
-            values=read_channels(loop.channels, self.stream_channels),
+            values=read_channels(loop.channels, graph.stream_channels),
             next=next_names,
             config=saved.config,
             metadata=dict(saved.metadata) if saved.metadata is not None else None,
@@ -483,15 +596,55 @@ class Pregel:
             interrupts=tuple(i for task in tasks for i in task.interrupts),
         )
 
+    def _subgraph_state_config(
+        self, config: RunnableConfig, task: PregelTask
+    ) -> RunnableConfig | None:
+        """Where the subgraph run by ``task`` keeps its checkpoints (None: it keeps none)."""
+        own = self.subgraphs[task.name].checkpointer
+        if own is False:
+            return None
+        configurable = config["configurable"]
+        namespace = task.name if own is True else f"{task.name}:{task.id}"
+        if configurable.get("checkpoint_ns"):
+            namespace = f"{configurable['checkpoint_ns']}|{namespace}"
+        if own is True:
+            namespace = "|".join(part.split(":")[0] for part in namespace.split("|"))
+        return {
+            "configurable": {"thread_id": configurable["thread_id"], "checkpoint_ns": namespace}
+        }
+
     def get_state(self, config: RunnableConfig, *, subgraphs: bool = False) -> StateSnapshot:
-        """The thread's latest state, or the checkpoint ``config`` names."""
-        return self._snapshot(
-            config, self._saver().get_tuple(self._lookup_config(config)), live=_is_live(config)
+        """The thread's latest state, or the checkpoint ``config`` names; ``subgraphs`` puts the
+        state of each task's subgraph in ``task.state`` (else the config naming it)."""
+        saver = self._saver()
+        snapshot = self._snapshot(
+            config, saver.get_tuple(self._lookup_config(config)), live=_is_live(config)
         )
+        if not subgraphs:
+            return snapshot
+        tasks = []
+        for task in snapshot.tasks:
+            if isinstance(task.state, dict):
+                state = self.get_state(cast(RunnableConfig, task.state), subgraphs=True)
+                if state.metadata is not None:  # the subgraph saved a checkpoint
+                    task = task._replace(state=state)
+            tasks.append(task)
+        return snapshot._replace(tasks=tuple(tasks))
 
     async def aget_state(self, config: RunnableConfig, *, subgraphs: bool = False) -> StateSnapshot:
-        saved = await self._saver().aget_tuple(self._lookup_config(config))
-        return self._snapshot(config, saved, live=_is_live(config))
+        saver = self._saver()
+        saved = await saver.aget_tuple(self._lookup_config(config))
+        snapshot = self._snapshot(config, saved, live=_is_live(config))
+        if not subgraphs:
+            return snapshot
+        tasks = []
+        for task in snapshot.tasks:
+            if isinstance(task.state, dict):
+                state = await self.aget_state(cast(RunnableConfig, task.state), subgraphs=True)
+                if state.metadata is not None:
+                    task = task._replace(state=state)
+            tasks.append(task)
+        return snapshot._replace(tasks=tuple(tasks))
 
     def get_state_history(
         self,
@@ -608,6 +761,34 @@ async def _while_running(
                 await running
 
 
+def _keys(channels: Sequence[str]) -> tuple[str, ...]:
+    return channels if isinstance(channels, OneChannel) else tuple(channels)
+
+
+def _pass_on(loop: RunLoop, chunk: tuple[str, Any]) -> None:
+    """A chunk an ``invoke`` made: a subgraph's goes to the root stream, else a debug print."""
+    if loop.forward_to is not None:
+        loop.forward_to.append((*chunk, tuple(loop.namespace.split("|"))))
+    else:
+        _print_event(chunk[1])  # only debug events reach here
+
+
+def _nested_config(parent: Task, *, recast: bool, config: RunnableConfig | None) -> RunnableConfig:
+    """The run's config for a graph run inside ``parent``'s task: the parent's thread, and the
+    namespace ``<parent ns>|<node>:<task id>`` (``<node>`` alone with ``checkpointer=True``, so
+    its state outlives the task)."""
+    namespace = parent.config["configurable"]["checkpoint_ns"]
+    if parent.subgraph_calls:  # a later graph run by the same task (LangGraph's naming)
+        namespace = f"{namespace}|{parent.subgraph_calls}"
+    parent.subgraph_calls += 1
+    if recast:
+        namespace = "|".join(part.split(":")[0] for part in namespace.split("|"))
+    merged = merge_configs(parent.loop.config, config)
+    configurable = {k: v for k, v in merged["configurable"].items() if k != "checkpoint_id"}
+    merged["configurable"] = {**configurable, "checkpoint_ns": namespace}
+    return merged
+
+
 def _print_event(event: dict[str, Any]) -> None:
     """One line per debug event, for ``debug=True``."""
     payload = event.get("payload", {})
@@ -632,7 +813,7 @@ def _is_live(config: RunnableConfig) -> bool:
 def _final_output(loop: RunLoop) -> Any:
     values = read_channels(loop.channels, loop.output_keys or loop.graph.output_channels)
     if loop.interrupts:
-        return {**values, INTERRUPT: list(loop.interrupts)}
+        return with_interrupts(values, list(loop.interrupts))
     return values
 
 
@@ -658,13 +839,15 @@ def _last_writer(loop: RunLoop) -> str:
     return writers[0]
 
 
-def _paused(tasks: Sequence[Task]) -> tuple[Interrupt, ...]:
-    """The interrupts the step's nodes raised; raises the first failure, which wins."""
-    interrupts: tuple[Interrupt, ...] = ()
+def _paused(tasks: Sequence[Task]) -> tuple[Interrupt, ...] | None:
+    """The interrupts the step's nodes paused on (None if none paused; a subgraph's breakpoint
+    pauses on none); raises the first failure, which wins."""
+    interrupts: tuple[Interrupt, ...] | None = None
     for task in tasks:
         if task.error is not None:
             raise task.error
-        interrupts += task.interrupts
+        if task.paused:
+            interrupts = (interrupts or ()) + task.interrupts
     return interrupts
 
 
@@ -679,14 +862,16 @@ def _modes(stream_mode: Any) -> frozenset[str]:
     return modes
 
 
-def _chunk_shape(stream_mode: Any, subgraphs: bool) -> Callable[[tuple[str, Any]], Any]:
+def _chunk_shape(stream_mode: Any, subgraphs: bool) -> Callable[[tuple[Any, ...]], Any]:
+    """Chunks as the caller sees them; with ``subgraphs``, a subgraph's chunk carries its
+    namespace as a third item."""
     if isinstance(stream_mode, str):
         if subgraphs:
-            return lambda pair: ((), pair[1])
-        return lambda pair: pair[1]
+            return lambda item: (item[2] if len(item) > 2 else (), item[1])
+        return lambda item: item[1]
     if subgraphs:
-        return lambda pair: ((), pair[0], pair[1])
-    return lambda pair: pair
+        return lambda item: (item[2] if len(item) > 2 else (), item[0], item[1])
+    return lambda item: item
 
 
 def _batch_configs(

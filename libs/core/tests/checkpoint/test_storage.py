@@ -20,16 +20,20 @@ from stepgraph.checkpoint.base import (
 )
 from stepgraph.checkpoint.serde import MsgpackSerializer
 from stepgraph.checkpoint.storage import (
+    APPENDED_ITEMS,
+    FULL_VALUE,
     CheckpointRows,
     CorruptCheckpointError,
     WriteRow,
     checkpoint_rows,
     checkpoints_to_keep,
+    index_values,
     load_checkpoint,
     load_tuple,
     metadata_matches,
     referenced_values,
     rekey,
+    stored_versions,
     write_rows,
 )
 from stepgraph.config import RunnableConfig
@@ -307,3 +311,102 @@ def test_referenced_values_and_rekey() -> None:
     [moved] = rekey([rows[1].checkpoint], "other")
     assert moved == rows[1].checkpoint._replace(thread_id="other")
     assert {row.thread_id for row in rekey(rows[1].values, "other")} == {"other"}
+
+
+# -- appended items (channel_appends) ---------------------------------------------------------
+
+
+def appended_save(
+    config: RunnableConfig, value: list[Any], version: str, base: str | None, items: list[Any]
+) -> CheckpointRows:
+    checkpoint = make_checkpoint({"log": value}, {"log": version})
+    if base is not None:
+        checkpoint["channel_appends"] = {"log": (base, items)}
+    return checkpoint_rows(serde, config, checkpoint, {}, {"log": version}, deltas=True)
+
+
+def test_appends_are_stored_as_items_until_the_length_doubles() -> None:
+    rows = [appended_save(thread(), [], "01", None, [])]
+    kinds = []
+    value: list[int] = []
+    for n in range(1, 40):
+        value = [*value, n]
+        saved = appended_save(thread(), value, f"{n + 1:02}", f"{n:02}", [n])
+        rows.append(saved)
+        kinds.append(saved.values[0].kind)
+    whole = [n for n, kind in enumerate(kinds, start=1) if kind == FULL_VALUE]
+    assert whole == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32]
+    assert "channel_appends" not in load_checkpoint(serde, rows[-1].checkpoint)
+
+    every_value = index_values(row for saved in rows for row in saved.values)
+    for n, saved in enumerate(rows):
+        checkpoint = load_checkpoint(serde, saved.checkpoint)
+        found = load_tuple(serde, saved.checkpoint, checkpoint, every_value, [])
+        assert found.checkpoint["channel_values"]["log"] == list(range(1, n + 1))
+
+
+def test_appends_are_ignored_without_deltas_or_with_an_unusable_base() -> None:
+    checkpoint = make_checkpoint({"log": [1, 2, 3]}, {"log": "02"})
+    checkpoint["channel_appends"] = {"log": ("01", [3])}
+    ignored = checkpoint_rows(serde, thread(), checkpoint, {}, {"log": "02"})
+    assert ignored.values[0].kind == FULL_VALUE
+    assert read_back(ignored).checkpoint["channel_values"]["log"] == [1, 2, 3]
+    # A base equal to the version itself (a fork re-saving a version) is never a delta.
+    checkpoint["channel_appends"] = {"log": ("02", [])}
+    same = checkpoint_rows(serde, thread(), checkpoint, {}, {"log": "02"}, deltas=True)
+    assert same.values[0].kind == FULL_VALUE
+
+
+def test_broken_chains_are_reported_with_their_place() -> None:
+    base = appended_save(thread(), list(range(8)), "01", None, [])
+    delta = appended_save(thread(), list(range(9)), "02", "01", [8])
+    assert delta.values[0].kind == APPENDED_ITEMS
+    checkpoint = load_checkpoint(serde, delta.checkpoint)
+    with pytest.raises(CorruptCheckpointError, match=r"'log'.*no stored value"):
+        load_tuple(serde, delta.checkpoint, checkpoint, delta.values, [])
+
+    type_, data = serde.dumps_typed({"a": 1})
+    not_a_list = base.values[0]._replace(type=type_, value=data)
+    with pytest.raises(CorruptCheckpointError, match="appended to a dict"):
+        load_tuple(serde, delta.checkpoint, checkpoint, [not_a_list, *delta.values], [])
+
+    cycle = delta.values[0]._replace(base_version="02")
+    with pytest.raises(CorruptCheckpointError, match="cycle"):
+        load_tuple(serde, delta.checkpoint, checkpoint, [cycle], [])
+
+    unknown = base.values[0]._replace(kind=7)
+    with pytest.raises(CorruptCheckpointError, match="unknown kind 7"):
+        load_tuple(serde, delta.checkpoint, checkpoint, [unknown, *delta.values], [])
+
+
+def test_referenced_values_follow_chains() -> None:
+    first = appended_save(thread(), list(range(16)), "01", None, [])
+    second = appended_save(thread(), list(range(17)), "02", "01", [16])
+    third = appended_save(thread(), list(range(18)), "03", "02", [17])
+    assert third.values[0].kind == APPENDED_ITEMS
+    bases = {
+        (row.checkpoint_ns, row.channel, row.version): row.base_version
+        for saved in (first, second, third)
+        for row in saved.values
+        if row.kind == APPENDED_ITEMS and row.base_version is not None
+    }
+    assert referenced_values(serde, [third.checkpoint]) == {("", "log", "03")}
+    assert referenced_values(serde, [third.checkpoint], bases) == {
+        ("", "log", "01"),
+        ("", "log", "02"),
+        ("", "log", "03"),
+    }
+
+
+def test_inline_values_and_emptied_channels_need_no_value_rows() -> None:
+    values = {"trigger": None, "count": 7, "text": "t" * 65, "items": [1]}
+    versions = {"trigger": "02", "gone": "02", "count": "02", "text": "01", "items": "02"}
+    checkpoint = make_checkpoint(values, versions)
+    rows = checkpoint_rows(serde, thread(), checkpoint, {}, versions, inline=True)
+    assert sorted(row.channel for row in rows.values) == ["items", "text"]
+    loaded = load_checkpoint(serde, rows.checkpoint)
+    assert stored_versions(loaded) == {"text": "01", "items": "02"}
+    found = load_tuple(serde, rows.checkpoint, loaded, rows.values, [])
+    assert found.checkpoint["channel_values"] == values
+    assert list(found.checkpoint["channel_values"]) == ["trigger", "count", "text", "items"]
+    assert referenced_values(serde, [rows.checkpoint]) == {("", "text", "01"), ("", "items", "02")}

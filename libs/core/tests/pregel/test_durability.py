@@ -24,6 +24,8 @@ class State(TypedDict):
 class CountingSaver(InMemorySaver):
     """InMemorySaver that records each call; ``delay`` slows every save down."""
 
+    background_saves = True  # it stands in for a saver that waits on I/O
+
     def __init__(self, delay: float = 0.0, fail_on_put: int | None = None) -> None:
         super().__init__()
         self.calls: list[str] = []
@@ -326,3 +328,29 @@ def test_checkpoint_during_picks_the_mode() -> None:
     graph = chain_graph(saver, 2)
     graph.invoke({"x": 0}, config("cd"), checkpoint_during=False)
     assert saver.calls == ["put"]  # exit
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_async_durability_saves_inline_for_a_cpu_only_saver(api: str) -> None:
+    """InMemorySaver has no I/O to overlap: with durability="async" each checkpoint is stored
+    before the next node runs, as with "sync", and no save runs on another thread."""
+    saver = InMemorySaver()
+    threads: set[str] = set()
+    stored: list[int] = []
+    original = saver.put_step
+
+    def put_step(*args: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return original(*args)
+
+    saver.put_step = put_step  # type: ignore[method-assign]
+    graph = chain_graph(
+        saver, 3, observe=lambda i: stored.append(len(list(saver.list(config("i")))))
+    )
+    if api == "sync":
+        result = graph.invoke({"x": 0, "log": []}, config("i"), durability="async")
+    else:
+        result = await graph.ainvoke({"x": 0, "log": []}, config("i"), durability="async")
+    assert result["x"] == 3
+    assert stored == [2, 3, 4]
+    assert threads == {threading.current_thread().name}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -26,7 +27,7 @@ from stepgraph.checkpoint.base import (
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.sqlite import _plans
-from stepgraph.checkpoint.sqlite._plans import ListPager, Plan
+from stepgraph.checkpoint.sqlite._plans import ListPager, Plan, Statement
 from stepgraph.checkpoint.sqlite._schema import Synchronous
 from stepgraph.config import RunnableConfig
 
@@ -43,6 +44,8 @@ def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
             if statement.many:
                 conn.executemany(statement.sql, statement.params)
                 rows = []
+            elif statement.retry_when_locked:
+                rows = _retry_when_locked(conn, statement)
             else:
                 rows = conn.execute(statement.sql, statement.params).fetchall()
             statement = plan.send(rows)
@@ -52,6 +55,17 @@ def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
         if conn.in_transaction:
             conn.rollback()
         raise
+
+
+def _retry_when_locked(conn: sqlite3.Connection, statement: Statement) -> list[Any]:
+    deadline = time.monotonic() + statement.retry_when_locked
+    while True:
+        try:
+            return conn.execute(statement.sql, statement.params).fetchall()
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)
 
 
 class SqliteSaver(BaseCheckpointSaver):
@@ -69,6 +83,11 @@ class SqliteSaver(BaseCheckpointSaver):
     """
 
     conn: sqlite3.Connection
+
+    # A commit is CPU work under the GIL plus a write to the page cache (and one fsync with
+    # FULL): a background thread cannot overlap it with the run, and handing saves to one made
+    # durability="async" about twice as slow as saving inline (docs/executor.md, "Durability modes").
+    background_saves = False
 
     def __init__(
         self,

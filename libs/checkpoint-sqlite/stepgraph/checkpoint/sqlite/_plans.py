@@ -38,6 +38,7 @@ from stepgraph.checkpoint.sqlite._schema import (
     SYNCHRONOUS_LEVELS,
 )
 from stepgraph.checkpoint.storage import (
+    APPENDED_ITEMS,
     CheckpointRow,
     CheckpointRows,
     ValueRow,
@@ -50,6 +51,7 @@ from stepgraph.checkpoint.storage import (
     load_tuple,
     metadata_matches,
     referenced_values,
+    stored_versions,
     write_rows,
 )
 from stepgraph.config import RunnableConfig
@@ -65,6 +67,9 @@ class Statement:
     params: Any = ()
     """Parameters of one execution, or an iterable of them when ``many`` is true."""
     many: bool = False
+    retry_when_locked: float = 0.0
+    """Seconds to keep retrying while the statement fails with "database is locked" for
+    statements SQLite does not wait on by itself (its busy handler is skipped for them)."""
 
 
 Plan = Generator[Statement, list[Any], T]
@@ -87,7 +92,9 @@ def setup(synchronous: str, busy_timeout: float) -> Plan[None]:
         raise ValueError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}, not {synchronous!r}")
     # PRAGMAs take no bound parameters: both values are checked above / numeric.
     yield Statement(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-    yield Statement("PRAGMA journal_mode = WAL")  # a :memory: database stays "memory"
+    # A :memory: database stays "memory". Switching a new file to WAL takes an exclusive lock
+    # without waiting for it: processes that open a new file together retry.
+    yield Statement("PRAGMA journal_mode = WAL", retry_when_locked=busy_timeout)
     yield Statement(f"PRAGMA synchronous = {synchronous}")
     yield BEGIN_WRITE
     yield Statement(CREATE_MIGRATIONS_TABLE)
@@ -117,9 +124,14 @@ INSERT OR REPLACE INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id,
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 # Versions are unique within a namespace, so an existing row already holds this very value.
+# An appended-items row inherits the chain start of its base (or starts the chain at it); for a
+# whole value (NULL base_version) the lookup finds nothing and chain_start stays NULL.
 _INSERT_VALUE = """
-INSERT OR IGNORE INTO checkpoint_values (thread_id, checkpoint_ns, channel, version, type, value)
-VALUES (?, ?, ?, ?, ?, ?)
+INSERT OR IGNORE INTO checkpoint_values (thread_id, checkpoint_ns, channel, version, type, value,
+    kind, base_version, chain_start)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, (
+    SELECT coalesce(b.chain_start, b.version) FROM checkpoint_values AS b
+    WHERE b.thread_id = ?1 AND b.checkpoint_ns = ?2 AND b.channel = ?3 AND b.version = ?8))
 """
 # One statement for both kinds of write: regular writes are kept once per (task_id, idx) and
 # special channels (negative idx) replace the earlier write.
@@ -179,7 +191,9 @@ def put_step(
     """``put_step`` and (with no writes) ``put``: one transaction, one commit."""
     # Everything is serialized before the write lock is taken, so other writers wait only for
     # the inserts.
-    rows = checkpoint_rows(serde, config, checkpoint, metadata, new_versions, writes)
+    rows = checkpoint_rows(
+        serde, config, checkpoint, metadata, new_versions, writes, deltas=True, inline=True
+    )
     metadata_json = _to_json(get_checkpoint_metadata(config, metadata))
     return (yield from _store(rows, metadata_json))
 
@@ -210,6 +224,35 @@ WHERE {{where}}
 ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
 LIMIT ?
 """
+# A thread's namespaces, one primary-key seek each (a "skip scan"), at most one more than
+# _SPLIT_NAMESPACES so the caller can tell "too many".
+_SELECT_NAMESPACES = """
+WITH RECURSIVE ns(name) AS (
+    SELECT (SELECT min(checkpoint_ns) FROM checkpoints WHERE thread_id = ?1)
+    UNION ALL
+    SELECT (SELECT min(checkpoint_ns) FROM checkpoints WHERE thread_id = ?1 AND checkpoint_ns > name)
+    FROM ns WHERE name IS NOT NULL LIMIT ?2
+)
+SELECT name FROM ns WHERE name IS NOT NULL
+"""
+# Listing a thread across namespaces merges each namespace's newest rows (a primary-key range
+# read each), instead of sorting all of the thread's rows: reading the newest page of a long
+# thread costs the same as of a short one. Above this many namespaces one sort is cheaper.
+_SPLIT_NAMESPACES = 16
+
+
+@functools.lru_cache(maxsize=_SPLIT_NAMESPACES)
+def _select_split_sql(where: str, namespaces: int) -> str:
+    one = (
+        f"SELECT * FROM (SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints"
+        f" WHERE {where} AND checkpoint_ns = ? ORDER BY checkpoint_id DESC LIMIT ?)"
+    )
+    return (
+        f"SELECT * FROM ({' UNION ALL '.join([one] * namespaces)})"
+        " ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC LIMIT ?"
+    )
+
+
 # Keys per VALUES list. Lists are padded to a power of two with NULL keys (which match nothing),
 # so the few distinct statements stay in sqlite3's statement cache; 4 * 512 * 2 parameters
 # stay far below SQLite's limit. (JSON cannot carry the keys: SQLite cuts JSON strings at NUL.)
@@ -221,16 +264,29 @@ def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
     """The value rows and pending writes named by lists of keys, in one statement.
 
     Each key list is the outer loop of a CROSS JOIN, so every key is one primary-key seek.
-    The first column tells value rows (0) from write rows (1).
+    A value key names a span of versions of its channel: the version alone for a whole value,
+    ``chain_start`` up to it for appended items, so the rows that make up a value come in the
+    same statement, as one primary-key range (spans of several keys that start alike are
+    merged). A span may hold rows of forked branches too: ``storage.load_tuple`` follows base
+    versions and ignores them. The first column tells value rows (0) from write rows (1).
     """
     parts = []
+    prefix = ""
     if value_keys:
         keys = ", ".join(["(?, ?, ?, ?)"] * value_keys)
+        prefix = (
+            f"WITH k(thread_id, checkpoint_ns, channel, version) AS (VALUES {keys}),"
+            " s AS (SELECT v.thread_id AS t, v.checkpoint_ns AS n, v.channel AS c,"
+            " coalesce(v.chain_start, v.version) AS lo, max(v.version) AS hi"
+            " FROM k CROSS JOIN checkpoint_values AS v"
+            " WHERE v.thread_id = k.thread_id AND v.checkpoint_ns = k.checkpoint_ns"
+            " AND v.channel = k.channel AND v.version = k.version GROUP BY 1, 2, 3, 4) "
+        )
         parts.append(
             "SELECT 0, v.thread_id, v.checkpoint_ns, v.channel, v.version, v.type, v.value,"
-            f" v.kind, NULL, NULL FROM (VALUES {keys}) AS k CROSS JOIN checkpoint_values AS v"
-            " WHERE v.thread_id = k.column1 AND v.checkpoint_ns = k.column2"
-            " AND v.channel = k.column3 AND v.version = k.column4"
+            " v.kind, v.base_version, NULL FROM s CROSS JOIN checkpoint_values AS v"
+            " WHERE v.thread_id = s.t AND v.checkpoint_ns = s.n AND v.channel = s.c"
+            " AND v.version BETWEEN s.lo AND s.hi"
         )
     if checkpoint_keys:
         keys = ", ".join(["(?, ?, ?)"] * checkpoint_keys)
@@ -241,7 +297,7 @@ def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
             " WHERE w.thread_id = k.column1 AND w.checkpoint_ns = k.column2"
             " AND w.checkpoint_id = k.column3"
         )
-    return " UNION ALL ".join(parts)
+    return prefix + " UNION ALL ".join(parts)
 
 
 def _bucket(count: int) -> int:
@@ -266,9 +322,6 @@ def _select_related(
         yield Statement(sql, params)
 
 
-_WHOLE_VALUE = 0  # checkpoint_values.kind
-
-
 class _Candidate(NamedTuple):
     row: CheckpointRow
     checkpoint: Checkpoint
@@ -281,13 +334,21 @@ def _load_page(
     params: Sequence[Any],
     limit: int,
     filter: dict[str, Any] | None = None,
+    thread_id: str | None = None,
 ) -> Plan[tuple[list[CheckpointTuple], CheckpointRow | None]]:
     """Up to ``limit`` checkpoints matching ``where`` (then ``filter``), newest first.
 
-    Also returns the row the next page starts after, or None if SQL found no more rows.
+    ``thread_id``: ``where`` selects that one thread, in every namespace. Also returns the row
+    the next page starts after, or None if SQL found no more rows.
     """
     yield BEGIN_READ
-    rows = yield Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, limit))
+    select = Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, limit))
+    if thread_id is not None:
+        namespaces = yield Statement(_SELECT_NAMESPACES, (thread_id, _SPLIT_NAMESPACES + 1))
+        if 0 < len(namespaces) <= _SPLIT_NAMESPACES:
+            split = [value for (name,) in namespaces for value in (*params, name, limit)]
+            select = Statement(_select_split_sql(where, len(namespaces)), (*split, limit))
+    rows = yield select
     after = CheckpointRow(*rows[-1]) if len(rows) == limit else None
     candidates = []
     for fields in rows:
@@ -306,7 +367,7 @@ def _load_page(
         {
             (found.row.thread_id, found.row.checkpoint_ns, channel, version): None
             for found in candidates
-            for channel, version in found.checkpoint["channel_versions"].items()
+            for channel, version in stored_versions(found.checkpoint).items()
         }
     )
     checkpoint_keys = [
@@ -317,24 +378,20 @@ def _load_page(
         related += yield statement
     yield COMMIT
 
-    values: dict[tuple[str, str, str, str], ValueRow] = {}
+    # Per thread and namespace: value rows by (channel, version).
+    values: dict[tuple[str, str], dict[tuple[str, str], ValueRow]] = {}
     writes: dict[tuple[str, str, str], list[WriteRow]] = {}
     for part, *fields in related:
         if part == 0:
-            # Only whole values are readable by this version; load_tuple reports any other.
-            if fields[6] == _WHOLE_VALUE:
-                values[fields[0], fields[1], fields[2], fields[3]] = ValueRow(*fields[:6])
+            value = ValueRow(*fields[:8])
+            values.setdefault(value[:2], {})[value.channel, value.version] = value
         else:
             write = WriteRow(*fields)
             writes.setdefault(write[:3], []).append(write)
     tuples = []
     for found in candidates:
-        thread_id, checkpoint_ns = found.row.thread_id, found.row.checkpoint_ns
-        named = [
-            value
-            for channel, version in found.checkpoint["channel_versions"].items()
-            if (value := values.get((thread_id, checkpoint_ns, channel, version))) is not None
-        ]
+        # load_tuple picks the rows (and chains) the checkpoint's channel_versions name.
+        named = values.get(found.row[:2], {})
         row_writes = writes.get(found.row[:3], [])
         tuples.append(
             load_tuple(serde, found.row, found.checkpoint, named, row_writes, found.metadata)
@@ -446,6 +503,9 @@ class ListPager:
         # page is a primary-key range; otherwise ties (copied threads share checkpoint ids)
         # need the whole sort key.
         self._one_namespace = config is not None and checkpoint_ns is not None
+        self._thread_id = (
+            get_thread_id(config) if config is not None and not self._one_namespace else None
+        )
         self._after: CheckpointRow | None = None
         self._page_size = _FIRST_PAGE
         self._done = limit is not None and limit <= 0
@@ -471,7 +531,9 @@ class ListPager:
                 params.extend(
                     (after.checkpoint_id, after.checkpoint_id, after.thread_id, after.checkpoint_ns)
                 )
-        page, after = yield from _load_page(serde, where, params, size, self._filter)
+        page, after = yield from _load_page(
+            serde, where, params, size, self._filter, self._thread_id
+        )
         if self._remaining is not None:
             page = page[: self._remaining]
             self._remaining -= len(page)
@@ -486,7 +548,8 @@ class ListPager:
 _TABLES = ("checkpoints", "checkpoint_values", "checkpoint_writes")
 _COPIED_COLUMNS = {
     "checkpoints": _CHECKPOINT_COLUMNS.removeprefix("thread_id, ") + ", metadata_json",
-    "checkpoint_values": "checkpoint_ns, channel, version, type, value, kind",
+    "checkpoint_values": "checkpoint_ns, channel, version, type, value, kind, base_version,"
+    " chain_start",
     "checkpoint_writes": "checkpoint_ns, checkpoint_id, task_id, idx, channel, type, value,"
     " task_path",
 }
@@ -530,7 +593,14 @@ def _delete_checkpoints(
         remaining = yield Statement(
             f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE thread_id = ?", (thread_id,)
         )
-        needed = referenced_values(serde, (CheckpointRow(*fields) for fields in remaining))
+        stored = yield Statement(
+            "SELECT checkpoint_ns, channel, version, base_version FROM checkpoint_values"
+            f" WHERE thread_id = ? AND kind = {APPENDED_ITEMS}",
+            (thread_id,),
+        )
+        bases = {(ns, channel, version): base for ns, channel, version, base in stored}
+        checkpoints = (CheckpointRow(*fields) for fields in remaining)
+        needed = referenced_values(serde, checkpoints, bases)
         stored = yield Statement(
             "SELECT checkpoint_ns, channel, version FROM checkpoint_values WHERE thread_id = ?",
             (thread_id,),

@@ -69,6 +69,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    (
+        # A value row of kind 1 (``storage.APPENDED_ITEMS``) holds the items appended to the
+        # channel's value at ``base_version``. ``chain_start`` is the version of the whole value
+        # its chain of base versions ends in, so reading the chain is one range of the primary
+        # key (``version BETWEEN chain_start AND version``). Both are NULL for kind 0 rows.
+        "ALTER TABLE checkpoint_values ADD COLUMN base_version TEXT",
+        "ALTER TABLE checkpoint_values ADD COLUMN chain_start TEXT",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

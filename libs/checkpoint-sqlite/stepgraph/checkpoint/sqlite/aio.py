@@ -58,6 +58,10 @@ class AsyncSqliteSaver(BaseCheckpointSaver):
 
     conn: aiosqlite.Connection
 
+    # As SqliteSaver: saving as asyncio tasks in the background was no faster than awaiting
+    # each save (slower at synchronous=NORMAL), so durability="async" awaits them.
+    background_saves = False
+
     def __init__(
         self,
         conn: aiosqlite.Connection,

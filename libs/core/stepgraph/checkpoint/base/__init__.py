@@ -16,7 +16,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, NamedTuple, TypedDict
+from typing import Any, ClassVar, Literal, NamedTuple, NotRequired, TypedDict
 
 from stepgraph.checkpoint.base.id import uuid6
 from stepgraph.checkpoint.serde.base import SerializerProtocol
@@ -92,6 +92,13 @@ class Checkpoint(TypedDict):
     """For each node, the channel versions it has already been triggered by."""
     updated_channels: list[str] | None
     """Channels updated by the superstep that produced this checkpoint."""
+    channel_appends: NotRequired[dict[str, tuple[str, list[Any]]]]
+    """Optional, set by the executor on a checkpoint it saves: ``{channel: (base_version,
+    items)}`` for list channels that only grew since ``base_version``, an earlier version of the
+    channel this saver stored (or the run loaded), so that ``channel_values[channel]`` equals
+    the value at ``base_version`` followed by ``items``. A saver may store just the items; one
+    that ignores the key stays correct by storing the whole value. Never stored itself, and
+    absent from checkpoints read back."""
 
 
 class CheckpointTuple(NamedTuple):
@@ -185,6 +192,12 @@ class BaseCheckpointSaver(ABC):
     """
 
     serde: SerializerProtocol
+
+    background_saves: ClassVar[bool] = True
+    """Whether ``durability="async"`` makes this saver's saves off the run's critical path (on
+    a worker thread, or as asyncio tasks). True for savers that wait on I/O. A saver whose saves
+    are CPU work only (``InMemorySaver``) sets False: there is nothing to overlap, and under the
+    GIL a background thread would only slow the run down, so its saves are made inline."""
 
     def __init__(self, *, serde: SerializerProtocol | None = None) -> None:
         if serde is None:

@@ -7,6 +7,8 @@ objects passed in, and serialization errors surface at the same moments as with 
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import timedelta
@@ -26,6 +28,7 @@ from stepgraph.checkpoint.base import (
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import (
+    APPENDED_ITEMS,
     CheckpointRow,
     CheckpointRows,
     ValueKey,
@@ -40,6 +43,7 @@ from stepgraph.checkpoint.storage import (
     metadata_matches,
     referenced_values,
     rekey,
+    stored_versions,
     write_rows,
 )
 from stepgraph.config import RunnableConfig
@@ -48,24 +52,43 @@ __all__ = ["InMemorySaver", "MemorySaver"]
 
 
 class _Namespace(dict[str, CheckpointRow]):
-    """One namespace's checkpoints by id, remembering the latest so reading it is O(1)."""
+    """One namespace's checkpoints by id, with the ids in order: reading the latest is O(1),
+    and listing the newest ``limit`` costs O(limit), however long the history."""
 
-    __slots__ = ("latest",)
+    __slots__ = ("ids",)
 
     def __init__(self) -> None:
         super().__init__()
-        self.latest = ""
+        self.ids: list[str] = []
+
+    @property
+    def latest(self) -> str:
+        return self.ids[-1] if self.ids else ""
 
     def add(self, row: CheckpointRow) -> None:
-        self[row.checkpoint_id] = row
-        if row.checkpoint_id > self.latest:
-            self.latest = row.checkpoint_id
+        checkpoint_id = row.checkpoint_id
+        if checkpoint_id not in self:
+            ids = self.ids
+            if not ids or checkpoint_id > ids[-1]:  # ids are time-ordered: the usual case
+                ids.append(checkpoint_id)
+            else:
+                bisect.insort(ids, checkpoint_id)
+        self[checkpoint_id] = row
+
+    def newest_first(self, before: str | None) -> Iterator[CheckpointRow]:
+        ids = self.ids
+        end = len(ids) if before is None else bisect.bisect_left(ids, before)
+        return (self[ids[i]] for i in range(end - 1, -1, -1))
 
 
 # thread_id -> checkpoint_ns -> checkpoint_id -> row
 _Checkpoints = dict[str, dict[str, _Namespace]]
 # thread_id -> (checkpoint_ns, checkpoint_id) -> (task_id, idx) -> row
 _Writes = dict[str, dict[tuple[str, str], dict[tuple[str, int], WriteRow]]]
+
+
+def _checkpoint_id(row: CheckpointRow) -> str:
+    return row.checkpoint_id
 
 
 class _Found(NamedTuple):
@@ -80,6 +103,8 @@ class _Found(NamedTuple):
 
 class InMemorySaver(BaseCheckpointSaver):
     """A thread-safe in-memory checkpoint saver. Async methods run the sync ones directly."""
+
+    background_saves = False  # nothing to wait for: durability="async" saves inline
 
     def __init__(self, *, serde: SerializerProtocol | None = None) -> None:
         super().__init__(serde=serde)
@@ -121,16 +146,25 @@ class InMemorySaver(BaseCheckpointSaver):
                 threads: Iterable[dict[str, _Namespace]] = self._checkpoints.values()
             else:
                 threads = [self._checkpoints.get(str(thread_id), {})]
-            candidates = [
-                row
+            histories = [
+                rows
                 for namespaces in threads
                 for ns, rows in namespaces.items()
                 if checkpoint_ns is None or ns == checkpoint_ns
-                for row in rows.values()
-                if (checkpoint_id is None or row.checkpoint_id == checkpoint_id)
-                and (before_id is None or row.checkpoint_id < before_id)
             ]
-            candidates.sort(key=lambda row: row.checkpoint_id, reverse=True)
+            candidates: Iterable[CheckpointRow]
+            if checkpoint_id is not None:
+                candidates = [
+                    rows[checkpoint_id]
+                    for rows in histories
+                    if checkpoint_id in rows and (before_id is None or checkpoint_id < before_id)
+                ]
+            else:  # each history newest first, merged: only the rows handed out are visited
+                candidates = heapq.merge(
+                    *(rows.newest_first(before_id) for rows in histories),
+                    key=_checkpoint_id,
+                    reverse=True,
+                )
             found: list[_Found] = []
             for row in candidates:
                 if limit is not None and len(found) >= limit:
@@ -150,11 +184,15 @@ class InMemorySaver(BaseCheckpointSaver):
         checkpoint = load_checkpoint(self.serde, row)
         values = self._values.get(row.thread_id, {})
         ns = row.checkpoint_ns
-        named = [
-            value
-            for channel, version in checkpoint["channel_versions"].items()
-            if (value := values.get((ns, channel, version))) is not None
-        ]
+        named = []
+        for channel, version in stored_versions(checkpoint).items():
+            value = values.get((ns, channel, version))
+            # Appended items: the rows down their chain of base versions are needed too.
+            while value is not None:
+                named.append(value)
+                if value.kind != APPENDED_ITEMS or len(named) > len(values):
+                    break
+                value = values.get((ns, channel, value.base_version or ""))
         writes = self._writes.get(row.thread_id, {}).get((ns, row.checkpoint_id))
         return _Found(row, checkpoint, named, list(writes.values()) if writes else [], metadata)
 
@@ -170,7 +208,10 @@ class InMemorySaver(BaseCheckpointSaver):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        return self._store(checkpoint_rows(self.serde, config, checkpoint, metadata, new_versions))
+        rows = checkpoint_rows(
+            self.serde, config, checkpoint, metadata, new_versions, deltas=True, inline=True
+        )
+        return self._store(rows)
 
     def put_writes(
         self,
@@ -191,7 +232,9 @@ class InMemorySaver(BaseCheckpointSaver):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        rows = checkpoint_rows(self.serde, config, checkpoint, metadata, new_versions, writes)
+        rows = checkpoint_rows(
+            self.serde, config, checkpoint, metadata, new_versions, writes, deltas=True, inline=True
+        )
         return self._store(rows)
 
     def _store(self, rows: CheckpointRows) -> RunnableConfig:
@@ -300,12 +343,17 @@ class InMemorySaver(BaseCheckpointSaver):
             self._drop_thread(thread_id)
             return
         kept = [namespaces[ns][checkpoint_id] for ns, checkpoint_id in keep]
-        needed = referenced_values(self.serde, kept)
+        values = self._values.get(thread_id, {})
+        bases = {
+            key: row.base_version
+            for key, row in values.items()
+            if row.kind == APPENDED_ITEMS and row.base_version is not None
+        }
+        needed = referenced_values(self.serde, kept, bases)
         remaining: dict[str, _Namespace] = {}
         for row in kept:
             remaining.setdefault(row.checkpoint_ns, _Namespace()).add(row)
         self._checkpoints[thread_id] = remaining
-        values = self._values.get(thread_id, {})
         self._values[thread_id] = {key: row for key, row in values.items() if key in needed}
         writes = self._writes.get(thread_id, {})
         self._writes[thread_id] = {key: rows for key, rows in writes.items() if key in keep}

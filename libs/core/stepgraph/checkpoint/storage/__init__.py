@@ -4,7 +4,9 @@ A checkpoint is stored as three kinds of row (see docs/architecture.md, "Storage
 
 * one ``CheckpointRow``: the checkpoint without its channel values, plus its metadata;
 * ``ValueRow``s: one per channel in ``new_versions``, keyed by ``(channel, version)``, so an
-  unchanged channel costs nothing per step;
+  unchanged channel costs nothing per step. A row holds the whole value (``FULL_VALUE``) or,
+  for a list that only grew, the items appended to the value of an earlier version of the
+  channel (``APPENDED_ITEMS``, see ``checkpoint_rows(deltas=True)``);
 * ``WriteRow``s: the pending writes of the tasks of a step, keyed by ``(task_id, idx)``.
 
 Savers turn ``put``/``put_writes``/``put_step`` arguments into rows with ``checkpoint_rows`` and
@@ -15,7 +17,7 @@ are plain ``str``/``int``/``bytes``/``None``, so they can be handed to ``execute
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -37,6 +39,8 @@ from stepgraph.config import RunnableConfig
 from stepgraph.errors import SerializationError, UnknownTypeError
 
 __all__ = [
+    "APPENDED_ITEMS",
+    "FULL_VALUE",
     "CheckpointKey",
     "CheckpointRow",
     "CheckpointRows",
@@ -47,12 +51,14 @@ __all__ = [
     "checkpoint_config",
     "checkpoint_rows",
     "checkpoints_to_keep",
+    "index_values",
     "load_checkpoint",
     "load_metadata",
     "load_tuple",
     "metadata_matches",
     "referenced_values",
     "rekey",
+    "stored_versions",
     "write_rows",
 ]
 
@@ -77,10 +83,19 @@ class CheckpointRow(NamedTuple):
     metadata: bytes
 
 
+FULL_VALUE = 0
+"""``ValueRow.kind`` of a row holding the channel's whole value."""
+APPENDED_ITEMS = 1
+"""``ValueRow.kind`` of a row holding a list of items: the value at ``version`` is the value at
+``base_version`` (of the same channel) followed by these items."""
+
+
 class ValueRow(NamedTuple):
     """``(thread_id, checkpoint_ns, channel, version)`` -> the channel's value at that version.
 
-    ``type`` and ``value`` are both ``None`` when the channel was empty at that version.
+    ``type`` and ``value`` are both ``None`` when the channel was empty at that version. With
+    ``kind == APPENDED_ITEMS`` they hold the items appended since ``base_version``; reading such
+    a row follows ``base_version`` down to a ``FULL_VALUE`` row (``load_tuple`` does).
     """
 
     thread_id: str
@@ -89,6 +104,8 @@ class ValueRow(NamedTuple):
     version: str
     type: str | None
     value: bytes | None
+    kind: int = FULL_VALUE
+    base_version: str | None = None
 
 
 class WriteRow(NamedTuple):
@@ -147,8 +164,15 @@ class CorruptCheckpointError(SerializationError):
 
 
 # Checkpoint keys kept out of the serialized blob: values have their own rows, id and ts are
-# columns of the checkpoint row.
-_NOT_IN_BLOB = frozenset({"channel_values", "id", "ts"})
+# columns of the checkpoint row, channel_appends only says how to write the value rows.
+_NOT_IN_BLOB = frozenset({"channel_values", "id", "ts", "channel_appends"})
+# Blob keys of the small channel values stored in the checkpoint row and of the channels that
+# have a version but no value (``inline=True``).
+_INLINE = "inline_values"
+_EMPTY = "empty_channels"
+# Stands for an emptied channel in the channel_values of a checkpoint from load_checkpoint,
+# until load_tuple drops it.
+_NO_VALUE: Any = object()
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -172,12 +196,28 @@ def checkpoint_rows(
     metadata: CheckpointMetadata,
     new_versions: ChannelVersions,
     writes: Sequence[TaskWrites] = (),
+    *,
+    deltas: bool = False,
+    inline: bool = False,
 ) -> CheckpointRows:
     """The rows of ``put(config, checkpoint, metadata, new_versions)``.
 
     With ``writes`` (``put_step``), also the rows of those tasks' writes against the parent
     checkpoint named by ``config``. Serializes everything before returning, so a saver that
     stores the result has nothing left to fail on.
+
+    ``deltas``: the saver can read ``APPENDED_ITEMS`` rows (``load_tuple`` resolves them from
+    the rows of their chain, and ``referenced_values`` is given the chains). Then a channel the
+    checkpoint's ``channel_appends`` describes is stored as the appended items alone, unless
+    the list's length grew by about a quarter since the last whole copy: that step stores the
+    whole list (see ``_store_appended``). So the items stored for a list that grows to n items
+    are O(n) in all, and reading one costs O(its length).
+
+    ``inline``: the saver reads checkpoints through ``load_checkpoint`` and fetches only the
+    ``stored_versions``. Then small scalar values (``None``, booleans, numbers, strings of up
+    to 64 characters: trigger channels, counters, flags) travel in the checkpoint row itself,
+    in every checkpoint that holds them, instead of a value row per change, and so does the
+    list of emptied channels (cleared triggers): a step writes fewer rows, reading fetches fewer.
     """
     thread_id = get_thread_id(config)
     checkpoint_ns = get_checkpoint_ns(config)
@@ -185,6 +225,17 @@ def checkpoint_rows(
     where = _Where(thread_id, checkpoint_ns, checkpoint_id)
 
     blob = {key: value for key, value in checkpoint.items() if key not in _NOT_IN_BLOB}
+    channel_values = checkpoint["channel_values"]
+    inlined: Collection[str] = ()
+    if inline:
+        versions = checkpoint["channel_versions"]
+        small = {c: v for c, v in channel_values.items() if c in versions and _is_small(v)}
+        empty = [c for c in versions if c not in channel_values]
+        if small:
+            blob[_INLINE] = small
+        if empty:
+            blob[_EMPTY] = empty
+        inlined = {*small, *empty}
     checkpoint_type, checkpoint_bytes = where.dumps(serde, blob, "the checkpoint")
     merged = get_checkpoint_metadata(config, metadata)
     metadata_type, metadata_bytes = where.dumps(serde, merged, "the metadata")
@@ -202,14 +253,35 @@ def checkpoint_rows(
         metadata_bytes,
     )
 
-    channel_values = checkpoint["channel_values"]
+    appends = checkpoint.get("channel_appends") if deltas else None
     values = []
     for channel, version in new_versions.items():
-        if channel in channel_values:
-            type_, value = where.dumps(serde, channel_values[channel], f"channel {channel!r}")
-            values.append(ValueRow(thread_id, checkpoint_ns, channel, version, type_, value))
-        else:
+        if channel in inlined:
+            continue
+        if channel not in channel_values:
             values.append(ValueRow(thread_id, checkpoint_ns, channel, version, None, None))
+            continue
+        value = channel_values[channel]
+        part = f"channel {channel!r}"
+        appended = appends.get(channel) if appends else None
+        if appended is not None and _store_appended(value, version, *appended):
+            base_version, items = appended
+            type_, data = where.dumps(serde, items, part)
+            values.append(
+                ValueRow(
+                    thread_id,
+                    checkpoint_ns,
+                    channel,
+                    version,
+                    type_,
+                    data,
+                    APPENDED_ITEMS,
+                    base_version,
+                )
+            )
+        else:
+            type_, data = where.dumps(serde, value, part)
+            values.append(ValueRow(thread_id, checkpoint_ns, channel, version, type_, data))
 
     step_writes = [
         write
@@ -217,6 +289,40 @@ def checkpoint_rows(
         for write in write_rows(serde, config, task.writes, task.task_id, task.task_path)
     ]
     return CheckpointRows(row, values, step_writes)
+
+
+def _is_small(value: Any) -> bool:
+    """Whether a channel value is stored in the checkpoint row (``inline``)."""
+    kind = type(value)
+    if kind is str:
+        return len(value) <= 64
+    if kind is int:
+        return -(1 << 63) <= value < 1 << 64
+    return value is None or kind is bool or kind is float
+
+
+def _store_appended(value: Any, version: str, base_version: str, items: Sequence[Any]) -> bool:
+    """Whether ``value`` is stored as ``items`` appended to the value at ``base_version``.
+
+    The whole list is stored instead when its length enters another ``_length_class``. A
+    chain of appended items thus stays within one class: it holds fewer items than a quarter
+    of the whole list it starts from, so all rows of a list that grew to n items hold O(n)
+    items (about 6n when it grows one item per step), and reading a value reads its own items
+    from a whole list and at most a quarter as many rows of appended items.
+    """
+    if base_version == version or type(value) is not list:
+        return False
+    length = len(value)
+    return _length_class(length - len(items)) == _length_class(length)
+
+
+def _length_class(length: int) -> tuple[int, int]:
+    """Lengths in classes of a quarter of a power of two: [8, 9], [10, 11], ..., [896, 1023].
+
+    Below 8, each length is a class of its own.
+    """
+    bits = length.bit_length()
+    return bits, length >> max(bits - 3, 0)
 
 
 def write_rows(
@@ -259,9 +365,11 @@ def write_rows(
 
 
 def load_checkpoint(serde: SerializerProtocol, row: CheckpointRow) -> Checkpoint:
-    """The checkpoint stored in ``row``, with empty ``channel_values`` (``load_tuple`` fills them).
+    """The checkpoint stored in ``row``; ``load_tuple`` completes its ``channel_values``.
 
-    Its ``channel_versions`` name the value rows to fetch: ``(channel, version)`` pairs.
+    Until then they only mark what the row itself holds (``inline``): read them through
+    ``load_tuple`` only. ``stored_versions`` names the value rows to fetch: ``(channel,
+    version)`` pairs.
     """
     where = _Where.of(row)
     blob = where.loads(serde, (row.checkpoint_type, row.checkpoint), "the checkpoint")
@@ -269,10 +377,23 @@ def load_checkpoint(serde: SerializerProtocol, row: CheckpointRow) -> Checkpoint
         raise CorruptCheckpointError(
             where.describe("Cannot read the checkpoint", "not a checkpoint")
         )
+    inlined = blob.pop(_INLINE, None)
+    empty = blob.pop(_EMPTY, None)
     blob["id"] = row.checkpoint_id
     blob["ts"] = row.ts
-    blob["channel_values"] = {}
+    values = blob["channel_values"] = dict(inlined) if isinstance(inlined, dict) else {}
+    if isinstance(empty, list):
+        values.update(dict.fromkeys(empty, _NO_VALUE))
     return blob  # type: ignore[return-value]
+
+
+def stored_versions(checkpoint: Checkpoint) -> dict[str, str]:
+    """The ``(channel, version)``s of a loaded checkpoint whose values are in value rows."""
+    values = checkpoint["channel_values"]
+    versions = checkpoint["channel_versions"]
+    if not values:
+        return versions
+    return {channel: version for channel, version in versions.items() if channel not in values}
 
 
 def load_metadata(serde: SerializerProtocol, row: CheckpointRow) -> CheckpointMetadata:
@@ -287,34 +408,49 @@ def load_tuple(
     serde: SerializerProtocol,
     row: CheckpointRow,
     checkpoint: Checkpoint,
-    values: Iterable[ValueRow],
+    values: Iterable[ValueRow] | Mapping[tuple[str, str], ValueRow],
     writes: Iterable[WriteRow],
     metadata: CheckpointMetadata | None = None,
 ) -> CheckpointTuple:
     """Assemble the ``CheckpointTuple`` of ``row``.
 
     ``checkpoint`` comes from ``load_checkpoint(serde, row)`` and gets its values filled in
-    from ``values``, the value rows named by its ``channel_versions`` (rows for other versions
-    are ignored; a missing one is an error). ``writes`` are the checkpoint's write rows, in any
-    order: pending writes come out ordered by task, then index. Pass ``metadata`` if it was
-    already loaded (e.g. to apply a ``list`` filter).
+    from ``values``: the value rows named by its ``channel_versions`` and, for
+    ``APPENDED_ITEMS`` rows, the rows their ``base_version``s name, down to a whole value (rows
+    for other versions are ignored; a missing one is an error). ``writes`` are the checkpoint's
+    write rows, in any order: pending writes come out ordered by task, then index. Pass
+    ``metadata`` if it was already loaded (e.g. to apply a ``list`` filter). ``values`` may
+    also be given keyed by ``(channel, version)`` (see ``index_values``), which pays off when
+    the rows of many checkpoints of one namespace were fetched together.
     """
     where = _Where.of(row)
     versions = checkpoint["channel_versions"]
     channel_values = checkpoint["channel_values"]
-    found: set[str] = set()
-    for value_row in values:
-        if versions.get(value_row.channel) != value_row.version:
-            continue
-        found.add(value_row.channel)
-        if value_row.type is not None:
-            channel_values[value_row.channel] = where.loads(
-                serde,
-                (value_row.type, value_row.value or b""),
-                f"channel {value_row.channel!r}",
-            )
-    if len(found) != len(versions):
-        missing = sorted(versions.keys() - found)
+    by_key = values if isinstance(values, Mapping) else index_values(values)
+    missing = []
+    some_inline = bool(channel_values)
+    for channel, version in stored_versions(checkpoint).items():
+        found = by_key.get((channel, version))
+        if found is None:
+            missing.append(channel)
+        elif found.kind == FULL_VALUE:
+            if found.type is not None:
+                part = f"channel {channel!r}"
+                channel_values[channel] = where.loads(serde, (found.type, found.value or b""), part)
+        else:
+            value = _resolve_appended(serde, where, found, by_key)
+            if value is None:
+                missing.append(channel)
+            else:
+                channel_values[channel] = value
+    if some_inline:  # keep channel_versions order, whether a value came inline or from a row
+        checkpoint["channel_values"] = {
+            c: value
+            for c in versions
+            if (value := channel_values.get(c, _NO_VALUE)) is not _NO_VALUE
+        }
+    if missing:
+        missing.sort()
         raise CorruptCheckpointError(
             where.describe(
                 f"Cannot read channel {missing[0]!r}",
@@ -344,6 +480,49 @@ def load_tuple(
         else None,
         pending_writes,
     )
+
+
+def index_values(values: Iterable[ValueRow]) -> dict[tuple[str, str], ValueRow]:
+    """Value rows (of one namespace of one thread) by ``(channel, version)``."""
+    return {(row.channel, row.version): row for row in values}
+
+
+def _resolve_appended(
+    serde: SerializerProtocol,
+    where: _Where,
+    row: ValueRow,
+    by_key: Mapping[tuple[str, str], ValueRow],
+) -> list[Any] | None:
+    """The list an ``APPENDED_ITEMS`` row stands for; None if a row of its chain is missing."""
+    part = f"channel {row.channel!r}"
+    chain: list[ValueRow] = []
+    found: ValueRow | None = row
+    while found is not None and found.kind == APPENDED_ITEMS and len(chain) <= len(by_key):
+        chain.append(found)
+        found = by_key.get((row.channel, found.base_version or ""))
+    if found is None:
+        return None
+    if found.kind != FULL_VALUE:
+        problem = "a cycle" if found.kind == APPENDED_ITEMS else f"unknown kind {found.kind!r}"
+        raise CorruptCheckpointError(where.describe(f"Cannot read {part}", problem))
+    value = (
+        None if found.type is None else where.loads(serde, (found.type, found.value or b""), part)
+    )
+    if type(value) is not list:
+        raise CorruptCheckpointError(
+            where.describe(
+                f"Cannot read {part}",
+                f"items are appended to a {type(value).__name__} at version {found.version!r}",
+            )
+        )
+    for delta in reversed(chain):
+        items = where.loads(serde, (delta.type or "", delta.value or b""), part)
+        if type(items) is not list:
+            raise CorruptCheckpointError(
+                where.describe(f"Cannot read {part}", f"no items stored at {delta.version!r}")
+            )
+        value.extend(items)
+    return value
 
 
 def _write_order(write: WriteRow) -> tuple[str, int]:
@@ -429,18 +608,31 @@ def _newer_than(checkpoint: CheckpointKey, cutoff: datetime) -> bool:
     return created >= cutoff
 
 
-def referenced_values(serde: SerializerProtocol, rows: Iterable[CheckpointRow]) -> set[ValueKey]:
+def referenced_values(
+    serde: SerializerProtocol,
+    rows: Iterable[CheckpointRow],
+    bases: Mapping[ValueKey, str] | None = None,
+) -> set[ValueKey]:
     """The value rows that ``rows`` (checkpoints of one thread) need to stay readable.
 
-    After ``prune`` or ``delete_for_runs`` removes checkpoints, a thread's value rows outside
-    the set for its remaining checkpoints are garbage.
+    ``bases`` maps the key of each of the thread's ``APPENDED_ITEMS`` rows to its
+    ``base_version``: the rows a needed row's chain goes through are needed too. After
+    ``prune`` or ``delete_for_runs`` removes checkpoints, a thread's value rows outside the set
+    for its remaining checkpoints are garbage.
     """
     needed: set[ValueKey] = set()
     for row in rows:
-        versions = load_checkpoint(serde, row)["channel_versions"]
+        versions = stored_versions(load_checkpoint(serde, row))
         needed.update(
             (row.checkpoint_ns, channel, version) for channel, version in versions.items()
         )
+    if bases:
+        for key in list(needed):
+            while (base := bases.get(key)) is not None:
+                key = (key[0], key[1], base)
+                if key in needed:
+                    break
+                needed.add(key)
     return needed
 
 

@@ -1,0 +1,351 @@
+"""The functional API: a workflow is a plain function (``@entrypoint``) that calls ``@task``s.
+
+An entrypoint compiles to a one-node ``Pregel``: the whole function runs as one task of one
+superstep. Each ``@task`` call inside it (or inside a ``StateGraph`` node) is a child task whose
+id is derived from its caller's task id and the call's index, and whose outcome is saved as a
+pending write of the running step as soon as it finishes. When the step runs again (resume after
+an interrupt, an error or a crash), the function starts from its top, and a call whose index
+finds a saved result returns it without running. Calls are matched by their order, so a
+workflow must make the same calls in the same order each time it runs (see
+``docs/functional-api.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import threading
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
+
+from stepgraph.channels.ephemeral_value import EphemeralValue
+from stepgraph.channels.last_value import LastValue
+from stepgraph.constants import END, PREVIOUS, PUSH, RETURN, START
+from stepgraph.errors import GraphInterrupt
+from stepgraph.pregel._algo import PregelNode, Task, Writes
+from stepgraph.pregel._executor import arun_task, run_task, shared_pool
+from stepgraph.pregel._loop import OneChannel
+from stepgraph.pregel.main import Pregel
+from stepgraph.runtime import CURRENT_TASK, Runtime
+from stepgraph.types import CachePolicy, RetryPolicy
+
+__all__ = ["TaskFuture", "entrypoint", "task"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+class TaskFuture(Generic[T]):
+    """What calling a synchronous ``@task`` returns: ``result()`` waits for the value.
+
+    The call starts on the shared thread pool at once, so several calls run in parallel. If no
+    worker has picked it up by the time ``result()`` is called, the caller runs it itself: a task
+    waiting for another task can never starve the pool. Under the async API, ``await`` it.
+    """
+
+    __slots__ = ("_claimed", "_done", "_lock", "_task")
+
+    def __init__(self, call: Task | None) -> None:
+        self._task = call
+        self._lock = threading.Lock()
+        self._claimed = call is None
+        self._done: Future[T] = Future()
+
+    def _execute(self) -> None:
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+        call = cast(Task, self._task)
+        try:
+            run_task(call)
+            _settle(call)
+            self._done.set_result(_outcome(call))
+        except BaseException as error:
+            self._done.set_exception(error)
+
+    def result(self, timeout: float | None = None) -> T:
+        self._execute()
+        return self._done.result(timeout)
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self._done).__await__()
+
+
+class _TaskFunction(Generic[P, T]):
+    """A function decorated with ``@task``: calling it inside a run returns a future."""
+
+    def __init__(
+        self,
+        func: Callable[P, Any],
+        *,
+        name: str | None,
+        retry_policy: RetryPolicy | Sequence[RetryPolicy] | None,
+    ) -> None:
+        self.func = func
+        self.name: str = name or getattr(func, "__name__", None) or "task"
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.__name__ = self.name
+        self.__doc__ = func.__doc__
+        self.__wrapped__ = func
+        self.node = PregelNode(
+            self.name,
+            (),
+            _no_read,
+            self._run,
+            self._arun if self.is_async else None,
+            retry_policy=retry_policy,
+        )
+
+    def _run(self, call: Task, input: Any) -> Writes:
+        args, kwargs = input
+        call.update = value = self.func(*args, **kwargs)
+        return [(RETURN, value)]
+
+    async def _arun(self, call: Task, input: Any) -> Writes:
+        args, kwargs = input
+        call.update = value = await self.func(*args, **kwargs)
+        return [(RETURN, value)]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        caller = CURRENT_TASK.get()
+        if caller is None:
+            raise RuntimeError(
+                f"@task '{self.name}' was called outside of a run: call tasks from inside an "
+                "@entrypoint function, a graph node, or another task, so their results are "
+                "recorded."
+            )
+        index = caller.calls
+        caller.calls += 1
+        loop = caller.loop
+        call = Task(loop, self.node, (args, kwargs), (PUSH, caller.id, index), (PUSH,))
+        call.resume = caller.resume
+        recorded = _recorded(loop.pending_writes, call.id)
+        if self.is_async:
+            if recorded is not None:
+                done = asyncio.get_running_loop().create_future()
+                done.set_result(recorded[0])
+                return done
+            return asyncio.ensure_future(_arun_call(call))
+        if recorded is not None:
+            future: TaskFuture[Any] = TaskFuture(None)
+            future._done.set_result(recorded[0])
+            return future
+        future = TaskFuture(call)
+        shared_pool().submit(contextvars.copy_context().run, future._execute)
+        return future
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+
+def _no_read(channels: Any) -> None:
+    return None
+
+
+def _recorded(pending_writes: Sequence[tuple[str, str, Any]], call_id: str) -> tuple[Any] | None:
+    """The result an earlier attempt of this step saved for the call, as a 1-tuple."""
+    for task_id, channel, value in pending_writes:
+        if task_id == call_id and channel == RETURN:
+            return (value,)
+    return None
+
+
+def _settle(call: Task) -> None:
+    """A call finished: save its result or error at once, and stream it. An interrupted call
+    saves nothing: it runs again, from its start, once answered."""
+    if call.paused:
+        return
+    loop = call.loop
+    if loop.save_task_writes is not None:
+        loop.save_task_writes(loop.task_writes(call))
+    loop.emit_task_result(call)
+
+
+def _outcome(call: Task) -> Any:
+    if call.paused:
+        raise GraphInterrupt(call.interrupts)
+    if call.error is not None:
+        raise call.error
+    return call.writes[0][1]
+
+
+async def _arun_call(call: Task) -> Any:
+    await arun_task(call)
+    _settle(call)
+    if call.loop.asave_calls is not None:
+        await call.loop.asave_calls()
+    return _outcome(call)
+
+
+@overload
+def task(  # type: ignore[overload-overlap]
+    __func: Callable[P, Awaitable[T]],
+) -> Callable[P, asyncio.Future[T]]: ...
+
+
+@overload
+def task(
+    __func: Callable[P, T],
+) -> Callable[P, TaskFuture[T]]: ...
+
+
+@overload
+def task(
+    *,
+    name: str | None = None,
+    retry_policy: RetryPolicy | Sequence[RetryPolicy] | None = None,
+    cache_policy: CachePolicy | None = None,
+    **kwargs: Any,
+) -> Callable[[Callable[P, Any]], Callable[P, Any]]: ...
+
+
+def task(
+    __func: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    retry_policy: RetryPolicy | Sequence[RetryPolicy] | None = None,
+    cache_policy: CachePolicy | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Make a function a durable task: inside a run, calling it returns a future, and its
+    result is saved so a resumed run gets it back without calling the function again.
+
+    Synchronous functions return a ``TaskFuture`` (``.result()``); ``async`` ones an asyncio
+    future (``await`` it). ``retry_policy`` retries failures like a node's.
+    """
+    retry_policy = retry_policy or kwargs.pop("retry", None)
+    if kwargs:
+        raise TypeError(f"Unexpected arguments: {sorted(kwargs)}")
+
+    def decorate(func: Callable[..., Any]) -> Any:
+        return _TaskFunction(func, name=name, retry_policy=retry_policy)
+
+    return decorate(__func) if __func is not None else decorate
+
+
+class entrypoint(Generic[T]):
+    """Make a function a durable workflow: a runnable graph with ``invoke``/``ainvoke``,
+    ``stream``/``astream``, ``get_state`` and ``get_state_history``.
+
+    The function takes one input argument; it may also ask for ``previous`` (what the previous
+    run on the same thread returned, or saved with ``entrypoint.final``), ``config``,
+    ``runtime`` and ``writer``.
+    """
+
+    @dataclass
+    class final(Generic[R, S]):
+        """Return ``value`` to the caller but save ``save`` as the next run's ``previous``."""
+
+        value: R
+        save: S
+
+    def __init__(
+        self,
+        checkpointer: Any = None,
+        context_schema: Any = None,
+        cache_policy: CachePolicy | None = None,
+        retry_policy: RetryPolicy | Sequence[RetryPolicy] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.checkpointer = checkpointer
+        self.context_schema = context_schema or kwargs.pop("config_schema", None)
+        self.retry_policy = retry_policy or kwargs.pop("retry", None)
+        if kwargs:
+            raise TypeError(f"Unexpected arguments: {sorted(kwargs)}")
+
+    def __call__(self, func: Callable[..., Any]) -> Pregel:
+        name = getattr(func, "__name__", "entrypoint")
+        call = _entrypoint_caller(func)
+
+        def writes(node_task: Task, output: Any) -> Writes:
+            if isinstance(output, entrypoint.final):
+                value, saved = output.value, output.save
+            else:
+                value = saved = output
+            node_task.update = value
+            return [(END, value), (PREVIOUS, saved)]
+
+        def read(channels: dict[str, Any]) -> tuple[Any, Any]:
+            previous = channels[PREVIOUS]
+            return channels[START].get(), previous.get() if previous.is_available() else None
+
+        def run(node_task: Task, input: tuple[Any, Any]) -> Writes:
+            output = call(node_task, *input)
+            if inspect.isawaitable(output):
+                close = getattr(output, "close", None)
+                if close is not None:
+                    close()
+                raise TypeError(f"Entrypoint '{name}' is async: run it with ainvoke/astream")
+            return writes(node_task, output)
+
+        async def arun(node_task: Task, input: tuple[Any, Any]) -> Writes:
+            return writes(node_task, await call(node_task, *input))
+
+        node = PregelNode(
+            name,
+            (START,),
+            read,
+            run,
+            arun if inspect.iscoroutinefunction(func) else None,
+            retry_policy=self.retry_policy,
+        )
+        graph = Pregel(
+            nodes={name: node},
+            channels={
+                START: EphemeralValue(Any, key=START),
+                END: LastValue(Any, key=END),
+                PREVIOUS: LastValue(Any, key=PREVIOUS),
+            },
+            output_channels=OneChannel((END,)),
+            update_writers={name: writes},
+            ephemeral_channels=frozenset({START}),
+            checkpointer=self.checkpointer,
+            name=name,
+        )
+        graph.__doc__ = func.__doc__
+        return graph
+
+
+_INJECTED = frozenset({"previous", "config", "runtime", "writer"})
+
+
+def _entrypoint_caller(func: Callable[..., Any]) -> Callable[[Task, Any, Any], Any]:
+    """``func(input)`` plus the keyword arguments it asks for."""
+    params = inspect.signature(func).parameters
+    positional = [
+        p
+        for p in params.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _INJECTED
+    ]
+    if len(positional) != 1:
+        raise ValueError(
+            f"Entrypoint '{getattr(func, '__name__', func)}' must take exactly one input "
+            f"argument (plus any of {sorted(_INJECTED)}), got {list(params)}"
+        )
+    wanted = [name for name in params if name in _INJECTED]
+    if not wanted:
+        return lambda node_task, value, previous: func(value)
+
+    def call(node_task: Task, value: Any, previous: Any) -> Any:
+        injected = {
+            "previous": lambda: previous,
+            "config": lambda: node_task.config,
+            "runtime": lambda: Runtime(
+                context=node_task.loop.context,
+                stream_writer=node_task.stream_writer,
+                previous=previous,
+            ),
+            "writer": lambda: node_task.stream_writer,
+        }
+        return func(value, **{name: injected[name]() for name in wanted})
+
+    return call
