@@ -193,7 +193,17 @@ def storage(backend: str, target: str) -> tuple[int, int] | None:
 # Raw floors: one INSERT + COMMIT per iteration -----------------------------------------------------
 
 
-def sqlite_floor(path: str, synchronous: str, warmup: int, iterations: int) -> list[int]:
+def wal_bytes(path: str) -> int:
+    """Size of the database's WAL file. SQLite reuses the WAL from its start after each automatic
+    checkpoint (every 1,000 pages by default), so about 4 MB here means checkpoints happened."""
+    wal = path + "-wal"
+    return os.path.getsize(wal) if os.path.exists(wal) else 0
+
+
+def sqlite_floor(
+    path: str, synchronous: str, warmup: int, iterations: int
+) -> tuple[list[int], int]:
+    """Timed commits on a fresh file, and the WAL's size at the end (before closing)."""
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -205,7 +215,8 @@ def sqlite_floor(path: str, synchronous: str, warmup: int, iterations: int) -> l
             conn.execute("INSERT INTO floor (v) VALUES (?)", (PAYLOAD,))
             conn.execute("COMMIT")
             samples.append(time.perf_counter_ns() - start)
-    return samples[warmup:]
+        wal = wal_bytes(path)
+    return samples[warmup:], wal
 
 
 def postgres_floor(conninfo: str, warmup: int, iterations: int) -> list[int]:

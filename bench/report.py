@@ -15,9 +15,10 @@ LIBS = ("langgraph", "stepgraph")
 DB_SAVERS = ("SqliteSaver", "AsyncSqliteSaver", "PostgresSaver", "AsyncPostgresSaver")
 # Both libraries forced to the same PRAGMA synchronous (their defaults may differ).
 MATCHED_SQLITE = ("SqliteSaver FULL", "AsyncSqliteSaver FULL")
+DURABILITIES = ("exit", "async", "sync")
 TITLES = {
     "chain": "1. Sequential chain of 20 nodes",
-    "fan_out": "2. Fan-out: one node Sends to 100 workers, then a collector (3 supersteps)",
+    "fan_out": "2. Fan-out x100: one node Sends to 100 workers, then a collector (µs per task: 102)",
     "wide": "3. Wide state: 1,000 keys x 100 chars; 20 steps change only a counter",
     "long_thread": "4. Long thread: reads on a 1,000-checkpoint thread vs a 20-checkpoint one",
     "resume": "5. Resume: 20-node chain, node 15 raises once; the resume is timed (per step it ran)",
@@ -40,21 +41,37 @@ def spread(samples: list[int]) -> float:
     return (q3 - q1) / 2 / median(samples)
 
 
+def units(result: dict[str, Any]) -> int:
+    return int(result.get("units", result.get("steps", 1)))  # "steps": files before tasks
+
+
 def us_per_step(result: dict[str, Any]) -> float | None:
+    """Median invocation time ÷ its unit count (supersteps, or tasks), in µs."""
     if "ns" not in result:
         return None
-    return median(result["ns"]) / result["steps"] / 1000
+    return median(result["ns"]) / units(result) / 1000
+
+
+def floor_name(saver: str, outcome: dict[str, Any]) -> str:
+    """The raw floor a saver is held to; for SQLite, at the synchronous the saver ran with (FULL,
+    SQLite's default, if it could not be read)."""
+    if "Postgres" in saver:
+        return "postgres"
+    return f"sqlite {outcome.get('synchronous') or 'FULL'}"
 
 
 def floor_us(results: dict[str, Any], saver: str, outcome: dict[str, Any]) -> float | None:
-    """The raw one-commit floor for the saver's backend; for SQLite, at the synchronous the saver
-    ran with (FULL, SQLite's default, if it could not be read)."""
-    floors = results.get("floors", {})
-    if "Postgres" in saver:
-        samples = floors.get("postgres")
-    else:
-        samples = floors.get(f"sqlite {outcome.get('synchronous') or 'FULL'}")
+    samples = results.get("floors", {}).get(floor_name(saver, outcome))
     return median(samples) / 1000 if samples else None
+
+
+def x_floor(results: dict[str, Any], saver: str, outcome: dict[str, Any]) -> float | None:
+    """Median invocation time ÷ (the commits durability "sync" needs, times one raw commit)."""
+    floor = floor_us(results, saver, outcome)
+    if "ns" not in outcome or not floor:
+        return None
+    commits = outcome.get("commits", units(outcome))
+    return median(outcome["ns"]) / 1000 / commits / floor
 
 
 def fmt_us(value: float | None, samples: list[int] | None = None) -> str:
@@ -96,9 +113,18 @@ def saver_label(cell: dict[str, Any]) -> str:
     return name
 
 
+def unit_of(cells: list[dict[str, Any]]) -> str:
+    for cell in cells:
+        for lib in LIBS:
+            if "unit" in cell[lib]:
+                return str(cell[lib]["unit"])
+    return "step"
+
+
 def invocation_table(results: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
     resume = cells[0]["workload"] == "resume"
-    header = ["saver", "durability", "LangGraph µs/step", "stepgraph µs/step", "LG/SG"]
+    unit = unit_of(cells)
+    header = ["saver", "durability", f"LangGraph µs/{unit}", f"stepgraph µs/{unit}", "LG/SG"]
     header += [
         "LG x floor",
         "SG x floor",
@@ -108,7 +134,7 @@ def invocation_table(results: dict[str, Any], cells: list[dict[str, Any]]) -> li
         "SG bytes/inv",
     ]
     if resume:
-        header += ["LG nodes re-run", "SG nodes re-run"]
+        header += ["LG resume µs", "SG resume µs", "LG nodes re-run", "SG nodes re-run"]
     rows = []
     for cell in cells:
         lg, sg = cell["langgraph"], cell["stepgraph"]
@@ -117,19 +143,30 @@ def invocation_table(results: dict[str, Any], cells: list[dict[str, Any]]) -> li
         row += [fmt_us(us[lib], cell[lib].get("ns")) for lib in LIBS]
         row.append(fmt_ratio(us["langgraph"], us["stepgraph"]))
         for lib in LIBS:
-            # Only durability "sync" commits once per step, so only there is the floor comparable.
-            floor = (
-                floor_us(results, cell["saver"], cell[lib])
-                if cell["saver"] in DB_SAVERS + MATCHED_SQLITE and cell["durability"] == "sync"
-                else None
-            )
-            row.append(fmt_ratio(us[lib], floor))
+            # Only durability "sync" commits at every step, so only there is the floor comparable.
+            floored = cell["saver"] in DB_SAVERS + MATCHED_SQLITE and cell["durability"] == "sync"
+            ratio = x_floor(results, cell["saver"], cell[lib]) if floored else None
+            row.append(f"{ratio:.2f}x" if ratio else "-")
         row += [f"{r['rows']:.1f}" if "rows" in r else "-" for r in (lg, sg)]
         row += [fmt_bytes(r.get("bytes")) for r in (lg, sg)]
         if resume:
-            row += [str(r.get("extra", {}).get("rerun", "-")) for r in (lg, sg)]
+            row += [
+                fmt_us(median(r["ns"]) / 1000, r["ns"]) if "ns" in r else "n/a" for r in (lg, sg)
+            ]
+            row += [fmt_reruns(r) for r in (lg, sg)]
         rows.append(row)
     return table(header, rows)
+
+
+def fmt_reruns(outcome: dict[str, Any]) -> str:
+    """Nodes re-run by the resumes: the one value, or min-max when the resumes differed."""
+    reruns = outcome.get("extra", {}).get("rerun")
+    if isinstance(reruns, int):  # files from before reruns were kept per resume
+        return str(reruns)
+    if not reruns:
+        return "-"
+    low, high = min(reruns), max(reruns)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def reads_table(cells: list[dict[str, Any]]) -> list[str]:
@@ -173,92 +210,146 @@ def errors(cells: list[dict[str, Any]]) -> list[str]:
 
 # Verdicts ----------------------------------------------------------------------------------------
 
+ALL_SAVERS = ("InMemorySaver", *DB_SAVERS)
 
-def result(
-    results: dict[str, Any], lib: str, workload: str, saver: str, durability: str = "sync"
-) -> dict[str, Any] | None:
+
+def find(results: dict[str, Any], workload: str, saver: str, durability: str) -> Any:
     for cell in results["cells"]:
         if (cell["workload"], cell["saver"], cell["durability"]) == (workload, saver, durability):
-            return cell[lib]
+            return cell
     return None
 
 
-def div(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
+def absent(results: dict[str, Any], workload: str, saver: str, durability: str) -> str:
+    """Why a cell is not in the results."""
+    settings = results.get("settings", {})
+    if workload not in settings.get("workloads", [workload]):
+        return f"workload {workload} not selected (--only)"
+    if "Postgres" in saver and results.get("postgres_skipped"):
+        return str(results["postgres_skipped"])
+    if "Postgres" in saver and not results["machine"].get("postgres"):
+        return "Postgres not reached"
+    if workload == "long_thread" and "Async" in saver and not settings.get("long_thread_async"):
+        return "quick run: long-thread reads on the sync savers only"
+    if workload != "chain" and durability not in settings.get("durabilities", [durability]):
+        return f"durability {durability} not run for {workload} in a {results['mode']} run"
+    return f"cell {workload} {saver}/{durability} not in this run"
 
 
-def per_step(r: dict[str, Any] | None) -> float | None:
-    return us_per_step(r) if r else None
+class Verdicts:
+    """Collects one line per target: PASS/MISS with the figures, or NOT RUN and why."""
 
+    def __init__(self, results: dict[str, Any]) -> None:
+        self.results = results
+        self.lines: list[str] = []
 
-def why_missing(*needed: dict[str, Any] | None) -> str:
-    for r in needed:
-        if r is None:
-            return "cell not in this run"
-        if "error" in r:
-            return r["error"].split("\n")[0][:120]
-    return ""
+    def outcome(
+        self, lib: str, workload: str, saver: str, durability: str = "sync"
+    ) -> tuple[dict[str, Any] | None, str]:
+        """A library's result for a cell, or None and why there is none."""
+        cell = find(self.results, workload, saver, durability)
+        if cell is None:
+            return None, absent(self.results, workload, saver, durability)
+        if "error" in cell[lib]:
+            return None, f"{lib} failed: {cell[lib]['error'].splitlines()[0][:160]}"
+        return cell[lib], ""
+
+    def not_run(self, name: str, reason: str) -> None:
+        self.lines.append(f"- NOT RUN  {name}: {reason}")
+
+    def check(self, name: str, figures: str, value: float, target: float, at_least: bool) -> None:
+        ok = value >= target if at_least else value <= target
+        sign = "≥" if at_least else "≤"
+        self.lines.append(
+            f"- {'PASS' if ok else 'MISS'}     {name}: {figures} = {value:.2f}x "
+            f"(target {sign} {target:g}x)"
+        )
 
 
 def verdicts(results: dict[str, Any]) -> list[str]:
-    lines = []
-
-    def check(name: str, value: float | None, target: float, at_least: bool, *needed: Any) -> None:
-        if value is None:
-            lines.append(f"- NOT RUN  {name} ({why_missing(*needed) or 'no figure'})")
-            return
-        ok = value >= target if at_least else value <= target
-        sign = "≥" if at_least else "≤"
-        lines.append(
-            f"- {'PASS' if ok else 'MISS'}     {name}: {value:.2f}x (target {sign}{target}x)"
-        )
+    v = Verdicts(results)
 
     def speedup(saver: str, durability: str) -> None:
-        lg = result(results, "langgraph", "chain", saver, durability)
-        sg = result(results, "stepgraph", "chain", saver, durability)
         name = f"chain {saver}/{durability}: LangGraph ÷ stepgraph µs/step"
-        check(name, div(per_step(lg), per_step(sg)), 4, True, lg, sg)
+        lg, why_lg = v.outcome("langgraph", "chain", saver, durability)
+        sg, why_sg = v.outcome("stepgraph", "chain", saver, durability)
+        if lg is None or sg is None:
+            return v.not_run(name, why_lg or why_sg)
+        a, b = us_per_step(lg), us_per_step(sg)
+        if not a or not b:
+            return v.not_run(name, "no timing")
+        v.check(name, f"LG {fmt_us(a)} ÷ SG {fmt_us(b)} µs/step", a / b, 4, True)
+
+    def near_floor(saver: str) -> None:
+        name = f"chain {saver}/sync: stepgraph µs/step ÷ raw one-commit floor"
+        sg, why = v.outcome("stepgraph", "chain", saver)
+        if sg is None:
+            return v.not_run(name, why)
+        floor, ratio = floor_us(results, saver, sg), x_floor(results, saver, sg)
+        if floor is None or ratio is None:
+            return v.not_run(name, f"no {floor_name(saver, sg)} floor in this run")
+        figures = (
+            f"{fmt_us(us_per_step(sg))} µs/step ÷ {fmt_us(floor)} µs ({floor_name(saver, sg)})"
+        )
+        v.check(name, figures, ratio, 1.5, False)
+
+    def async_vs_exit(saver: str) -> None:
+        name = f"chain {saver}: stepgraph durability async ÷ exit, µs/step"
+        async_, why_a = v.outcome("stepgraph", "chain", saver, "async")
+        exit_, why_e = v.outcome("stepgraph", "chain", saver, "exit")
+        if async_ is None or exit_ is None:
+            return v.not_run(name, why_a or why_e)
+        a, b = us_per_step(async_), us_per_step(exit_)
+        if not a or not b:
+            return v.not_run(name, "no timing")
+        v.check(name, f"async {fmt_us(a)} ÷ exit {fmt_us(b)} µs/step", a / b, 1.3, False)
+
+    def wide_bytes(saver: str) -> None:
+        name = f"wide {saver}/sync: LangGraph SqliteSaver ÷ stepgraph bytes/step"
+        lg, why_lg = v.outcome("langgraph", "wide", "SqliteSaver")
+        sg, why_sg = v.outcome("stepgraph", "wide", saver)
+        if lg is None or sg is None:
+            return v.not_run(name, why_lg or why_sg)
+        a, b = lg.get("bytes"), sg.get("bytes")
+        if a is None or b is None:
+            return v.not_run(name, "storage size not measured")
+        if b <= 0 or a <= 0:
+            who = "stepgraph" if b <= 0 else "LangGraph"
+            return v.not_run(
+                name,
+                f"{who} grew the storage by {fmt_bytes(min(a, b))}/invocation, below what page "
+                "growth resolves over this run's invocations (run `make bench`)",
+            )
+        steps = units(sg)
+        figures = f"{fmt_bytes(a / units(lg))} ÷ {fmt_bytes(b / steps)}"
+        v.check(name, figures, a / b * steps / units(lg), 10, True)
+
+    def long_thread(saver: str, read: str) -> None:
+        name = f"long thread {saver} {read}: stepgraph 1,000 ÷ 20 checkpoints"
+        sg, why = v.outcome("stepgraph", "long_thread", saver)
+        if sg is None:
+            return v.not_run(name, why)
+        reads = sg.get("reads", {})
+        long_, short = reads.get(f"{read} long"), reads.get(f"{read} short")
+        if not long_ or not short:
+            return v.not_run(name, "no timing")
+        a, b = median(long_) / 1000, median(short) / 1000
+        v.check(name, f"{fmt_us(a)} µs ÷ {fmt_us(b)} µs", a / b, 1.5, False)
 
     speedup("none", "sync")
-    for durability in ("exit", "async", "sync"):
+    for durability in DURABILITIES:
         speedup("InMemorySaver", durability)
     for saver in DB_SAVERS + MATCHED_SQLITE:
         speedup(saver, "sync")
-        sg = result(results, "stepgraph", "chain", saver)
-        floor = floor_us(results, saver, sg) if sg else None
-        check(
-            f"chain {saver}/sync: stepgraph µs/step ÷ raw floor",
-            div(per_step(sg), floor),
-            1.5,
-            False,
-            sg,
-        )
-    for saver in DB_SAVERS:
-        exit_ = result(results, "stepgraph", "chain", saver, "exit")
-        async_ = result(results, "stepgraph", "chain", saver, "async")
-        name = f"chain {saver}: stepgraph durability async ÷ exit"
-        check(name, div(per_step(async_), per_step(exit_)), 1.3, False, async_, exit_)
-    base = result(results, "langgraph", "wide", "SqliteSaver")
+        near_floor(saver)
+    for saver in ALL_SAVERS:
+        async_vs_exit(saver)
     for saver in ("SqliteSaver", "PostgresSaver"):
-        sg = result(results, "stepgraph", "wide", saver)
-        value = div(base.get("bytes") if base else None, sg.get("bytes") if sg else None)
-        check(
-            f"wide {saver}/sync: LangGraph SqliteSaver ÷ stepgraph bytes/step",
-            value,
-            10,
-            True,
-            base,
-            sg,
-        )
-    for cell in results["cells"]:
-        if cell["workload"] == "long_thread":
-            reads = cell["stepgraph"].get("reads", {})
-            for read in ("get_state", "list(limit=10)"):
-                long_, short = reads.get(f"{read} long"), reads.get(f"{read} short")
-                value = div(long_ and median(long_), short and median(short))
-                name = f"long thread {cell['saver']} {read}: stepgraph 1,000 ÷ 20 checkpoints"
-                check(name, value, 1.5, False, cell["stepgraph"])
-    return lines
+        wide_bytes(saver)
+    for saver in ALL_SAVERS:
+        for read in ("get_state", "list(limit=10)"):
+            long_thread(saver, read)
+    return v.lines
 
 
 # The whole report --------------------------------------------------------------------------------
@@ -275,22 +366,21 @@ def markdown(results: dict[str, Any]) -> str:
         + (
             f"PostgreSQL {pg['server_version']} (fsync {pg['fsync']}, synchronous_commit {pg['synchronous_commit']})."
             if pg
-            else "PostgreSQL not reached."
-        ),
+            else f"PostgreSQL not used ({results.get('postgres_skipped') or 'not reached'})."
+        )
+        + (f" libpq {m['libpq']}." if "libpq" in m else ""),
         "Packages: "
         + ", ".join(f"{k}=={v}" for k, v in m["packages"].items())
         + f"; stepgraph commit {m['stepgraph_commit']}.",
+        "Unreachable Postgres, `--only` or `--quick` leave cells out; the targets say which.",
         f"Each cell: {results['settings']['warmup']} warm-up + {results['settings']['repeats']} timed invocations per round, "
-        f"{results['settings']['rounds']} rounds alternating LangGraph, stepgraph. µs/step is the median "
-        "invocation time ÷ supersteps, ± half the interquartile range. LG/SG > 1 means stepgraph is faster.",
+        f"{results['settings']['rounds']} rounds alternating LangGraph, stepgraph. µs/step (µs/task) is the "
+        "median invocation time ÷ its supersteps (tasks), ± half the interquartile range. "
+        "LG/SG > 1 means stepgraph is faster. x floor: median invocation time ÷ (the commits "
+        "durability sync needs: one per superstep, one per task of the functional API) ÷ one raw commit.",
         "",
-        "## Raw floor: one INSERT + COMMIT of a 512-byte row",
-        "",
+        *floor_section(results),
     ]
-    floors = results.get("floors", {})
-    out += table(
-        ["backend", "µs per commit"], [[k, fmt_us(median(v) / 1000, v)] for k, v in floors.items()]
-    )
     for workload, title in TITLES.items():
         cells = [c for c in results["cells"] if c["workload"] == workload]
         if not cells:
@@ -312,6 +402,46 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def floor_section(results: dict[str, Any]) -> list[str]:
+    floors = results.get("floors", {})
+    loops = results.get("floor_commits")
+    wal = results.get("floor_wal_bytes", {})
+    out = ["## Raw floor: one INSERT + COMMIT of a 512-byte row", ""]
+    if loops:
+        out += [
+            f"{loops['loops']} loops per backend (a fresh file or schema each, half at the start "
+            f"of the run, half at the end), each {loops['warmup']} untimed then {loops['timed']} "
+            "timed commits: the commits of one round of a chain cell at durability sync.",
+            "",
+        ]
+    rows = []
+    for name, samples in floors.items():
+        sizes = wal.get(name)
+        rows.append(
+            [
+                name,
+                fmt_us(median(samples) / 1000, samples),
+                f"{fmt_bytes(min(sizes))} - {fmt_bytes(max(sizes))}" if sizes else "-",
+            ]
+        )
+    out += table(["backend", "µs per commit", "WAL at loop end"], rows)
+    # The same for the cells the floor is compared with, to show whether their WAL wrapped.
+    cell_wal = [
+        f"{cell['saver']} {lib} {fmt_bytes(max(cell[lib]['wal_bytes']))}"
+        for cell in results["cells"]
+        if cell["workload"] == "chain" and cell["durability"] == "sync"
+        for lib in LIBS
+        if cell[lib].get("wal_bytes")
+    ]
+    if cell_wal:
+        out += [
+            "",
+            "WAL after the timed invocations of the chain's SQLite cells at durability sync "
+            "(SQLite checkpoints and reuses it at about 4 MB): " + ", ".join(cell_wal) + ".",
+        ]
+    return out
+
+
 def progress_line(cell: dict[str, Any]) -> str:
     parts = []
     for lib in LIBS:
@@ -319,7 +449,7 @@ def progress_line(cell: dict[str, Any]) -> str:
         if "error" in result:
             parts.append(f"{lib} error")
         elif "ns" in result:
-            parts.append(f"{lib} {fmt_us(us_per_step(result))} µs/step")
+            parts.append(f"{lib} {fmt_us(us_per_step(result))} µs/{result.get('unit', 'step')}")
         else:
             parts.append(f"{lib} ok")
     return f"{cell['workload']} {cell['saver']}/{cell['durability']}: " + ", ".join(parts)

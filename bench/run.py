@@ -40,9 +40,17 @@ from backends import (
     sqlite_floor,
     sqlite_synchronous,
     storage,
+    wal_bytes,
 )
 from psycopg.conninfo import make_conninfo
-from workloads import READS, WORKLOADS, Api, build_ticker, prepare_long_thread
+from workloads import (
+    CHAIN_LENGTH,
+    READS,
+    WORKLOADS,
+    Api,
+    build_ticker,
+    prepare_long_thread,
+)
 
 LIBS = ("langgraph", "stepgraph")
 PACKAGES = (
@@ -70,20 +78,18 @@ class Settings:
     warmup: int  # untimed invocations before each cell's timed ones
     repeats: int  # timed invocations per cell and round
     other_threads: int  # threads beside the long one in the long-thread workload
-    floor_iterations: int
     long_thread_async: bool = True  # run the long-thread reads on the async savers too
     workloads: list[str] = field(default_factory=lambda: [*WORKLOADS, "long_thread"])
     savers: list[str] = field(default_factory=lambda: list(SAVERS))
     durabilities: list[str] = field(default_factory=lambda: list(DURABILITIES))
 
 
-FULL = Settings(rounds=2, warmup=3, repeats=15, other_threads=100, floor_iterations=300)
+FULL = Settings(rounds=2, warmup=3, repeats=15, other_threads=100)
 QUICK = Settings(
     rounds=2,
     warmup=1,
     repeats=3,
     other_threads=20,
-    floor_iterations=100,
     long_thread_async=False,
     durabilities=["exit", "sync"],
 )
@@ -120,14 +126,19 @@ def invocations(api: Api, saver: Any, driver: Driver, spec: dict[str, Any]) -> d
     workload.prepare(graph, driver)
     for i in range(spec["warmup"]):
         workload.run(graph, driver, f"warmup-{i}")
-    before = storage(backend, spec["target"])
+    before = storage(backend, spec["target"])  # folds the WAL (SQLite): it starts empty
     samples = [workload.run(graph, driver, f"timed-{i}") for i in range(spec["repeats"])]
+    wal = wal_bytes(spec["target"]) if backend == "sqlite" else None
     after = storage(backend, spec["target"])
     result: dict[str, Any] = {
         "ns": [s.ns for s in samples],
-        "steps": samples[0].steps,
-        "extra": samples[-1].extra,
+        "unit": workload.unit,
+        "units": samples[0].units,
+        "commits": samples[0].commits,
+        "extra": {k: [s.extra[k] for s in samples] for k in samples[0].extra},
     }
+    if wal is not None:
+        result["wal_bytes"] = wal
     if before and after:
         result["rows"] = (after[0] - before[0]) / len(samples)
         result["bytes"] = (after[1] - before[1]) / len(samples)
@@ -224,18 +235,20 @@ def plan(settings: Settings, postgres: bool) -> list[dict[str, str]]:
 
 
 @contextlib.contextmanager
-def bench_database(uri: str) -> Iterator[str | None]:
-    """A database of this run's own, dropped at the end; None when Postgres cannot be reached."""
+def bench_database(uri: str) -> Iterator[tuple[str | None, str]]:
+    """(conninfo of a database of this run's own, dropped at the end, ""), or (None, why Postgres
+    cannot be used)."""
     try:
         admin = psycopg.connect(uri, autocommit=True)
     except psycopg.OperationalError as error:
-        print(f"Postgres not reachable ({error}); its cells are skipped", file=sys.stderr)
-        yield None
+        reason = f"Postgres not reachable at {uri}: {str(error).strip().splitlines()[0]}"
+        print(f"{reason}; its cells are skipped", file=sys.stderr)
+        yield None, reason
         return
     name = f"stepgraph_bench_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}"
     admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield make_conninfo(uri, dbname=name)
+        yield make_conninfo(uri, dbname=name), ""
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
@@ -249,16 +262,26 @@ def postgres_schema(dbinfo: str, schema: str) -> str:
 
 def measure_floors(
     tmp: Path, dbinfo: str | None, settings: Settings, tag: str
-) -> dict[str, list[int]]:
-    floors = {}
-    n, warmup = settings.floor_iterations, settings.floor_iterations // 10
-    for synchronous in ("NORMAL", "FULL"):
-        floors[f"sqlite {synchronous}"] = sqlite_floor(
-            str(tmp / f"floor-{tag}-{synchronous}.sqlite"), synchronous, warmup, n
-        )
-    if dbinfo:
-        floors["postgres"] = postgres_floor(postgres_schema(dbinfo, f"floor_{tag}"), warmup, n)
-    return floors
+) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """The raw floors, each loop as long as one round of a chain cell at durability "sync": as
+    many untimed then timed commits as that cell's warm-up and timed invocations have supersteps,
+    on a fresh file (schema) per round. A saver's commit writes more WAL pages than the floor's
+    one row, so the WAL's size at the end of each SQLite loop is returned too, beside the timed
+    samples, for the report to set against the cells' own."""
+    floors: dict[str, list[int]] = {}
+    wal: dict[str, list[int]] = {}
+    warmup, n = settings.warmup * CHAIN_LENGTH, settings.repeats * CHAIN_LENGTH
+    for round_ in range(settings.rounds):
+        for synchronous in ("NORMAL", "FULL"):
+            name = f"sqlite {synchronous}"
+            path = tmp / f"floor-{tag}-{round_}-{synchronous}.sqlite"
+            samples, size = sqlite_floor(str(path), synchronous, warmup, n)
+            floors.setdefault(name, []).extend(samples)
+            wal.setdefault(name, []).append(size)
+        if dbinfo:
+            schema = postgres_schema(dbinfo, f"floor_{tag}_{round_}")
+            floors.setdefault("postgres", []).extend(postgres_floor(schema, warmup, n))
+    return floors, wal
 
 
 def machine(dbinfo: str | None) -> dict[str, Any]:
@@ -290,8 +313,9 @@ def machine(dbinfo: str | None) -> dict[str, Any]:
         with psycopg.connect(dbinfo) as conn:
             settings = ("server_version", "fsync", "synchronous_commit", "wal_sync_method")
             info["postgres"] = {s: conn.execute(f"SHOW {s}").fetchone()[0] for s in settings}  # type: ignore[index]
+    info["libpq"] = psycopg.pq.version()
     git = subprocess.run(
-        ["git", "-C", str(BENCH_DIR), "rev-parse", "--short", "HEAD"],
+        ["git", "-C", str(BENCH_DIR), "rev-parse", "HEAD"],
         capture_output=True,
         text=True,
     )
@@ -327,16 +351,17 @@ def main() -> None:
     started = time.time()
     workers = {lib: Worker(lib) for lib in LIBS}
     tmp = Path(tempfile.mkdtemp(prefix="stepgraph-bench-"))
-    with bench_database(args.postgres) as dbinfo:
+    with bench_database(args.postgres) as (dbinfo, postgres_skipped):
         try:
             results: dict[str, Any] = {
                 "mode": "quick" if args.quick else "full",
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "machine": machine(dbinfo),
                 "settings": asdict(settings),
+                "postgres_skipped": postgres_skipped,
                 "cells": [],
             }
-            floors = measure_floors(tmp, dbinfo, settings, "start")
+            floors, floor_wal = measure_floors(tmp, dbinfo, settings, "start")
             cells = plan(settings, dbinfo is not None)
             for number, cell in enumerate(cells, 1):
                 cell_started = time.time()
@@ -359,9 +384,18 @@ def main() -> None:
                     f"[{number}/{len(cells)}, {took:.1f} s] {report.progress_line(results['cells'][-1])}",
                     file=sys.stderr,
                 )
-            for name, samples in measure_floors(tmp, dbinfo, settings, "end").items():
+            end_floors, end_wal = measure_floors(tmp, dbinfo, settings, "end")
+            for name, samples in end_floors.items():
                 floors[name] += samples
+            for name, sizes in end_wal.items():
+                floor_wal[name] += sizes
             results["floors"] = floors
+            results["floor_wal_bytes"] = floor_wal
+            results["floor_commits"] = {
+                "warmup": settings.warmup * CHAIN_LENGTH,
+                "timed": settings.repeats * CHAIN_LENGTH,
+                "loops": 2 * settings.rounds,
+            }
         finally:
             for w in workers.values():
                 w.stop()
@@ -375,7 +409,10 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(report.markdown(results))
-    print(f"\nRaw results: {out.relative_to(BENCH_DIR.parent)} ({results['duration_s']} s)")
+    where = out.relative_to(BENCH_DIR.parent)
+    print(
+        f"\nRaw results: {where} ({results['duration_s']} s); README table: bench/summary.py {where}"
+    )
 
 
 def cell_target(cell: dict[str, str], tmp: Path, dbinfo: str | None, tag: str) -> str:
@@ -392,11 +429,14 @@ def merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in rounds if "error" not in r]
     if not ok:
         return {"error": rounds[0]["error"]}
-    merged: dict[str, Any] = {
-        k: v for k, v in ok[-1].items() if k not in ("ns", "reads", "rows", "bytes")
-    }
+    pooled = ("ns", "reads", "rows", "bytes", "extra", "wal_bytes")
+    merged: dict[str, Any] = {k: v for k, v in ok[-1].items() if k not in pooled}
     if "ns" in ok[0]:
         merged["ns"] = [ns for r in ok for ns in r["ns"]]
+    if "extra" in ok[0]:
+        merged["extra"] = {k: [x for r in ok for x in r["extra"][k]] for k in ok[0]["extra"]}
+    if "wal_bytes" in ok[0]:
+        merged["wal_bytes"] = [r["wal_bytes"] for r in ok]
     if "reads" in ok[0]:
         merged["reads"] = {k: [ns for r in ok for ns in r["reads"][k]] for k in ok[0]["reads"]}
     for key in ("rows", "bytes"):

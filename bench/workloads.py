@@ -65,7 +65,10 @@ class Api:
 @dataclass
 class Sample:
     ns: int  # wall time of the timed call
-    steps: int  # supersteps (tasks, for the functional API) that call ran
+    units: int  # what the µs figure is per: supersteps, or tasks (see Workload.unit)
+    # The commits durability "sync" needs at least (one per superstep; one per task call for the
+    # functional API): what the raw one-commit floor is multiplied by.
+    commits: int
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,6 +79,7 @@ class Workload:
     run: Callable[[Any, Driver, str], Sample]
     prepare: Callable[[Any, Driver], None] = lambda graph, driver: None
     needs_checkpointer: bool = False
+    unit: str = "step"  # "step" (a superstep) or "task"
 
 
 # 1. Sequential chain -----------------------------------------------------------------------------
@@ -110,7 +114,7 @@ def build_chain(api: Api, checkpointer: Any, node: Callable[[str], Any] = chain_
 
 
 def run_chain(graph: Any, driver: Driver, thread_id: str) -> Sample:
-    return Sample(driver.invoke(graph, {"x": 0, "log": []}, thread_id), CHAIN_LENGTH)
+    return Sample(driver.invoke(graph, {"x": 0, "log": []}, thread_id), CHAIN_LENGTH, CHAIN_LENGTH)
 
 
 # 2. Fan-out --------------------------------------------------------------------------------------
@@ -146,8 +150,12 @@ def build_fan_out(api: Api, checkpointer: Any) -> Any:
     return builder.compile(checkpointer=checkpointer)
 
 
+FAN_OUT_TASKS = FAN_OUT + 2  # dispatch, the workers, collect
+FAN_OUT_STEPS = 3
+
+
 def run_fan_out(graph: Any, driver: Driver, thread_id: str) -> Sample:
-    return Sample(driver.invoke(graph, {"results": []}, thread_id), 3)
+    return Sample(driver.invoke(graph, {"results": []}, thread_id), FAN_OUT_TASKS, FAN_OUT_STEPS)
 
 
 # 3. Wide state -----------------------------------------------------------------------------------
@@ -176,7 +184,7 @@ def prepare_wide(graph: Any, driver: Driver) -> None:
 def run_wide(graph: Any, driver: Driver, thread_id: str) -> Sample:
     # Every call continues the one seeded thread.
     graph_input = {"counter": 0} if graph.checkpointer else {"data": WIDE_DATA, "counter": 0}
-    return Sample(driver.invoke(graph, graph_input, "wide"), CHAIN_LENGTH)
+    return Sample(driver.invoke(graph, graph_input, "wide"), CHAIN_LENGTH, CHAIN_LENGTH)
 
 
 # 5. Resume after a failure -----------------------------------------------------------------------
@@ -221,10 +229,13 @@ def run_resume(graph: Any, driver: Driver, thread_id: str) -> Sample:
     state = driver.get_state(graph, thread_id)[1].values
     assert state["x"] == CHAIN_LENGTH, state
     needed = CHAIN_LENGTH - FAILING_NODE + 1
-    return Sample(ns, needed, {"node_runs": PROBE.runs, "rerun": PROBE.runs - needed})
+    return Sample(ns, needed, needed, {"node_runs": PROBE.runs, "rerun": PROBE.runs - needed})
 
 
 # 6. Functional API -------------------------------------------------------------------------------
+
+
+TASK_RUNS = [0]  # task bodies run by the functional workload since the last reset
 
 
 def build_functional(api: Api, checkpointer: Any) -> Any:
@@ -232,6 +243,7 @@ def build_functional(api: Api, checkpointer: Any) -> Any:
 
     @func.task
     def step(x: int) -> int:
+        TASK_RUNS[0] += 1
         return x + 1
 
     @func.entrypoint(checkpointer=checkpointer)
@@ -244,14 +256,18 @@ def build_functional(api: Api, checkpointer: Any) -> Any:
 
 
 def run_functional(graph: Any, driver: Driver, thread_id: str) -> Sample:
-    return Sample(driver.invoke(graph, 0, thread_id), CHAIN_LENGTH)
+    TASK_RUNS[0] = 0
+    ns = driver.invoke(graph, 0, thread_id)
+    # Every call ran its task once: a new thread has no recorded result to replay.
+    assert TASK_RUNS[0] == CHAIN_LENGTH, TASK_RUNS[0]
+    return Sample(ns, CHAIN_LENGTH, CHAIN_LENGTH)
 
 
 WORKLOADS = {
     w.name: w
     for w in [
         Workload("chain", build_chain, run_chain),
-        Workload("fan_out", build_fan_out, run_fan_out),
+        Workload("fan_out", build_fan_out, run_fan_out, unit="task"),
         Workload("wide", build_wide, run_wide, prepare=prepare_wide),
         Workload(
             "resume",
@@ -259,7 +275,7 @@ WORKLOADS = {
             run_resume,
             needs_checkpointer=True,
         ),
-        Workload("functional", build_functional, run_functional),
+        Workload("functional", build_functional, run_functional, unit="task"),
     ]
 }
 
