@@ -400,6 +400,11 @@ class _Compiler:
                 _is_async(spec.action),
                 partial(self._to_update, node_name, keys=keys),
                 spec.retry_policy,
+                acall=(
+                    _caller(spec.action, schema, use_async=True)
+                    if isinstance(spec.action, Pregel)
+                    else None
+                ),
             )
             update_writers[node_name] = self._update_writer(
                 node_name, partial(self._to_update, node_name, keys=keys)
@@ -435,8 +440,12 @@ class _Compiler:
         to_update: Callable[[Any], _Update],
         retry_policy: Any,
         hidden: bool = False,
+        acall: Callable[[Task, Any], Any] | None = None,
     ) -> PregelNode:
-        """The executor's node: call the action, then turn its output into writes."""
+        """The executor's node: call the action, then turn its output into writes.
+
+        ``acall`` is the action under the async API when it differs from ``call`` (a compiled
+        subgraph: ``ainvoke``, so it saves through an async checkpointer, as in LangGraph)."""
         write, awrite = self._writers(name)
 
         def run(task: Task, value: Any) -> Writes:
@@ -447,11 +456,16 @@ class _Compiler:
             return write(task, to_update(_not_awaitable(name, output)))
 
         arun = None
-        if call_is_async or any(b.is_async for b in self.builder.branches.get(name, ())):
+        if (
+            call_is_async
+            or acall is not None
+            or any(b.is_async for b in self.builder.branches.get(name, ()))
+        ):
+            call_async = acall or call
 
             async def arun(task: Task, value: Any) -> Writes:
                 try:
-                    output = call(task, value)
+                    output = call_async(task, value)
                     if inspect.isawaitable(output):
                         output = await output
                 except ParentCommand as bubbled:
@@ -587,7 +601,16 @@ def _route(target: str | Send) -> tuple[str, Any]:
 
 
 def _is_async(fn: Any) -> bool:
+    """Whether ``fn`` can only run under the async API (a graph: one of its nodes or branches).
+
+    A compiled subgraph node has an ``arun`` (``ainvoke``) even when it can run sync, so a
+    graph built here is judged by its builder's actions, not by its nodes."""
     if isinstance(fn, Pregel):
+        builder = fn.builder
+        if isinstance(builder, StateGraph):
+            return any(_is_async(spec.action) for spec in builder.nodes.values()) or any(
+                b.is_async for branches in builder.branches.values() for b in branches
+            )
         return any(node.arun is not None for node in fn.nodes.values())
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 (callable objects)
@@ -601,12 +624,13 @@ _INJECTED = {
 }
 
 
-def _caller(fn: Any, schema: Any = None) -> Callable[[Task, Any], Any]:
+def _caller(fn: Any, schema: Any = None, use_async: bool = False) -> Callable[[Task, Any], Any]:
     """``fn(state)`` plus the keyword arguments it asks for (config, runtime, writer).
 
     With a model ``schema``, a ``Send`` argument given as a dict is turned into the model.
+    ``use_async`` runs a compiled graph with ``ainvoke`` even if all its nodes are sync.
     """
-    call = _plain_caller(fn)
+    call = _plain_caller(fn, use_async)
     if not is_model(schema):
         return call
 
@@ -643,10 +667,10 @@ def _not_awaitable(name: str, value: Any) -> Any:
     return value
 
 
-def _plain_caller(fn: Any) -> Callable[[Task, Any], Any]:
+def _plain_caller(fn: Any, use_async: bool = False) -> Callable[[Task, Any], Any]:
     if isinstance(fn, Pregel):
         graph = fn
-        if _is_async(graph):
+        if use_async or _is_async(graph):
             return lambda task, state: graph.ainvoke(state, task.config)
         return lambda task, state: graph.invoke(state, task.config)
     try:

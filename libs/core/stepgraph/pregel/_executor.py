@@ -4,6 +4,10 @@ A step with one task runs it inline, on the calling thread or in the calling cor
 thread hand-off, which is most of the per-step cost otherwise. Steps with several tasks use one
 process-wide thread pool; the caller runs the first task itself and takes back any task no worker
 has started yet, so nested graphs waiting on the pool can never deadlock it.
+
+A finished task is reported (``on_done``: its writes are saved) at once, by the thread or
+asyncio task that ran it, not when the caller gets to it: a sibling that finishes while the
+caller still runs its own task is saved even if the process dies before that task returns.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from stepgraph.errors import GraphInterrupt, InvalidUpdateError, ParentCommand
 from stepgraph.pregel._algo import Task
@@ -24,7 +28,8 @@ from stepgraph.types import RetryPolicy
 __all__ = ["arun_step", "run_step", "shared_pool"]
 
 OnDone = Callable[[Task, bool], None]
-"""Called on the caller's thread when a task finished; the flag says no other task still runs."""
+"""Called when a task finished, on the thread that ran it (so a pool thread in a multi-task
+step: it must be thread-safe); the flag says no other task of the step still runs."""
 AsyncOnDone = Callable[[Task, bool], Awaitable[None]]
 
 _pool: ThreadPoolExecutor | None = None
@@ -39,6 +44,21 @@ def shared_pool() -> ThreadPoolExecutor:
                 workers = min(64, (os.cpu_count() or 1) + 16)
                 _pool = ThreadPoolExecutor(workers, thread_name_prefix="stepgraph")
     return _pool
+
+
+class _Countdown:
+    """The tasks of a step still running; tells each one that finishes whether it was the last."""
+
+    __slots__ = ("_left", "_lock")
+
+    def __init__(self, count: int) -> None:
+        self._left = count
+        self._lock = threading.Lock()
+
+    def finished(self) -> bool:
+        with self._lock:
+            self._left -= 1
+            return self._left == 0
 
 
 def _retry_policy(task: Task, error: Exception, attempt: int) -> RetryPolicy | None:
@@ -123,7 +143,13 @@ async def arun_task(task: Task) -> None:
 
 
 def run_step(tasks: Sequence[Task], on_done: OnDone, max_concurrency: int | None = None) -> None:
-    """Run the tasks that have not finished yet; ``on_done`` sees each as it completes."""
+    """Run the tasks that have not finished yet; ``on_done`` sees each the moment it finishes,
+    on the thread that ran it.
+
+    Every task of the step finishes (and is reported) before the first error escaping a task or
+    ``on_done`` is raised, in plan order. On a ``BaseException`` (``KeyboardInterrupt``...) in
+    the calling thread, tasks no worker has started are dropped; those running are waited for.
+    """
     todo = [task for task in tasks if not task.done]
     if not todo:
         return
@@ -131,39 +157,49 @@ def run_step(tasks: Sequence[Task], on_done: OnDone, max_concurrency: int | None
         run_task(todo[0])
         on_done(todo[0], True)
         return
-    run: Callable[[Task], None] = run_task
-    if max_concurrency:
-        slots = threading.BoundedSemaphore(max_concurrency)
+    countdown = _Countdown(len(todo))
+    slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
 
-        def run(task: Task) -> None:
+    def finish(task: Task) -> None:
+        if slots is None:
+            run_task(task)
+        else:
             with slots:
                 run_task(task)
+        on_done(task, countdown.finished())
 
     pool = shared_pool()
-    submitted: list[tuple[Future[None], Task]] = [
-        (pool.submit(contextvars.copy_context().run, run, task), task) for task in todo[1:]
-    ]
-    remaining = len(todo)
-    run(todo[0])
-    remaining -= 1
-    on_done(todo[0], remaining == 0)
-    running: dict[Future[None], Task] = {}
-    for future, task in submitted:
-        if future.cancel():  # no worker took it yet: run it here
-            run(task)
-            remaining -= 1
-            on_done(task, remaining == 0)
-        else:
-            running[future] = task
-    for future in as_completed(running):
-        future.result()  # only BaseExceptions escape run_task
-        remaining -= 1
-        on_done(running[future], remaining == 0)
+    submitted = [pool.submit(contextvars.copy_context().run, finish, task) for task in todo[1:]]
+    errors: dict[int, BaseException] = {}
+    try:
+        for index, task in enumerate(todo):
+            # The caller runs the first task, then takes back any that no worker started yet.
+            if index == 0 or submitted[index - 1].cancel():
+                try:
+                    finish(task)
+                except Exception as error:
+                    errors[index] = error
+    except BaseException:
+        for future in submitted:
+            future.cancel()
+        wait(submitted)
+        raise
+    for index, future in enumerate(submitted, 1):
+        if not future.cancelled() and (failure := future.exception()) is not None:
+            errors[index] = failure
+    if errors:
+        raise errors[min(errors)]
 
 
 async def arun_step(
     tasks: Sequence[Task], on_done: AsyncOnDone, max_concurrency: int | None = None
 ) -> None:
+    """Run the tasks that have not finished yet, as asyncio tasks (synchronous nodes on the
+    pool); ``on_done`` sees each the moment it finishes, concurrently with the others.
+
+    Every task of the step finishes (and is reported) before the first error escaping a task or
+    ``on_done`` is raised, in plan order; if the caller is cancelled, so are the tasks.
+    """
     todo = [task for task in tasks if not task.done]
     if not todo:
         return
@@ -174,6 +210,7 @@ async def arun_step(
     loop = asyncio.get_running_loop()
     pool = shared_pool()
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    remaining = len(todo)
 
     async def run(task: Task) -> None:
         if task.node.arun is None:
@@ -182,23 +219,22 @@ async def arun_step(
         else:
             await arun_task(task)
 
-    async def run_limited(task: Task) -> None:
-        assert slots is not None
-        async with slots:
+    async def finish(task: Task) -> None:
+        nonlocal remaining
+        if slots is None:
             await run(task)
+        else:
+            async with slots:
+                await run(task)
+        remaining -= 1
+        await on_done(task, remaining == 0)
 
-    order: dict[asyncio.Future[None], int] = {}
-    for index, task in enumerate(todo):
-        order[asyncio.ensure_future(run_limited(task) if slots else run(task))] = index
-    pending = set(order)
-    remaining = len(todo)
+    futures = [asyncio.ensure_future(finish(task)) for task in todo]
     try:
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for future in sorted(done, key=order.__getitem__):
-                future.result()
-                remaining -= 1
-                await on_done(todo[order[future]], remaining == 0)
+        await asyncio.wait(futures)
     finally:
-        for future in pending:
-            future.cancel()
+        for future in futures:
+            future.cancel()  # a no-op unless the caller itself was cancelled
+    failed = [f for f in futures if f.cancelled() or f.exception() is not None]
+    if failed:
+        failed[0].result()  # raises its error

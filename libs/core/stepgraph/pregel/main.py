@@ -278,17 +278,37 @@ class Pregel:
             loop.emit_task_result(task)
             await write(persistence.on_task_done(task, last))
 
-        # ``@task`` outcomes may come from worker threads: queue them, save them from here.
+        # ``@task`` outcomes may come from worker threads: queue them, and have the event loop
+        # save them at once (a job per outcome); the step waits for those jobs before it ends.
         calls: deque[StepSave] = deque()
+        event_loop = asyncio.get_running_loop()
+        jobs: list[asyncio.Future[None]] = []
 
         def save_call(writes: TaskWrites) -> None:
             save = persistence.on_call_done(writes)
             if save is not None:
                 calls.append(save)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over
+                    event_loop.call_soon_threadsafe(start_saving)
+
+        def start_saving() -> None:
+            if calls:
+                jobs.append(asyncio.ensure_future(save_calls()))
 
         async def save_calls() -> None:
             while calls:
                 await write(calls.popleft())
+
+        async def finish_calls() -> None:
+            """Every queued outcome saved, by this coroutine or a job; the first failure raised."""
+            await save_calls()
+            while jobs:
+                running = list(jobs)
+                jobs.clear()
+                await asyncio.wait(running)
+                failures = [error for job in running if (error := job.exception()) is not None]
+                if failures:
+                    raise failures[0]
 
         if mode is not None:
             loop.save_task_writes = save_call
@@ -320,7 +340,7 @@ class Pregel:
                         yield chunk
                 else:
                     await step
-                await save_calls()
+                await finish_calls()
                 paused = _paused(tasks)
                 if paused is not None:
                     loop.stop_for_interrupts(paused)
@@ -333,7 +353,11 @@ class Pregel:
                     break
             completed = True
         finally:
-            await save_calls()
+            if completed:
+                await finish_calls()
+            else:
+                with contextlib.suppress(Exception):  # the run's own error is the one to report
+                    await finish_calls()
             for save in persistence.on_exit():
                 await write(save)
             if completed:

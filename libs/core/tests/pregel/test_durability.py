@@ -6,7 +6,7 @@ import asyncio
 import operator
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -32,6 +32,7 @@ class CountingSaver(InMemorySaver):
         self.delay = delay
         self.fail_on_put = fail_on_put
         self.lock = threading.Lock()
+        self._inside = threading.local()
 
     def _record(self, name: str) -> None:
         with self.lock:
@@ -42,20 +43,37 @@ class CountingSaver(InMemorySaver):
         if self.fail_on_put is not None and puts >= self.fail_on_put and name != "put_writes":
             raise OSError("disk full")
 
+    def _outermost(self, name: str, save: Callable[[], Any]) -> Any:
+        """Record the call the run made, not the ones InMemorySaver makes to implement it (its
+        ``put`` may be a ``put_step`` without writes, or the other way round)."""
+        if getattr(self._inside, "saving", False):
+            return save()
+        self._record(name)
+        self._inside.saving = True
+        try:
+            return save()
+        finally:
+            self._inside.saving = False
+
     def put(self, config, checkpoint, metadata, new_versions):  # type: ignore[no-untyped-def]
-        self._record("put")
-        return super().put(config, checkpoint, metadata, new_versions)
+        return self._outermost(
+            "put",
+            lambda: super(CountingSaver, self).put(config, checkpoint, metadata, new_versions),
+        )
 
     def put_writes(self, config, writes, task_id, task_path=""):  # type: ignore[no-untyped-def]
-        self._record("put_writes")
-        return super().put_writes(config, writes, task_id, task_path)
+        return self._outermost(
+            "put_writes",
+            lambda: super(CountingSaver, self).put_writes(config, writes, task_id, task_path),
+        )
 
     def put_step(self, config, writes: Sequence[TaskWrites], checkpoint, metadata, new_versions):  # type: ignore[no-untyped-def]
-        self._record("put_step")
-        # Bypass the base default (which would record put_writes and put again).
-        for task in writes:
-            super().put_writes(config, task.writes, task.task_id, task.task_path)
-        return super().put(config, checkpoint, metadata, new_versions)
+        return self._outermost(
+            "put_step",
+            lambda: super(CountingSaver, self).put_step(
+                config, writes, checkpoint, metadata, new_versions
+            ),
+        )
 
     async def aput(self, config, checkpoint, metadata, new_versions):  # type: ignore[no-untyped-def]
         return self.put(config, checkpoint, metadata, new_versions)

@@ -1,0 +1,483 @@
+"""Small graph programs whose observable behaviour must match LangGraph's.
+
+The same definitions run under LangGraph (``record.py``, import root ``langgraph``, to write
+``golden.json``) and under stepgraph (``test_parity.py``, import root ``stepgraph``). Each program
+returns a JSON-able dict of what a user can observe: outputs, stream chunks, raised errors, and
+the thread's history as ``(metadata source, step, next)``. Nothing in it depends on ids or clocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import operator
+import threading
+import uuid
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Annotated, Any, Literal, TypedDict
+
+Observation = dict[str, Any]
+
+# Every run commits each step before the next. Under "async", LangGraph 1.2.22's InMemorySaver
+# may store a join barrier's set after the next step has already mutated it, so the recorded
+# history would depend on thread timing (the join program showed it).
+DURABILITY = "sync"
+
+
+def load_api(root: str) -> SimpleNamespace:
+    """The graph API under import root ``root`` ("langgraph" or "stepgraph")."""
+    graph = importlib.import_module(f"{root}.graph")
+    types = importlib.import_module(f"{root}.types")
+    errors = importlib.import_module(f"{root}.errors")
+    memory = importlib.import_module(f"{root}.checkpoint.memory")
+    return SimpleNamespace(
+        StateGraph=graph.StateGraph,
+        START=graph.START,
+        END=graph.END,
+        Send=types.Send,
+        Command=types.Command,
+        GraphRecursionError=errors.GraphRecursionError,
+        InMemorySaver=memory.InMemorySaver,
+    )
+
+
+# -- observation helpers -------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON: tuples become lists, other objects their class name (ids never leak in)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+def new_thread(**configurable: Any) -> dict:
+    return {"configurable": {"thread_id": str(uuid.uuid4()), **configurable}}
+
+
+def history(graph: Any, config: dict) -> list[Any]:
+    """(source, step, next) of each checkpoint of the thread, oldest first."""
+    return jsonable(
+        [
+            (s.metadata["source"], s.metadata["step"], s.next)
+            for s in reversed(list(graph.get_state_history(config)))
+        ]
+    )
+
+
+def state(graph: Any, config: dict) -> Observation:
+    snapshot = graph.get_state(config)
+    return {
+        "values": jsonable(snapshot.values),
+        "next": jsonable(snapshot.next),
+        "tasks": jsonable([(t.name, t.error is not None) for t in snapshot.tasks]),
+    }
+
+
+def streamed(graph: Any, input: Any, config: dict | None = None, **kwargs: Any) -> Observation:
+    """Values and updates chunks of one streamed run on a new thread.
+
+    Updates of tasks that ran in the same step come in completion order, which a thread pool
+    does not fix, so each step's updates (the chunks between two values chunks) are sorted.
+    """
+    config = config or new_thread()
+    values: list[Any] = []
+    updates: list[Any] = []
+    step: list[Any] = []
+    for mode, chunk in graph.stream(
+        input, config, stream_mode=["values", "updates"], durability=DURABILITY, **kwargs
+    ):
+        if mode == "updates":
+            step.append(jsonable(chunk))
+            continue
+        updates.extend(sorted(step, key=json.dumps))
+        step = []
+        values.append(jsonable(chunk))
+    updates.extend(sorted(step, key=json.dumps))
+    return {"stream_values": values, "stream_updates": updates}
+
+
+def raised(call: Callable[[], Any]) -> str | None:
+    """The name of the exception ``call`` raised, or None."""
+    try:
+        call()
+    except Exception as error:
+        return type(error).__name__
+    return None
+
+
+def observe_run(graph: Any, input: Any, **kwargs: Any) -> Observation:
+    """invoke on one thread (output, final state, history) and stream on another."""
+    config = new_thread()
+    observed = {"invoke": jsonable(graph.invoke(input, config, durability=DURABILITY, **kwargs))}
+    observed.update(state(graph, config))
+    observed["history"] = history(graph, config)
+    observed.update(streamed(graph, input, **kwargs))
+    return observed
+
+
+# -- programs ------------------------------------------------------------------------------------
+
+
+class Text(TypedDict):
+    text: str
+
+
+class Log(TypedDict):
+    log: Annotated[list[str], operator.add]
+
+
+class Reduced(TypedDict):
+    log: Annotated[list[str], operator.add]
+    total: Annotated[int, operator.add]
+    last: str
+
+
+class MapReduce(TypedDict):
+    items: list[int]
+    squares: Annotated[list[int], operator.add]
+    total: int
+
+
+class Routed(TypedDict):
+    value: int
+    route: list[str]
+
+
+class Inner(TypedDict):
+    question: str
+    draft: str
+    answer: str
+
+
+class Question(TypedDict):
+    question: str
+
+
+class Answer(TypedDict):
+    answer: str
+
+
+def linear_chain(api: SimpleNamespace) -> Observation:
+    builder = api.StateGraph(Text)
+    builder.add_node("upper", lambda s: {"text": s["text"].upper()})
+    builder.add_node("exclaim", lambda s: {"text": s["text"] + "!"})
+    builder.add_node("wrap", lambda s: {"text": f"[{s['text']}]"})
+    builder.add_edge(api.START, "upper")
+    builder.add_edge("upper", "exclaim")
+    builder.add_edge("exclaim", "wrap")
+    builder.add_edge("wrap", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return observe_run(graph, {"text": "hi"})
+
+
+def conditional_path_map(api: SimpleNamespace) -> Observation:
+    def classify(state: Routed) -> str:
+        return "large" if state["value"] > 10 else "small"
+
+    builder = api.StateGraph(Routed)
+    builder.add_node("check", lambda s: {"route": ["check"]})
+    builder.add_node("halve", lambda s: {"value": s["value"] // 2, "route": [*s["route"], "halve"]})
+    builder.add_node(
+        "double", lambda s: {"value": s["value"] * 2, "route": [*s["route"], "double"]}
+    )
+    builder.add_edge(api.START, "check")
+    builder.add_conditional_edges("check", classify, {"large": "halve", "small": "double"})
+    builder.add_conditional_edges("halve", classify, {"large": "halve", "small": api.END})
+    builder.add_edge("double", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return {
+        "large": observe_run(graph, {"value": 50, "route": []}),
+        "small": observe_run(graph, {"value": 3, "route": []}),
+    }
+
+
+def join(api: SimpleNamespace) -> Observation:
+    builder = api.StateGraph(Log)
+    builder.add_node("fetch", lambda s: {"log": ["fetch"]})
+    builder.add_node("left", lambda s: {"log": ["left"]})
+    builder.add_node("right", lambda s: {"log": ["right"]})
+    builder.add_node("slow", lambda s: {"log": ["slow"]})
+    builder.add_node("merge", lambda s: {"log": ["merge:" + "+".join(sorted(s["log"]))]})
+    builder.add_edge(api.START, "fetch")
+    builder.add_edge("fetch", "left")
+    builder.add_edge("fetch", "right")
+    builder.add_edge("right", "slow")
+    # merge waits for both left and slow, which finish in different steps.
+    builder.add_edge(["left", "slow"], "merge")
+    builder.add_edge("merge", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return observe_run(graph, {"log": []})
+
+
+def send_map_reduce(api: SimpleNamespace) -> Observation:
+    def fan_out(state: MapReduce) -> list[Any]:
+        return [api.Send("square", {"n": n}) for n in state["items"]]
+
+    builder = api.StateGraph(MapReduce)
+    builder.add_node("prepare", lambda s: {"items": [n + 1 for n in s["items"]]})
+    builder.add_node("square", lambda arg: {"squares": [arg["n"] * arg["n"]]})
+    builder.add_node("total", lambda s: {"total": sum(s["squares"])})
+    builder.add_edge(api.START, "prepare")
+    builder.add_conditional_edges("prepare", fan_out, ["square"])
+    builder.add_edge("square", "total")
+    builder.add_edge("total", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return observe_run(graph, {"items": [3, 1, 2, 0], "squares": [], "total": 0})
+
+
+def reducers(api: SimpleNamespace) -> Observation:
+    builder = api.StateGraph(Reduced)
+    builder.add_node("one", lambda s: {"log": ["one"], "total": 1, "last": "one"})
+    builder.add_node("two", lambda s: {"log": ["two", "2"], "total": 2})
+    builder.add_node("three", lambda s: {"log": ["three"], "total": 3, "last": "three"})
+    builder.add_edge(api.START, "one")
+    builder.add_edge(api.START, "two")
+    builder.add_edge(["one", "two"], "three")
+    builder.add_edge("three", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return observe_run(graph, {"log": ["input"], "total": 10, "last": "input"})
+
+
+def command_goto(api: SimpleNamespace) -> Observation:
+    def decide(state: Routed) -> Any:
+        target = "big" if state["value"] > 10 else "small"
+        return api.Command(goto=target, update={"route": [*state["route"], "decide"]})
+
+    decide.__annotations__["return"] = api.Command[Literal["big", "small"]]
+
+    builder = api.StateGraph(Routed)
+    builder.add_node("decide", decide)
+    builder.add_node("big", lambda s: {"route": [*s["route"], "big"]})
+    builder.add_node("small", lambda s: {"route": [*s["route"], "small"]})
+    builder.add_edge(api.START, "decide")
+    builder.add_edge("big", api.END)
+    builder.add_edge("small", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return {
+        "big": observe_run(graph, {"value": 11, "route": []}),
+        "small": observe_run(graph, {"value": 1, "route": []}),
+    }
+
+
+def exception_resume(api: SimpleNamespace) -> Observation:
+    failures = {"flaky": 1}
+    steady_done = threading.Event()
+
+    def flaky(state: Log) -> dict:
+        if failures["flaky"]:
+            failures["flaky"] -= 1
+            # A failure cancels siblings still running: fail once steady has finished, so
+            # that its writes are saved in every run (the timeout only guards against a hang).
+            steady_done.wait(timeout=30)
+            raise ValueError("flaky failed")
+        return {"log": ["flaky"]}
+
+    def steady(state: Log) -> dict:
+        steady_done.set()
+        return {"log": ["steady"]}
+
+    builder = api.StateGraph(Log)
+    builder.add_node("first", lambda s: {"log": ["first"]})
+    builder.add_node("flaky", flaky)
+    builder.add_node("steady", steady)
+    builder.add_node("last", lambda s: {"log": ["last"]})
+    builder.add_edge(api.START, "first")
+    builder.add_edge("first", "flaky")
+    builder.add_edge("first", "steady")
+    builder.add_edge(["flaky", "steady"], "last")
+    builder.add_edge("last", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    config = new_thread()
+    observed: Observation = {
+        "error": raised(lambda: graph.invoke({"log": []}, config, durability=DURABILITY))
+    }
+    observed["after_error"] = state(graph, config)
+    observed["history_after_error"] = history(graph, config)
+    observed["resume"] = jsonable(graph.invoke(None, config, durability=DURABILITY))
+    observed["after_resume"] = state(graph, config)
+    observed["history"] = history(graph, config)
+    return observed
+
+
+def update_state_as_node(api: SimpleNamespace) -> Observation:
+    builder = api.StateGraph(Log)
+    for name in ("a", "b", "c"):
+        builder.add_node(name, lambda s, name=name: {"log": [name]})
+    builder.add_edge(api.START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", "c")
+    builder.add_edge("c", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    config = new_thread()
+    graph.invoke({"log": []}, config, durability=DURABILITY)
+    observed: Observation = {}
+    graph.update_state(config, {"log": ["edit-as-a"]}, as_node="a")
+    observed["after_update_as_a"] = state(graph, config)
+    observed["resume"] = jsonable(graph.invoke(None, config, durability=DURABILITY))
+    graph.update_state(config, {"log": ["edit"]})
+    observed["after_plain_update"] = state(graph, config)
+    observed["history"] = history(graph, config)
+
+    fresh = new_thread()
+    graph.update_state(fresh, {"log": ["seed"]}, as_node="b")
+    observed["fresh_thread_as_b"] = state(graph, fresh)
+    observed["fresh_resume"] = jsonable(graph.invoke(None, fresh, durability=DURABILITY))
+    observed["fresh_history"] = history(graph, fresh)
+    return observed
+
+
+def input_output_schemas(api: SimpleNamespace) -> Observation:
+    builder = api.StateGraph(Inner, input_schema=Question, output_schema=Answer)
+    builder.add_node("draft", lambda s: {"draft": s["question"] + "?"})
+    builder.add_node("answer", lambda s: {"answer": s["draft"].upper()})
+    builder.add_edge(api.START, "draft")
+    builder.add_edge("draft", "answer")
+    builder.add_edge("answer", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return observe_run(graph, {"question": "why"})
+
+
+def interrupt_before(api: SimpleNamespace) -> Observation:
+    builder = api.StateGraph(Log)
+    for name in ("plan", "approve", "act"):
+        builder.add_node(name, lambda s, name=name: {"log": [name]})
+    builder.add_edge(api.START, "plan")
+    builder.add_edge("plan", "approve")
+    builder.add_edge("approve", "act")
+    builder.add_edge("act", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver(), interrupt_before=["approve"])
+    config = new_thread()
+    observed: Observation = {
+        "invoke": jsonable(graph.invoke({"log": []}, config, durability=DURABILITY))
+    }
+    observed["paused"] = state(graph, config)
+    observed["resume"] = jsonable(graph.invoke(None, config, durability=DURABILITY))
+    observed["after_resume"] = state(graph, config)
+    observed["history"] = history(graph, config)
+    observed.update(streamed(graph, {"log": []}))
+    return observed
+
+
+def recursion_limit(api: SimpleNamespace) -> Observation:
+    builder = api.StateGraph(Log)
+    builder.add_node("ping", lambda s: {"log": ["ping"]})
+    builder.add_node("pong", lambda s: {"log": ["pong"]})
+    builder.add_edge(api.START, "ping")
+    builder.add_edge("ping", "pong")
+    builder.add_edge("pong", "ping")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    config = new_thread()
+    observed: Observation = {
+        "error": raised(
+            lambda: graph.invoke(
+                {"log": []}, {**config, "recursion_limit": 5}, durability=DURABILITY
+            )
+        ),
+        "is_recursion_error": False,
+    }
+    try:
+        graph.invoke({"log": []}, {**new_thread(), "recursion_limit": 3}, durability=DURABILITY)
+    except api.GraphRecursionError as error:
+        observed["is_recursion_error"] = isinstance(error, RecursionError)
+    observed["after_error"] = state(graph, config)
+    observed["history"] = history(graph, config)
+    return observed
+
+
+def async_api(api: SimpleNamespace) -> Observation:
+    """Async nodes through ainvoke, astream, aget_state and aget_state_history, with a failure."""
+    failures = {"check": 1}
+
+    async def fetch(state: Log) -> dict:
+        return {"log": ["fetch"]}
+
+    async def check(state: Log) -> dict:
+        if failures["check"]:
+            failures["check"] -= 1
+            raise ValueError("check failed")
+        return {"log": ["check"]}
+
+    async def store(state: Log) -> dict:
+        return {"log": ["store:" + ",".join(state["log"])]}
+
+    builder = api.StateGraph(Log)
+    builder.add_node("fetch", fetch)
+    builder.add_node("check", check)
+    builder.add_node("store", store)
+    builder.add_edge(api.START, "fetch")
+    builder.add_edge("fetch", "check")
+    builder.add_edge("check", "store")
+    builder.add_edge("store", api.END)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+
+    async def snapshot(config: dict) -> Observation:
+        state = await graph.aget_state(config)
+        return {"values": jsonable(state.values), "next": jsonable(state.next)}
+
+    async def run() -> Observation:
+        config = new_thread()
+        observed: Observation = {}
+        try:
+            await graph.ainvoke({"log": []}, config, durability=DURABILITY)
+        except ValueError as error:
+            observed["error"] = str(error)
+        observed["after_error"] = await snapshot(config)
+        observed["resume"] = jsonable(await graph.ainvoke(None, config, durability=DURABILITY))
+        observed["after_resume"] = await snapshot(config)
+        observed["history"] = jsonable(
+            [
+                (s.metadata["source"], s.metadata["step"], s.next)
+                async for s in graph.aget_state_history(config)
+            ][::-1]
+        )
+        observed["astream_updates"] = jsonable(
+            [
+                chunk
+                async for chunk in graph.astream(
+                    None, config, stream_mode="updates", durability=DURABILITY
+                )
+            ]
+            + [
+                chunk
+                async for chunk in graph.astream(
+                    {"log": ["again"]}, new_thread(), stream_mode="updates", durability=DURABILITY
+                )
+            ]
+        )
+        return observed
+
+    return asyncio.run(run())
+
+
+PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
+    program.__name__: program
+    for program in (
+        linear_chain,
+        conditional_path_map,
+        join,
+        send_map_reduce,
+        reducers,
+        command_goto,
+        exception_resume,
+        update_state_as_node,
+        input_output_schemas,
+        interrupt_before,
+        recursion_limit,
+        async_api,
+    )
+}
+
+
+def observe(root: str, name: str) -> Observation:
+    """Run program ``name`` under import root ``root``; a crash is itself an observation."""
+    try:
+        return PROGRAMS[name](load_api(root))
+    except Exception as error:
+        return {"crashed": f"{type(error).__name__}: {error}"}
