@@ -90,3 +90,20 @@ def test_importing_serde_does_not_import_cryptography() -> None:
         "assert 'cryptography' not in sys.modules, 'eager import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plaintext_rows_are_read_by_default() -> None:
+    # Rows written before encryption was turned on stay readable (the migration promise).
+    serde = EncryptedSerializer(MsgpackSerializer(), key=KEY)
+    plain = MsgpackSerializer().dumps_typed(VALUE)
+    assert serde.loads_typed(plain) == VALUE
+
+
+@pytest.mark.parametrize("value", [VALUE, None, b"raw", bytearray(b"raw")])
+def test_require_encryption_refuses_plaintext_rows(value: object) -> None:
+    serde = EncryptedSerializer(MsgpackSerializer(), key=KEY, require_encryption=True)
+    forged = MsgpackSerializer().dumps_typed(value)
+    with pytest.raises(DecryptionError, match="not encrypted"):
+        serde.loads_typed(forged)
+    # Its own rows are still read.
+    assert serde.loads_typed(serde.dumps_typed(value)) == value

@@ -5,7 +5,8 @@ Every value msgpack cannot store natively (with ``strict_types=True``) becomes a
 four codes (enum, dataclass, NamedTuple, pydantic model) whose body is
 ``[module, qualname, payload]`` and which are resolved only through the allowlist (see
 ``serializer.py``). Bodies that hold nested values are themselves msgpack, packed with the same
-rules, so nesting is unlimited.
+rules, up to ``serializer.MAX_DEPTH`` levels. Decoders check that a body is exactly what the
+encoder writes (types, lengths, sizes) before any constructor sees it.
 
 Codes are part of the storage format: never renumber them, only add new ones.
 """
@@ -30,10 +31,13 @@ __all__ = [
     "BUILTIN_TYPES",
     "DATACLASS",
     "ENUM",
+    "MAX_BIGINT_BYTES",
+    "MAX_DECIMAL_CHARS",
     "NAMEDTUPLE",
     "PYDANTIC",
     "Decoder",
     "Encoder",
+    "InvalidBodyError",
     "Pack",
     "Unpack",
 ]
@@ -44,7 +48,7 @@ Encoder: TypeAlias = Callable[[Any, Pack], ExtType]
 Decoder: TypeAlias = Callable[[bytes, Unpack], Any]
 
 # Built-in types. Bodies marked "raw" are plain bytes, the others nested msgpack.
-BIGINT = 0  # raw: signed big-endian two's complement (ints msgpack cannot hold in 64 bits)
+BIGINT = 0  # raw: signed big-endian two's complement, at most MAX_BIGINT_BYTES
 TUPLE = 1
 SET = 2
 FROZENSET = 3
@@ -56,7 +60,7 @@ TIMEDELTA = 8  # [days, seconds, microseconds]
 TIMEZONE = 9  # [offset in microseconds, explicit name or None]
 ZONEINFO = 10  # raw: IANA key
 UUID = 11  # raw: the 16 bytes
-DECIMAL = 12  # raw: str(value)
+DECIMAL = 12  # raw: str(value), ASCII
 FRACTION = 13  # [numerator, denominator]
 COMPLEX = 14  # [real, imag]
 PURE_POSIX_PATH = 15  # raw: the path string (all four path codes)
@@ -73,6 +77,38 @@ PYDANTIC = 35  # payload: [{field name: value}, fields_set or None when all fiel
 # Lone surrogates (e.g. from ``os.fsdecode``) must survive raw string bodies.
 _TEXT_ERRORS = "surrogatepass"
 
+MAX_BIGINT_BYTES = 1024
+"""Longest body of a big ``int`` (about 2,460 decimal digits), refused beyond on both sides."""
+
+MAX_DECIMAL_CHARS = 1024
+"""Longest text of a ``Decimal``; its exponent is also kept within the default context's."""
+
+_DECIMAL_MAX_EXPONENT = 999_999
+
+
+class InvalidBodyError(ValueError):
+    """An extension body is not what the encoder writes (corrupt or crafted bytes)."""
+
+
+def _expect(value: Any, kind: type, what: str) -> Any:
+    # Exact types: ``bool`` is not an ``int`` here, as it is not in what the encoders write.
+    if type(value) is not kind:
+        raise InvalidBodyError(f"{what} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _expect_list(value: Any, length: int | None, what: str) -> list[Any]:
+    _expect(value, list, what)
+    if length is not None and len(value) != length:
+        raise InvalidBodyError(f"{what} must have {length} items, not {len(value)}")
+    return value
+
+
+def _expect_ints(values: list[Any], what: str) -> list[int]:
+    for value in values:
+        _expect(value, int, what)
+    return values
+
 
 def _encode_text(code: int) -> Encoder:
     return lambda obj, pack: ExtType(code, str(obj).encode("utf-8", _TEXT_ERRORS))
@@ -83,7 +119,53 @@ def _decode_text(factory: Callable[[str], Any]) -> Decoder:
 
 
 def _encode_bigint(obj: int, pack: Pack) -> ExtType:
-    return ExtType(BIGINT, obj.to_bytes(obj.bit_length() // 8 + 1, "big", signed=True))
+    # Bytes for the magnitude plus a sign bit (~obj is -obj - 1: -2**n fits in n + 1 bits).
+    size = (obj if obj >= 0 else ~obj).bit_length() // 8 + 1
+    if size > MAX_BIGINT_BYTES:
+        raise ValueError(
+            f"an int of {size} bytes is larger than the {MAX_BIGINT_BYTES} bytes allowed "
+            "(store it as a str or bytes instead)"
+        )
+    return ExtType(BIGINT, obj.to_bytes(size, "big", signed=True))
+
+
+def _decode_bigint(body: bytes, unpack: Unpack) -> int:
+    if len(body) > MAX_BIGINT_BYTES:
+        raise InvalidBodyError(f"a stored int is longer than {MAX_BIGINT_BYTES} bytes")
+    return int.from_bytes(body, "big", signed=True)
+
+
+def _encode_decimal(obj: Decimal, pack: Pack) -> ExtType:
+    text = str(obj)
+    _check_decimal(obj, text)
+    return ExtType(DECIMAL, text.encode())
+
+
+def _decode_decimal(body: bytes, unpack: Unpack) -> Decimal:
+    if len(body) > MAX_DECIMAL_CHARS:
+        raise InvalidBodyError(f"a stored Decimal is longer than {MAX_DECIMAL_CHARS} characters")
+    text = body.decode("ascii")
+    value = Decimal(text)
+    _check_decimal(value, text)
+    return value
+
+
+def _check_decimal(value: Decimal, text: str) -> None:
+    if len(text) > MAX_DECIMAL_CHARS:
+        raise ValueError(f"a Decimal longer than {MAX_DECIMAL_CHARS} characters is not allowed")
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and abs(exponent) > _DECIMAL_MAX_EXPONENT:
+        raise ValueError(f"a Decimal exponent beyond +-{_DECIMAL_MAX_EXPONENT} is not allowed")
+
+
+def _decode_sequence(factory: Callable[[list[Any]], Any]) -> Decoder:
+    def decode(body: bytes, unpack: Unpack) -> Any:
+        items = unpack(body)
+        if type(items) is not list:  # inlined _expect_list: tuples are common, keep them cheap
+            _expect_list(items, None, "a stored sequence")
+        return factory(items)
+
+    return decode
 
 
 def _encode_datetime(obj: datetime, pack: Pack) -> ExtType:
@@ -105,9 +187,19 @@ def _encode_datetime(obj: datetime, pack: Pack) -> ExtType:
     )
 
 
+def _expect_tzinfo(value: Any) -> timezone | ZoneInfo | None:
+    if value is not None and type(value) is not timezone and type(value) is not ZoneInfo:
+        raise InvalidBodyError(f"a stored tzinfo must be a timezone, not {type(value).__name__}")
+    return value
+
+
 def _decode_datetime(body: bytes, unpack: Unpack) -> datetime:
-    year, month, day, hour, minute, second, microsecond, tzinfo, fold = unpack(body)
-    return datetime(year, month, day, hour, minute, second, microsecond, tzinfo, fold=fold)
+    fields = _expect_list(unpack(body), 9, "a stored datetime")
+    year, month, day, hour, minute, second, microsecond, tzinfo, fold = fields
+    _expect_ints([year, month, day, hour, minute, second, microsecond, fold], "a datetime field")
+    return datetime(
+        year, month, day, hour, minute, second, microsecond, _expect_tzinfo(tzinfo), fold=fold
+    )
 
 
 def _encode_time(obj: time, pack: Pack) -> ExtType:
@@ -117,8 +209,20 @@ def _encode_time(obj: time, pack: Pack) -> ExtType:
 
 
 def _decode_time(body: bytes, unpack: Unpack) -> time:
-    hour, minute, second, microsecond, tzinfo, fold = unpack(body)
-    return time(hour, minute, second, microsecond, tzinfo, fold=fold)
+    hour, minute, second, microsecond, tzinfo, fold = _expect_list(unpack(body), 6, "a time")
+    _expect_ints([hour, minute, second, microsecond, fold], "a time field")
+    return time(hour, minute, second, microsecond, _expect_tzinfo(tzinfo), fold=fold)
+
+
+def _decode_date(body: bytes, unpack: Unpack) -> date:
+    return date.fromordinal(_expect(unpack(body), int, "a stored date"))
+
+
+def _decode_timedelta(body: bytes, unpack: Unpack) -> timedelta:
+    days, seconds, microseconds = _expect_ints(
+        _expect_list(unpack(body), 3, "a stored timedelta"), "a timedelta field"
+    )
+    return timedelta(days, seconds, microseconds)
 
 
 def _encode_timezone(obj: timezone, pack: Pack) -> ExtType:
@@ -130,9 +234,9 @@ def _encode_timezone(obj: timezone, pack: Pack) -> ExtType:
 
 
 def _decode_timezone(body: bytes, unpack: Unpack) -> timezone:
-    offset_us, name = unpack(body)
-    offset = timedelta(microseconds=offset_us)
-    return timezone(offset) if name is None else timezone(offset, name)
+    offset_us, name = _expect_list(unpack(body), 2, "a stored timezone")
+    offset = timedelta(microseconds=_expect(offset_us, int, "a timezone offset"))
+    return timezone(offset) if name is None else timezone(offset, _expect(name, str, "a name"))
 
 
 def _encode_zoneinfo(obj: ZoneInfo, pack: Pack) -> ExtType:
@@ -142,16 +246,28 @@ def _encode_zoneinfo(obj: ZoneInfo, pack: Pack) -> ExtType:
 
 
 def _decode_deque(body: bytes, unpack: Unpack) -> deque[Any]:
-    items, maxlen = unpack(body)
-    return deque(items, maxlen)
+    items, maxlen = _expect_list(unpack(body), 2, "a stored deque")
+    if maxlen is not None:
+        _expect(maxlen, int, "a deque maxlen")
+    return deque(_expect_list(items, None, "deque items"), maxlen)
 
 
-def _decode_pair(factory: Callable[[Any, Any], Any]) -> Decoder:
-    def decode(body: bytes, unpack: Unpack) -> Any:
-        first, second = unpack(body)
-        return factory(first, second)
+def _decode_fraction(body: bytes, unpack: Unpack) -> Fraction:
+    numerator, denominator = _expect_ints(
+        _expect_list(unpack(body), 2, "a stored Fraction"), "a Fraction term"
+    )
+    if denominator <= 0:
+        raise InvalidBodyError("a stored Fraction has a denominator that is not positive")
+    return Fraction(numerator, denominator)
 
-    return decode
+
+def _decode_complex(body: bytes, unpack: Unpack) -> complex:
+    real, imag = _expect_list(unpack(body), 2, "a stored complex")
+    return complex(_expect(real, float, "a complex part"), _expect(imag, float, "a complex part"))
+
+
+def _decode_uuid(body: bytes, unpack: Unpack) -> uuid.UUID:
+    return uuid.UUID(bytes=body)
 
 
 BUILTIN_ENCODERS: dict[type, Encoder] = {
@@ -169,7 +285,7 @@ BUILTIN_ENCODERS: dict[type, Encoder] = {
     timezone: _encode_timezone,
     ZoneInfo: _encode_zoneinfo,
     uuid.UUID: lambda obj, pack: ExtType(UUID, obj.bytes),
-    Decimal: _encode_text(DECIMAL),
+    Decimal: _encode_decimal,
     Fraction: lambda obj, pack: ExtType(FRACTION, pack([obj.numerator, obj.denominator])),
     complex: lambda obj, pack: ExtType(COMPLEX, pack([obj.real, obj.imag])),
     PurePosixPath: _encode_text(PURE_POSIX_PATH),
@@ -179,21 +295,21 @@ BUILTIN_ENCODERS: dict[type, Encoder] = {
 }
 
 BUILTIN_DECODERS: dict[int, Decoder] = {
-    BIGINT: lambda body, unpack: int.from_bytes(body, "big", signed=True),
-    TUPLE: lambda body, unpack: tuple(unpack(body)),
-    SET: lambda body, unpack: set(unpack(body)),
-    FROZENSET: lambda body, unpack: frozenset(unpack(body)),
+    BIGINT: _decode_bigint,
+    TUPLE: _decode_sequence(tuple),
+    SET: _decode_sequence(set),
+    FROZENSET: _decode_sequence(frozenset),
     DEQUE: _decode_deque,
     DATETIME: _decode_datetime,
-    DATE: lambda body, unpack: date.fromordinal(unpack(body)),
+    DATE: _decode_date,
     TIME: _decode_time,
-    TIMEDELTA: lambda body, unpack: timedelta(*unpack(body)),
+    TIMEDELTA: _decode_timedelta,
     TIMEZONE: _decode_timezone,
     ZONEINFO: lambda body, unpack: ZoneInfo(body.decode()),
-    UUID: lambda body, unpack: uuid.UUID(bytes=body),
-    DECIMAL: _decode_text(Decimal),
-    FRACTION: _decode_pair(Fraction),
-    COMPLEX: _decode_pair(complex),
+    UUID: _decode_uuid,
+    DECIMAL: _decode_decimal,
+    FRACTION: _decode_fraction,
+    COMPLEX: _decode_complex,
     PURE_POSIX_PATH: _decode_text(PurePosixPath),
     PURE_WINDOWS_PATH: _decode_text(PureWindowsPath),
     # A concrete path of the other platform cannot be created here: that fails loudly.

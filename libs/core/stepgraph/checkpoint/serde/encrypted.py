@@ -3,7 +3,12 @@
 An encrypted row is tagged ``"<inner tag>+aesgcm"`` (e.g. ``"msgpack+aesgcm"``) and its payload
 is a random 12-byte nonce followed by the ciphertext and the 16-byte GCM tag. The inner tag is
 authenticated too, so a row cannot be relabelled. Rows without the suffix, e.g. written before
-encryption was turned on, are read through the inner serializer as they are.
+encryption was turned on, are read through the inner serializer as they are, unless
+``require_encryption=True``: then they are refused, so whoever can write the table cannot inject
+plaintext values. Turn it on once old rows are migrated.
+
+The associated data is only the tag: an encrypted row can still be copied to another location
+(thread, checkpoint, channel) encrypted with the same key and will decrypt there.
 
 Needs the optional ``cryptography`` package (``pip install 'stepgraph[crypto]'``).
 """
@@ -30,9 +35,19 @@ class EncryptedSerializer:
 
     ``key`` is the raw AES key: 16, 24 or 32 bytes (AES-128/192/256). Keep it outside the
     database, e.g. in a secret manager. Each row gets a fresh random nonce.
+
+    ``require_encryption`` refuses rows that are not encrypted (``DecryptionError``). It is off
+    by default so rows written before encryption was turned on stay readable; turn it on once
+    they are migrated, since until then anyone who can write the table can plant plaintext rows.
     """
 
-    def __init__(self, inner: SerializerProtocol | None = None, *, key: bytes) -> None:
+    def __init__(
+        self,
+        inner: SerializerProtocol | None = None,
+        *,
+        key: bytes,
+        require_encryption: bool = False,
+    ) -> None:
         if not isinstance(key, bytes) or len(key) not in (16, 24, 32):
             raise ValueError("the AES key must be 16, 24 or 32 bytes")
         try:
@@ -47,6 +62,7 @@ class EncryptedSerializer:
 
             inner = MsgpackSerializer()
         self.inner = inner
+        self.require_encryption = require_encryption
         self._cipher = AESGCM(key)
 
     def allow(self, *types: type) -> None:
@@ -67,6 +83,10 @@ class EncryptedSerializer:
     def loads_typed(self, data: tuple[str, bytes]) -> Any:
         tag, payload = data
         if not tag.endswith(ENCRYPTED_SUFFIX):
+            if self.require_encryption:
+                raise DecryptionError(
+                    f"refusing a {tag!r} row that is not encrypted (require_encryption=True)"
+                )
             return self.inner.loads_typed(data)
         from cryptography.exceptions import InvalidTag
 

@@ -14,6 +14,10 @@ otherwise. There is no pickle fallback: a value that cannot be stored exactly fa
 with ``SerializationError``, a stored name that is not allowed fails at read time with
 ``UnknownTypeError``.
 
+Stored bytes cannot crash the reader: extension values nest at most ``MAX_DEPTH`` deep (refused
+when writing and when reading), nested bodies are read with heap-allocated unpackers, and
+extension bodies are type-checked and size-capped (see ``codec.py`` and docs/serialization.md).
+
 Known limit: a ``bytearray`` nested inside another value comes back as ``bytes`` (msgpack's C
 packer writes both alike and offers no hook; only a top-level ``bytearray`` keeps its type).
 """
@@ -21,6 +25,7 @@ packer writes both alike and offers no hook; only a top-level ``bytearray`` keep
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
@@ -46,6 +51,7 @@ from stepgraph.checkpoint.serde.codec import (
     PYDANTIC,
     Encoder,
     Pack,
+    Unpack,
 )
 from stepgraph.checkpoint.serde.schema import is_namedtuple, is_pydantic_model, reachable_classes
 from stepgraph.errors import SerializationError, UnknownTypeError
@@ -53,8 +59,17 @@ from stepgraph.errors import SerializationError, UnknownTypeError
 __all__ = ["MsgpackSerializer"]
 
 Rebuild = Callable[[Any], Any]
+ExtHook = Callable[[int, bytes], Any]
 
-_POOLED_PACKER_MAX_BYTES = 1 << 20
+_POOLED_BUFFER_MAX_BYTES = 1 << 20
+
+MAX_DEPTH = 200
+"""How many extension values (tuples, sets, dataclasses, models, ...) may nest in one another.
+
+Refused when writing (``SerializationError`` naming where) and when reading (crafted bytes):
+every level costs C stack and Python frames on both sides, and this many stay far from either
+limit. msgpack's own lists and dicts do not count; msgpack caps those itself.
+"""
 
 _KIND_NAMES = {ENUM: "enum", DATACLASS: "dataclass", NAMEDTUPLE: "NamedTuple", PYDANTIC: "model"}
 
@@ -75,6 +90,7 @@ class MsgpackSerializer:
         self._pack = self._packing(unicode_errors=None)
         # Only used after the fast path met a lone surrogate, which strict UTF-8 refuses.
         self._pack_with_surrogates = self._packing(unicode_errors="surrogatepass")
+        self._ext_hooks = self._reading()
 
     # -- allowlist ---------------------------------------------------------------------------
 
@@ -122,11 +138,13 @@ class MsgpackSerializer:
             raise _write_error(obj, failure) from failure.__cause__
         except ValueError as error:  # msgpack's limits: nesting depth, object size
             raise SerializationError(f"cannot serialize value: {error}") from error
+        except RecursionError as error:  # the caller was already deep in the Python stack
+            raise SerializationError(f"cannot serialize value: {error}") from error
 
     def loads(self, data: bytes) -> Any:
         return msgpack.unpackb(
             data,
-            ext_hook=self._ext_hook,
+            ext_hook=self._ext_hooks[0],
             raw=False,
             strict_map_key=False,
             unicode_errors="surrogatepass",
@@ -135,16 +153,38 @@ class MsgpackSerializer:
     # -- writing -----------------------------------------------------------------------------
 
     def _packing(self, unicode_errors: str | None) -> Pack:
-        """A pack function for one string mode, with ``default`` encoding the other types."""
+        """The top-level pack function for one string mode.
+
+        Extension bodies are packed by nested packers, one level per extension depth: a packer
+        at depth ``d`` has a ``default`` that packs the bodies it creates at depth ``d + 1``, so
+        the depth is known without any bookkeeping on the fast path, and a value nested more
+        than ``MAX_DEPTH`` extensions deep is refused (reading it back would otherwise need
+        an unbounded C stack).
+        """
+        # Built from the deepest level up, so each level holds the next one's pack directly.
+        pack: Pack | None = None
+        for depth in reversed(range(MAX_DEPTH + 1)):
+            pack = self._pack_at(depth, unicode_errors, pack)
+        assert pack is not None
+        return pack
+
+    def _pack_at(self, depth: int, unicode_errors: str | None, pack_next: Pack | None) -> Pack:
         # Packers are reused: creating one per value, or per nested extension body, costs more
-        # than packing small values. A packer is popped while in use, so nesting and threads
-        # never share one (list.pop/append are atomic).
+        # than packing small values. A packer is popped while in use, so threads never share
+        # one (list.pop/append are atomic).
         idle: list[msgpack.Packer] = []
+        checked = depth >= _CHECKED_DEPTH
 
         def default(obj: Any) -> ExtType:
             encoder = self._encoders.get(type(obj)) or self._class_encoder(obj)
+            if pack_next is None:
+                raise _Unencodable(
+                    obj, f"it is nested more than {MAX_DEPTH} levels deep (tuples, sets, classes)"
+                )
+            if checked:
+                _check_native_depth(obj)
             try:
-                return encoder(obj, pack)
+                return encoder(obj, pack_next)
             except (_Unencodable, UnicodeEncodeError):
                 raise
             except Exception as error:
@@ -167,7 +207,7 @@ class MsgpackSerializer:
                 idle.append(packer)  # msgpack empties its buffer on failure
                 raise
             # A packer keeps the buffer it grew to: let the ones that packed big values go.
-            if len(packed) <= _POOLED_PACKER_MAX_BYTES:
+            if len(packed) <= _POOLED_BUFFER_MAX_BYTES:
                 idle.append(packer)
             return packed
 
@@ -191,21 +231,51 @@ class MsgpackSerializer:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _ext_hook(self, code: int, body: bytes) -> Any:
-        try:
-            decode = BUILTIN_DECODERS.get(code)
-            if decode is not None:
-                return decode(body, self.loads)
-            if code in _KIND_NAMES:
-                return self._decode_class(code, body)
-        except SerializationError:
-            raise
-        except Exception as error:  # corrupt or crafted bodies
-            raise SerializationError(f"cannot read stored value: {error!r}") from error
-        raise UnknownTypeError(f"stored data uses unknown msgpack extension code {code}")
+    def _reading(self) -> list[ExtHook]:
+        """``ext_hook`` functions by depth; the one at depth ``d`` reads bodies at ``d + 1``.
 
-    def _decode_class(self, code: int, body: bytes) -> Any:
-        module, qualname, payload = self.loads(body)
+        A nested body is read by a ``msgpack.Unpacker``, whose unpack context lives on the heap:
+        ``msgpack.unpackb`` keeps its (about 40 KB) context on the C stack, so calling it once
+        per nesting level overflows the stack after a few hundred levels. The depth is capped
+        at ``MAX_DEPTH`` like on the write side, so crafted bytes fail with an error instead.
+        """
+        # Built from the deepest level up, so each hook holds the next level's unpack directly.
+        hooks: list[ExtHook] = []
+        unpack: Unpack | None = None
+        for depth in reversed(range(MAX_DEPTH + 1)):
+            hook = self._ext_hook_at(unpack)
+            hooks.append(hook)
+            # A few shallow levels use unpackb, which is quicker for the small bodies (tuples,
+            # dataclasses) that are common there; its stack use is bounded by their number.
+            unpack = (_unpackb_with if depth <= _UNPACKB_DEPTH else _unpack_with)(hook)
+        hooks.reverse()
+        return hooks
+
+    def _ext_hook_at(self, unpack_next: Unpack | None) -> ExtHook:
+        def ext_hook(code: int, body: bytes) -> Any:
+            unpack = unpack_next
+            if unpack is None:
+                raise SerializationError(
+                    f"cannot read stored value: it is nested more than {MAX_DEPTH} levels deep"
+                )
+            try:
+                decode = BUILTIN_DECODERS.get(code)
+                if decode is not None:
+                    return decode(body, unpack)
+                if code in _KIND_NAMES:
+                    return self._decode_class(code, body, unpack)
+            except SerializationError:
+                raise
+            except Exception as error:  # corrupt or crafted bodies
+                raise SerializationError(f"cannot read stored value: {error!r}") from error
+            raise UnknownTypeError(f"stored data uses unknown msgpack extension code {code}")
+
+        return ext_hook
+
+    def _decode_class(self, code: int, body: bytes, unpack: Unpack) -> Any:
+        module, qualname, payload = unpack(body)
+        if type(module) is not str or type(qualname) is not str:
+            raise SerializationError("cannot read stored value: a class name is not a string")
         rebuild = self._rebuilders.get((code, module, qualname)) or self._rebuilder(
             code, (module, qualname)
         )
@@ -232,6 +302,87 @@ class MsgpackSerializer:
         return rebuild
 
 
+_CHECKED_DEPTH = 4
+_DEEP_NATIVE_MAX = 8
+
+
+def _check_native_depth(obj: Any) -> None:
+    """Refuse lists and dicts nested deeply inside an extension that is itself deep.
+
+    msgpack packs each list and dict level with a recursive C call (up to 511 deep per packer),
+    and every extension level starts a new packer: unchecked, both together could overflow the
+    C stack while writing. Only extensions at least ``_CHECKED_DEPTH`` deep are walked (rare),
+    so the C stack a write can use stays bounded.
+    """
+    pending = [(child, 1) for child, _ in _children(obj, "value")]
+    while pending:
+        value, depth = pending.pop()
+        kind = type(value)
+        if kind is list or kind is dict:
+            if depth > _DEEP_NATIVE_MAX:
+                raise _Unencodable(
+                    value,
+                    f"lists and dicts nest more than {_DEEP_NATIVE_MAX} levels deep inside a "
+                    f"value that is itself {_CHECKED_DEPTH} or more levels deep",
+                )
+            items = value if kind is list else [*value.keys(), *value.values()]
+            pending.extend((item, depth + 1) for item in items)
+
+
+def _unpackb_with(ext_hook: ExtHook) -> Unpack:
+    """A function reading one whole msgpack body with ``msgpack.unpackb`` (C stack context)."""
+
+    def unpack(body: bytes) -> Any:
+        return msgpack.unpackb(
+            body,
+            ext_hook=ext_hook,
+            raw=False,
+            strict_map_key=False,
+            unicode_errors="surrogatepass",
+        )
+
+    return unpack
+
+
+def _unpack_with(ext_hook: ExtHook) -> Unpack:
+    """A function reading one whole msgpack body with pooled heap-allocated unpackers."""
+    idle: list[msgpack.Unpacker] = []
+
+    def unpack(body: bytes) -> Any:
+        try:
+            unpacker = idle.pop()
+        except IndexError:
+            unpacker = msgpack.Unpacker(
+                ext_hook=ext_hook,
+                raw=False,
+                strict_map_key=False,
+                unicode_errors="surrogatepass",
+                read_size=_UNPACKER_READ_SIZE,
+                max_buffer_size=_UNPACKER_MAX_BUFFER,
+            )
+        start = unpacker.tell()
+        unpacker.feed(body)
+        try:
+            value = unpacker.unpack()
+        except msgpack.OutOfData:
+            raise SerializationError(
+                "cannot read stored value: a nested body is truncated"
+            ) from None
+        # On failure the unpacker is dropped, with whatever it had buffered.
+        if unpacker.tell() - start != len(body):
+            raise SerializationError("cannot read stored value: extra data in a nested body")
+        if len(body) <= _POOLED_BUFFER_MAX_BYTES:
+            idle.append(unpacker)
+        return value
+
+    return unpack
+
+
+_UNPACKB_DEPTH = 3
+_UNPACKER_READ_SIZE = 1 << 14
+_UNPACKER_MAX_BUFFER = (1 << 31) - 1
+
+
 # -- user classes ----------------------------------------------------------------------------
 
 
@@ -255,9 +406,29 @@ def _enum_encoder(cls: type) -> Encoder:
 def _dataclass_encoder(cls: type) -> Encoder:
     module, qualname = type_key(cls)
     names = [field.name for field in dataclasses.fields(cls)]
-    return lambda obj, pack: ExtType(
-        DATACLASS, pack([module, qualname, {name: getattr(obj, name) for name in names}])
-    )
+    count = len(names)
+    # A ``cached_property`` stores its value in the instance dict; it is computed again on read.
+    cached = {
+        name
+        for klass in cls.__mro__
+        for name, attribute in vars(klass).items()
+        if isinstance(attribute, functools.cached_property)
+    }
+
+    def encode(obj: Any, pack: Pack) -> ExtType:
+        fields = {name: getattr(obj, name) for name in names}
+        attributes = getattr(obj, "__dict__", None)
+        # Reading sets the fields only: other instance attributes would be lost.
+        if attributes is not None and len(attributes) > count:
+            extra = sorted(str(name) for name in attributes.keys() - fields.keys() - cached)
+            if extra:
+                raise ValueError(
+                    f"it has instance attributes that are not fields ({', '.join(extra)}), "
+                    "which would be lost: make them fields, e.g. field(init=False)"
+                )
+        return ExtType(DATACLASS, pack([module, qualname, fields]))
+
+    return encode
 
 
 def _namedtuple_encoder(cls: type) -> Encoder:
@@ -276,7 +447,9 @@ def _pydantic_encoder(cls: type) -> Encoder:
         fields_set = obj.__pydantic_fields_set__
         # Which fields were set explicitly matters to ``model_dump(exclude_unset=True)``.
         stored_set = None if fields_set == fields.keys() else sorted(fields_set)
-        return ExtType(PYDANTIC, pack([module, qualname, [fields, stored_set]]))
+        private = obj.__pydantic_private__
+        payload = [fields, stored_set, private] if private else [fields, stored_set]
+        return ExtType(PYDANTIC, pack([module, qualname, payload]))
 
     return encode
 
@@ -285,35 +458,80 @@ def _enum_rebuilder(cls: type) -> Rebuild:
     return cls
 
 
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
 def _dataclass_rebuilder(cls: type) -> Rebuild:
     fields = dataclasses.fields(cls)
-    init_names = {field.name for field in fields if field.init}
-    field_names = {field.name for field in fields}
+    names = [field.name for field in fields]
+    field_names = set(names)
+    # Fields missing from stored data (added to the class since) get their defaults.
+    defaults: dict[str, Callable[[], Any]] = {}
+    for field in fields:
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = _constant(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory
+    new: Callable[[type], Any] = cls.__new__  # type: ignore[assignment]
 
-    def rebuild(stored: dict[str, Any]) -> Any:
+    def rebuild(stored: Any) -> Any:
+        if type(stored) is not dict:
+            raise SerializationError(f"stored fields of {_describe(cls)} are not a dict")
         unknown = stored.keys() - field_names
         if unknown:
-            raise SerializationError(f"{sorted(unknown)} are not fields of {_describe(cls)}")
-        obj = cls(**{name: value for name, value in stored.items() if name in init_names})
-        for name, value in stored.items():
-            if name not in init_names:  # ``init=False`` fields, set the way frozen ones allow
-                object.__setattr__(obj, name, value)
+            raise SerializationError(
+                f"{sorted(map(repr, unknown))} are not fields of {_describe(cls)}"
+            )
+        # Rebuilt as stored, without ``__init__``: ``__post_init__`` already ran when the value
+        # was created, and ``InitVar`` arguments are not stored. Frozen classes allow this too.
+        obj = new(cls)
+        for name in names:
+            if name in stored:
+                value = stored[name]
+            elif name in defaults:
+                value = defaults[name]()
+            else:
+                raise SerializationError(
+                    f"stored {_describe(cls)} has no value for field {name!r}, which has no default"
+                )
+            object.__setattr__(obj, name, value)
         return obj
 
     return rebuild
 
 
 def _namedtuple_rebuilder(cls: type) -> Rebuild:
-    return lambda values: cls(*values)
+    def rebuild(stored: Any) -> Any:
+        if type(stored) is not list:
+            raise SerializationError(f"stored values of {_describe(cls)} are not a list")
+        return cls(*stored)
+
+    return rebuild
 
 
 def _pydantic_rebuilder(cls: type) -> Rebuild:
-    def rebuild(stored: list[Any]) -> Any:
-        fields, fields_set = stored
+    private_names = set(getattr(cls, "__private_attributes__", {}))
+
+    def rebuild(stored: Any) -> Any:
+        if type(stored) is not list or len(stored) not in (2, 3) or type(stored[0]) is not dict:
+            raise SerializationError(f"stored data of {_describe(cls)} is malformed")
+        fields, fields_set = stored[0], stored[1]
+        if fields_set is not None and type(fields_set) is not list:
+            raise SerializationError(f"stored fields set of {_describe(cls)} is malformed")
         # Values were valid when written: construct without re-validating (and re-coercing).
-        return cls.model_construct(  # type: ignore[attr-defined]
+        obj = cls.model_construct(  # type: ignore[attr-defined]
             _fields_set=None if fields_set is None else set(fields_set), **fields
         )
+        if len(stored) == 3:
+            private = stored[2]
+            if type(private) is not dict or not private.keys() <= private_names:
+                raise SerializationError(
+                    f"stored private attributes of {_describe(cls)} do not match the class"
+                )
+            current = obj.__pydantic_private__ or {}
+            object.__setattr__(obj, "__pydantic_private__", {**current, **private})
+        return obj
 
     return rebuild
 
@@ -394,5 +612,8 @@ def _children(obj: Any, path: str) -> Iterator[tuple[Any, str]]:
     elif is_pydantic_model(type(obj)):
         for name in type(obj).__pydantic_fields__:
             yield getattr(obj, name, None), f"{path}.{name}"
+        for extras in (obj.__pydantic_extra__, obj.__pydantic_private__):
+            for name, value in (extras or {}).items():
+                yield value, f"{path}.{name}"
     elif hasattr(obj, "tzinfo"):
         yield obj.tzinfo, f"{path}.tzinfo"
