@@ -26,7 +26,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check libs tests bench examples
 	$(BIN)/mypy libs/core/stepgraph libs/checkpoint-sqlite/stepgraph libs/checkpoint-postgres/stepgraph
 
 # The benchmark venv holds LangGraph (pinned) and stepgraph (editable) side by side: different
