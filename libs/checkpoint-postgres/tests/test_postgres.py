@@ -470,3 +470,77 @@ async def test_async_pool_rides_out_a_server_restart(postgres_uri: str) -> None:
             assert found.checkpoint["channel_values"] == {"x": 1}
     finally:
         proxy.close()
+
+
+# -- prune racing concurrent saves -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_callers_transaction", [False, True], ids=["own", "callers"])
+def test_prune_keeps_values_of_checkpoints_committed_meanwhile(
+    postgres_uri: str, in_callers_transaction: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint another connection commits while prune runs stays readable, also when
+    prune runs in the caller's READ COMMITTED transaction (no snapshot of its own)."""
+    from stepgraph.checkpoint.postgres import _plans
+
+    with (
+        psycopg.connect(postgres_uri, autocommit=not in_callers_transaction) as conn,
+        psycopg.connect(postgres_uri, autocommit=True) as other_conn,
+    ):
+        pruner, other = PostgresSaver(conn), PostgresSaver(other_conn)
+        pruner.setup()
+        if not in_callers_transaction:
+            conn.commit()
+        first, versions = next_checkpoint(other, None, {"a": "v1"})
+        config = other.put(thread("r"), first, {}, versions)
+        second, versions = next_checkpoint(other, first, {"a": "v2"})
+        config = other.put(config, second, {}, versions)
+        third, third_versions = next_checkpoint(other, second, {"a": "v3"})
+        saved: list[Any] = []
+        deleted_values = _plans.deleted_values
+
+        def commit_a_step_first(*args: Any) -> Any:
+            if not saved:  # between prune's reads and its deletes
+                saved.append(other.put(config, third, {}, third_versions))
+            return deleted_values(*args)
+
+        monkeypatch.setattr(_plans, "deleted_values", commit_a_step_first)
+        if in_callers_transaction:
+            conn.execute("SELECT 1")
+        pruner.prune(["r"])
+        conn.commit()
+        found = other.get_tuple(thread("r"))
+        assert found is not None and found.config == saved[0]
+        assert found.checkpoint["channel_values"] == {"a": "v3"}
+
+
+def test_fork_racing_a_prune_of_its_parent_stays_readable(postgres_uri: str) -> None:
+    """A step forking from a checkpoint that a concurrent prune deletes is readable, whichever
+    commits first: the step locks its parent, so the prune either waits for it or deletes the
+    parent first and the step then stores every value."""
+    with (
+        psycopg.connect(postgres_uri, autocommit=True) as conn,
+        psycopg.connect(postgres_uri) as forking_conn,
+    ):
+        pruner, forker = PostgresSaver(conn), PostgresSaver(forking_conn)
+        pruner.setup()
+        forking_conn.commit()
+        first, versions = next_checkpoint(pruner, None, {"a": "only in the first", "b": 1})
+        first_config = pruner.put(thread("f"), first, {}, versions)
+        second, versions = next_checkpoint(pruner, first, {"a": "second", "b": 2})
+        pruner.put(first_config, second, {}, versions)
+
+        # The fork is saved inside forking_conn's open transaction: it holds its parent locked.
+        fork, versions = next_checkpoint(forker, first, {"b": 3})
+        forking_conn.execute("SELECT 1")
+        fork_config = forker.put(first_config, fork, {}, versions)
+        pruning = threading.Thread(target=pruner.prune, args=(["f"],), kwargs={"keep_last": 1})
+        pruning.start()
+        pruning.join(0.5)
+        assert pruning.is_alive()  # waiting for the fork's lock on its parent
+        forking_conn.commit()
+        pruning.join()
+        # keep_last=1 keeps the fork (the latest): its channel "a" is the first's row
+        found = pruner.get_tuple(fork_config)
+        assert found is not None
+        assert found.checkpoint["channel_values"] == {"a": "only in the first", "b": 3}

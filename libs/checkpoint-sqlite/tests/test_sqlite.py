@@ -605,3 +605,37 @@ async def test_async_and_sync_savers_share_one_file(tmp_path: Path) -> None:
             assert found is not None and found.pending_writes == [("task", "a", 5)]
             again = await async_saver.aget_tuple(thread("t"))
             assert again == found
+
+
+# -- the caller's transaction -----------------------------------------------------------------
+
+
+def test_calls_join_the_callers_transaction(tmp_path: Path) -> None:
+    """Inside a transaction of the caller's, the saver works in a savepoint: its writes commit
+    or roll back with the caller's, and its own failure leaves the caller's work alone."""
+    conn = sqlite3.connect(tmp_path / "app.sqlite", isolation_level=None)
+    conn.execute("CREATE TABLE orders (id INTEGER)")
+    saver = SqliteSaver(conn)
+    saver.setup()
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO orders VALUES (1)")
+    step(saver, thread("rolled back"), {"n": 1})
+    assert saver.get_tuple(thread("rolled back")) is not None
+    conn.rollback()
+    assert saver.get_tuple(thread("rolled back")) is None
+    assert count(saver, "orders") == 0
+
+    config, _ = step(saver, thread("t"), {"n": 1})
+    step(saver, config, {"n": 2})
+    conn.execute("UPDATE checkpoints SET checkpoint = x'c1' WHERE thread_id = 't'")
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO orders VALUES (2)")
+    step(saver, thread("kept"), {"n": 1})
+    with pytest.raises(CorruptCheckpointError):
+        saver.prune(["t"])  # fails inside its savepoint
+    assert conn.in_transaction
+    assert count(saver, "checkpoints") == 3
+    conn.commit()
+    assert count(saver, "orders") == 1
+    assert saver.get_tuple(thread("kept")) is not None
+    conn.close()

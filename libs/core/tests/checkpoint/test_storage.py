@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import pytest
@@ -30,6 +33,8 @@ from stepgraph.checkpoint.storage import (
     index_values,
     load_checkpoint,
     load_tuple,
+    metadata_filter_json,
+    metadata_json,
     metadata_matches,
     referenced_values,
     rekey,
@@ -410,3 +415,57 @@ def test_inline_values_and_emptied_channels_need_no_value_rows() -> None:
     assert found.checkpoint["channel_values"] == values
     assert list(found.checkpoint["channel_values"]) == ["trigger", "count", "text", "items"]
     assert referenced_values(serde, [rows.checkpoint]) == {("", "text", "01"), ("", "items", "02")}
+
+
+# -- metadata JSON copies: no false negatives ------------------------------------------------
+
+
+def _jsonb_contains(stored: Any, wanted: Any) -> bool:
+    """Postgres ``jsonb @>`` on JSON values (the SQL prefilter's semantics)."""
+    if isinstance(wanted, dict):
+        return isinstance(stored, dict) and all(
+            key in stored and _jsonb_contains(stored[key], value) for key, value in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return isinstance(stored, list) and all(
+            any(_jsonb_contains(item, one) for item in stored) for one in wanted
+        )
+    if isinstance(wanted, bool) or wanted is None or isinstance(stored, bool):
+        return stored is wanted
+    if isinstance(wanted, str):
+        return stored == wanted
+    return type(stored) in (int, float) and stored == wanted
+
+
+_numbers = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.decimals(allow_nan=False, allow_infinity=False, places=3),
+    st.fractions(max_denominator=8),
+)
+_scalars = st.one_of(st.none(), st.booleans(), _numbers, st.text(max_size=4), st.binary(max_size=2))
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.one_of(st.text(max_size=2), st.integers(0, 2)), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(st.text(max_size=2), _values, max_size=4), st.data())
+def test_metadata_json_has_no_false_negatives(metadata: dict[str, Any], data: Any) -> None:
+    """Whenever ``metadata_matches`` keeps a row, the JSON copies select it too."""
+    wanted = data.draw(st.dictionaries(st.text(max_size=2), _values, max_size=2))
+    # Mostly filters built from the metadata itself, with values of other numeric types.
+    picked = data.draw(st.lists(st.sampled_from(sorted(metadata)), max_size=3)) if metadata else []
+    for key in picked:
+        value = metadata[key]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = data.draw(st.sampled_from([Decimal(value), Fraction(value), value]))
+        wanted[key] = value
+    stored_json = metadata_json(metadata)
+    json.dumps(stored_json, allow_nan=False)  # storable as it is
+    if metadata_matches(metadata, wanted):
+        assert _jsonb_contains(stored_json, metadata_filter_json(wanted))

@@ -7,9 +7,9 @@ only runs them on a ``psycopg.Connection`` or a ``psycopg_pool.ConnectionPool``.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -19,7 +19,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
 from stepgraph.checkpoint.base import (
-    BaseCheckpointSaver,
+    AsyncFromSyncSaver,
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
@@ -28,8 +28,10 @@ from stepgraph.checkpoint.base import (
     TaskWrites,
 )
 from stepgraph.checkpoint.postgres import _plans
-from stepgraph.checkpoint.postgres._plans import ListPager, Plan, Scope
+from stepgraph.checkpoint.postgres._plans import Scope
 from stepgraph.checkpoint.serde.base import SerializerProtocol
+from stepgraph.checkpoint.storage import ListPager
+from stepgraph.checkpoint.storage.plans import Plan, Statement, run_steps
 from stepgraph.config import RunnableConfig
 
 __all__ = ["PostgresSaver", "run_plan"]
@@ -67,16 +69,14 @@ def run_plan(conn: Connection[Any], plan: Plan[T], scope: Scope) -> T:
 
 
 def _steps(cursor: Cursor[Any], plan: Plan[T]) -> T:
-    try:
-        statement = next(plan)
-        while True:
-            cursor.execute(statement.sql, statement.params)
-            statement = plan.send(cursor.fetchall() if statement.fetch else [])
-    except StopIteration as done:
-        return done.value
+    def execute(statement: Statement) -> list[Any]:
+        cursor.execute(statement.sql, statement.params)
+        return cursor.fetchall() if statement.fetch else []
+
+    return run_steps(plan, execute)
 
 
-class PostgresSaver(BaseCheckpointSaver):
+class PostgresSaver(AsyncFromSyncSaver):
     """A checkpoint saver on a ``psycopg.Connection`` or a ``psycopg_pool.ConnectionPool``.
 
     Any connection works: autocommit or not, any row factory, inside a transaction of the
@@ -175,8 +175,9 @@ class PostgresSaver(BaseCheckpointSaver):
         limit: int | None = None,
     ) -> Iterator[CheckpointTuple]:
         pager = ListPager(config, filter, before, limit)
-        while not pager.done:
-            yield from self._run(lambda: pager.next_page(self.serde))
+        yield from pager.run(
+            lambda query: self._run(functools.partial(_plans.list_page, self.serde, query))
+        )
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -208,10 +209,10 @@ class PostgresSaver(BaseCheckpointSaver):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        statement, saved = _plans.put_step(
+        plan, saved = _plans.put_step(
             self.serde, config, writes, checkpoint, metadata, new_versions
         )
-        self._run(lambda: _plans.execute(statement))
+        self._run(plan)
         return saved
 
     # -- thread management -------------------------------------------------------------------
@@ -223,7 +224,7 @@ class PostgresSaver(BaseCheckpointSaver):
         self._run(lambda: _plans.copy_thread(source_thread_id, target_thread_id))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._run(lambda: _plans.delete_for_runs(self.serde, run_ids), Scope.SNAPSHOT)
+        self._run(lambda: _plans.delete_for_runs(self.serde, run_ids), Scope.TRANSACTION)
 
     def prune(
         self,
@@ -236,74 +237,4 @@ class PostgresSaver(BaseCheckpointSaver):
         self._run(
             lambda: _plans.prune(self.serde, thread_ids, strategy, keep_last, older_than),
             _plans.prune_scope(strategy),
-        )
-
-    # -- async twins: the sync methods in a worker thread -----------------------------------
-
-    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return await asyncio.to_thread(self.get_tuple, config)
-
-    async def alist(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> AsyncIterator[CheckpointTuple]:
-        pager = ListPager(config, filter, before, limit)
-        while not pager.done:
-            page = await asyncio.to_thread(self._run, lambda: pager.next_page(self.serde))
-            for found in page:
-                yield found
-
-    async def aput(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
-
-    async def aput_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
-
-    async def aput_step(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[TaskWrites],
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return await asyncio.to_thread(
-            self.put_step, config, writes, checkpoint, metadata, new_versions
-        )
-
-    async def adelete_thread(self, thread_id: str) -> None:
-        await asyncio.to_thread(self.delete_thread, thread_id)
-
-    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
-
-    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await asyncio.to_thread(self.delete_for_runs, run_ids)
-
-    async def aprune(
-        self,
-        thread_ids: Sequence[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        keep_last: int | None = None,
-        older_than: timedelta | None = None,
-    ) -> None:
-        await asyncio.to_thread(
-            self.prune, thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than
         )

@@ -1,7 +1,7 @@
 """SQL, parameters and row mapping shared by ``PostgresSaver`` and ``AsyncPostgresSaver``.
 
-Every operation is written once, as a *plan*: a generator that yields ``Statement``s and is sent
-back the rows of those marked ``fetch``. The sync and async savers differ only in the few lines
+Every operation is written once, as a *plan* (``stepgraph.checkpoint.storage.plans``): a
+generator that yields ``Statement``s and is sent back the rows of those marked ``fetch``. The sync and async savers differ only in the few lines
 that execute statements. Unlike SQLite's plans, these do not open transactions themselves: what
 a transaction costs depends on the connection (autocommit or not, inside the caller's
 transaction or not), so each plan is run with a ``Scope`` and the driver picks the cheapest way
@@ -11,13 +11,10 @@ in ``stepgraph.checkpoint.storage``.
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
@@ -44,37 +41,35 @@ from stepgraph.checkpoint.postgres._schema import (
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import (
+    APPENDED_ITEMS,
     CheckpointRow,
     CheckpointRows,
     CorruptCheckpointError,
+    PageQuery,
+    ValueKey,
     ValueRow,
     WriteRow,
+    assemble_page,
+    check_key,
+    check_prune_strategy,
+    check_schema_version,
     checkpoint_config,
     checkpoint_rows,
-    checkpoints_to_keep,
-    load_checkpoint,
-    load_metadata,
-    load_tuple,
-    metadata_matches,
-    referenced_values,
+    deleted_values,
+    id_list,
+    metadata_filter_json,
+    metadata_json,
+    page_candidates,
+    prune_doomed,
+    related_keys,
     write_rows,
 )
+from stepgraph.checkpoint.storage.plans import Plan, Statement
 from stepgraph.config import RunnableConfig
 
-__all__ = ["ATTEMPTS", "ListPager", "Plan", "Scope", "Statement"]
+__all__ = ["ATTEMPTS", "Plan", "Scope", "Statement"]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Statement:
-    sql: str
-    params: Sequence[Any] | Mapping[str, Any] = ()
-    fetch: bool = False
-    """Whether the plan reads the statement's rows (the driver sends them back)."""
-
-
-Plan = Generator[Statement, list[tuple[Any, ...]], T]
 
 
 class Scope(Enum):
@@ -84,9 +79,6 @@ class Scope(Enum):
     """Nothing: one statement (atomic by itself), or reads that tolerate separate snapshots."""
     TRANSACTION = "transaction"
     """Several statements, atomically (READ COMMITTED: each statement sees fresh commits)."""
-    SNAPSHOT = "snapshot"
-    """Several statements, atomically, all seeing one snapshot (REPEATABLE READ), so deletions
-    decided on what was read never touch rows committed meanwhile."""
 
 
 # -- identifiers ------------------------------------------------------------------------------
@@ -132,11 +124,7 @@ def setup() -> Plan[None]:
 def _schema_version() -> Plan[int]:
     rows = yield Statement("SELECT coalesce(max(version), 0) FROM stepgraph_migrations", fetch=True)
     current: int = rows[0][0]
-    if current > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"This database has checkpoint schema version {current}, newer than version "
-            f"{SCHEMA_VERSION} known to this stepgraph-checkpoint-postgres: upgrade the package."
-        )
+    check_schema_version(current, SCHEMA_VERSION, "stepgraph-checkpoint-postgres")
     return current
 
 
@@ -145,30 +133,47 @@ def _schema_version() -> Plan[int]:
 # Placeholders are %b: every parameter travels in binary, chosen once rather than per call.
 # Rows travel as one array per column and unnest() turns them back into rows, so a statement's
 # text never depends on how many rows it writes (one prepared statement serves every step).
-_UPSERT_WRITES = """
+_UPSERT_WRITES_WHERE = """
 INSERT INTO stepgraph_checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id, task_id, idx,
     channel, type, value, task_path)
 SELECT %(thread_id)b::bytea, %(checkpoint_ns)b::bytea, %(writes_checkpoint_id)b::bytea, *
 FROM unnest(%(write_task_ids)b::bytea[], %(write_idxs)b::integer[], %(write_channels)b::bytea[],
     %(write_types)b::text[], %(write_values)b::bytea[], %(write_task_paths)b::bytea[])
+WHERE {condition}
 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) DO UPDATE
 SET channel = excluded.channel, type = excluded.type, value = excluded.value,
     task_path = excluded.task_path
 WHERE excluded.idx < 0
 """
+_UPSERT_WRITES = _UPSERT_WRITES_WHERE.format(condition="TRUE")
 # Regular writes are kept once per (task_id, idx); special channels (negative idx) replace the
 # earlier write (the WHERE above). Versions are unique within a namespace, so an existing value
-# row already holds this very value. One statement is one implicit transaction in autocommit:
+# row already holds this very value. An appended-items row inherits the chain start of its base
+# (or starts the chain at it); for a whole value (NULL base_version) the lookup finds nothing
+# and chain_start stays NULL. One statement is one implicit transaction in autocommit:
 # a step costs one round trip and one commit.
+# The parent checkpoint is locked (FOR KEY SHARE) while the step is saved, so a concurrent
+# prune cannot delete it (and value rows only it names) until the step is committed. When the
+# parent is already gone, nothing is written and the statement returns false: the plan then
+# saves the checkpoint with every channel's value (``storage.checkpoint_rows(self_contained)``).
 _PUT_STEP = f"""
-WITH checkpoint AS (
+WITH parent AS (
+    SELECT FROM stepgraph_checkpoints
+    WHERE thread_id = %(thread_id)b::bytea AND checkpoint_ns = %(checkpoint_ns)b::bytea
+        AND checkpoint_id = %(parent_checkpoint_id)b::bytea
+    FOR KEY SHARE
+), saving AS (
+    SELECT NOT %(require_parent)b::boolean OR %(parent_checkpoint_id)b::bytea IS NULL
+        OR EXISTS (SELECT FROM parent) AS ok
+), checkpoint AS (
     INSERT INTO stepgraph_checkpoints (thread_id, checkpoint_ns, checkpoint_id,
         parent_checkpoint_id, ts, run_id, checkpoint_type, checkpoint, metadata_type, metadata,
         metadata_json)
-    VALUES (%(thread_id)b::bytea, %(checkpoint_ns)b::bytea, %(checkpoint_id)b::bytea,
+    SELECT %(thread_id)b::bytea, %(checkpoint_ns)b::bytea, %(checkpoint_id)b::bytea,
         %(parent_checkpoint_id)b::bytea, %(ts)b::text, %(run_id)b::bytea,
         %(checkpoint_type)b::text, %(checkpoint)b::bytea, %(metadata_type)b::text,
-        %(metadata)b::bytea, %(metadata_json)b::jsonb)
+        %(metadata)b::bytea, %(metadata_json)b::jsonb
+    FROM saving WHERE ok
     ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE
     SET parent_checkpoint_id = excluded.parent_checkpoint_id, ts = excluded.ts,
         run_id = excluded.run_id, checkpoint_type = excluded.checkpoint_type,
@@ -176,13 +181,18 @@ WITH checkpoint AS (
         metadata = excluded.metadata, metadata_json = excluded.metadata_json
 ), channel_values AS (
     INSERT INTO stepgraph_checkpoint_values (thread_id, checkpoint_ns, channel, version, type,
-        value)
-    SELECT %(thread_id)b::bytea, %(checkpoint_ns)b::bytea, *
+        value, kind, base_version, chain_start)
+    SELECT %(thread_id)b::bytea, %(checkpoint_ns)b::bytea, k.*, (
+        SELECT coalesce(b.chain_start, b.version) FROM stepgraph_checkpoint_values AS b
+        WHERE b.thread_id = %(thread_id)b::bytea AND b.checkpoint_ns = %(checkpoint_ns)b::bytea
+            AND b.channel = k.channel AND b.version = k.base_version)
     FROM unnest(%(value_channels)b::bytea[], %(value_versions)b::bytea[],
-        %(value_types)b::text[], %(value_values)b::bytea[])
+        %(value_types)b::text[], %(value_values)b::bytea[], %(value_kinds)b::smallint[],
+        %(value_bases)b::bytea[]) AS k (channel, version, type, value, kind, base_version)
+    WHERE (SELECT ok FROM saving)
     ON CONFLICT DO NOTHING
-)
-{_UPSERT_WRITES}
+), writes AS ({_UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)")})
+SELECT ok FROM saving
 """
 
 
@@ -217,17 +227,43 @@ def put_step(
     checkpoint: Checkpoint,
     metadata: CheckpointMetadata,
     new_versions: ChannelVersions,
-) -> tuple[Statement, RunnableConfig]:
-    """The one statement of ``put_step`` (and, with no writes, ``put``), and the config of the
-    saved checkpoint. Everything is serialized here, before any connection is taken."""
-    rows: CheckpointRows = checkpoint_rows(
-        serde, config, checkpoint, metadata, new_versions, writes
-    )
+) -> tuple[Callable[[], Plan[None]], RunnableConfig]:
+    """The plan of ``put_step`` (and, with no writes, ``put``), and the config of the saved
+    checkpoint. Run with ``Scope.STATEMENT``: one statement, unless the parent checkpoint is
+    gone (then a second one saves a self-contained checkpoint). Everything is serialized
+    here, before any connection is taken."""
+
+    def rows(self_contained: bool) -> CheckpointRows:
+        return checkpoint_rows(
+            serde,
+            config,
+            checkpoint,
+            metadata,
+            new_versions,
+            writes,
+            deltas=True,
+            inline=True,
+            self_contained=self_contained,
+        )
+
+    shadow = Jsonb(metadata_json(get_checkpoint_metadata(config, metadata)))
+    first = rows(False)
+    statement = _put_statement(first, shadow, require_parent=True)
+
+    def plan() -> Plan[None]:
+        saved = yield statement
+        if not saved[0][0]:  # the parent is gone: its unchanged channels' rows may be too
+            yield _put_statement(rows(True), shadow, require_parent=False)
+
+    row = first.checkpoint
+    return plan, checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
+
+
+def _put_statement(rows: CheckpointRows, shadow: Jsonb, *, require_parent: bool) -> Statement:
     row = rows.checkpoint
-    params = _writes_params(
-        row.thread_id, row.checkpoint_ns, get_checkpoint_id(config), rows.writes
-    )
+    params = _writes_params(row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id, rows.writes)
     params.update(
+        require_parent=require_parent,
         checkpoint_id=encode(row.checkpoint_id),
         parent_checkpoint_id=_encode_optional(row.parent_checkpoint_id),
         ts=row.ts,
@@ -236,14 +272,15 @@ def put_step(
         checkpoint=row.checkpoint,
         metadata_type=row.metadata_type,
         metadata=row.metadata,
-        metadata_json=Jsonb(json_safe(get_checkpoint_metadata(config, metadata))),
+        metadata_json=shadow,
         value_channels=[encode(value.channel) for value in rows.values],
         value_versions=[encode(value.version) for value in rows.values],
         value_types=[value.type for value in rows.values],
         value_values=[value.value for value in rows.values],
+        value_kinds=[value.kind for value in rows.values],
+        value_bases=[_encode_optional(value.base_version) for value in rows.values],
     )
-    saved = checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
-    return Statement(_PUT_STEP, params), saved
+    return Statement(_PUT_STEP, params, fetch=True)
 
 
 def put_writes(
@@ -272,52 +309,6 @@ def _encode_optional(text: str | None) -> bytes | None:
     return None if text is None else encode(text)
 
 
-# -- metadata as JSON -------------------------------------------------------------------------
-
-# Strings JSON (or jsonb) cannot hold, and strings that start with this mark, are stored as the
-# mark plus the hex of their UTF-8: distinct strings stay distinct, so equality in SQL is exact.
-_MARK = "\uffff"
-
-
-def _json_str(text: str) -> str:
-    if "\x00" in text or text.startswith(_MARK) or not _is_utf8(text):
-        return _MARK + encode(text).hex()
-    return text
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return True
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` as JSON that ``@>`` matches like ``storage.metadata_matches`` does.
-
-    Strings, integers, booleans, None, dicts and lists map exactly; other real numbers become
-    floats, which jsonb compares by value as Python does. Anything else (and NaN, infinities)
-    maps to null: equal values still meet in SQL, and the exact check on the stored metadata
-    then settles the wider match.
-    """
-    if value is None or isinstance(value, (bool, int)):
-        return value
-    if isinstance(value, str):
-        return _json_str(value)
-    if isinstance(value, numbers.Real):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    if isinstance(value, Mapping):
-        return {
-            _json_str(key) if isinstance(key, str) else f"{_MARK}?{key!r}": json_safe(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return None
-
-
 # -- reading ----------------------------------------------------------------------------------
 
 _CHECKPOINT_COLUMNS = (
@@ -331,21 +322,34 @@ ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
 LIMIT %b
 """
 # The value rows and pending writes of a page of checkpoints, in one statement: each key list
-# arrives as arrays, and every key is one primary-key probe. The first column tells the two
-# kinds of row apart; columns line up by type.
+# arrives as arrays, and every key is one primary-key probe. A value key names a span of
+# versions of its channel: the version alone for a whole value, ``chain_start`` up to it for
+# appended items, so the rows that make up a value come in the same round trip, as one
+# primary-key range (spans that start alike are merged). A span may hold rows of forked
+# branches too: ``storage.load_tuple`` follows base versions and ignores them. The first
+# column tells the two kinds of row apart; columns line up by type.
 _SELECT_VALUES_AND_WRITES = """
+WITH spans AS (
+    SELECT v.thread_id, v.checkpoint_ns, v.channel,
+        coalesce(v.chain_start, v.version) AS low,
+        (array_agg(v.version ORDER BY v.version DESC))[1] AS high  -- no max() for bytea
+    FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[], %b::bytea[])
+        AS k (thread_id, checkpoint_ns, channel, version)
+    JOIN stepgraph_checkpoint_values AS v USING (thread_id, checkpoint_ns, channel, version)
+    GROUP BY 1, 2, 3, 4
+)
 SELECT 0, v.thread_id, v.checkpoint_ns, v.channel, v.version, v.type, v.value,
-    v.kind::integer, NULL::bytea, NULL::bytea
-FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[], %b::bytea[])
-    AS k (thread_id, checkpoint_ns, channel, version)
-JOIN stepgraph_checkpoint_values AS v USING (thread_id, checkpoint_ns, channel, version)
+    v.kind::integer, v.base_version, NULL::bytea
+FROM spans AS s
+JOIN stepgraph_checkpoint_values AS v ON v.thread_id = s.thread_id
+    AND v.checkpoint_ns = s.checkpoint_ns AND v.channel = s.channel
+    AND v.version BETWEEN s.low AND s.high
 UNION ALL
 SELECT 1, w.thread_id, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.type, w.value, w.idx,
     w.channel, w.task_path
 FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[]) AS k (thread_id, checkpoint_ns, checkpoint_id)
 JOIN stepgraph_checkpoint_writes AS w USING (thread_id, checkpoint_ns, checkpoint_id)
 """
-_WHOLE_VALUE = 0  # stepgraph_checkpoint_values.kind
 
 
 def _checkpoint_row(fields: Sequence[Any]) -> CheckpointRow:
@@ -364,92 +368,52 @@ def _checkpoint_row(fields: Sequence[Any]) -> CheckpointRow:
     )
 
 
-class _Candidate(NamedTuple):
-    row: CheckpointRow
-    checkpoint: Checkpoint
-    metadata: CheckpointMetadata | None
-
-
 def _load_page(
     serde: SerializerProtocol,
     where: str,
     params: Sequence[Any],
     limit: int,
     filter: dict[str, Any] | None = None,
-) -> Plan[tuple[list[CheckpointTuple], CheckpointRow | None]]:
-    """Up to ``limit`` checkpoints matching ``where`` (then ``filter``), newest first.
+) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
+    """Up to ``limit`` checkpoints matching ``where`` (then ``filter``), newest first: the
+    rows SQL found and the tuples of those that match.
 
     Two round trips: the checkpoint rows, then their value rows and writes (which rows to fetch
-    is only known once the checkpoints are decoded). Also returns the last row SQL produced,
-    where the next page starts.
+    is only known once the checkpoints are decoded).
     """
-    rows = yield Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, limit), fetch=True)
-    checkpoint_rows_ = [_checkpoint_row(fields) for fields in rows]
-    last = checkpoint_rows_[-1] if checkpoint_rows_ else None
-    candidates = []
-    for row in checkpoint_rows_:
-        metadata = None
-        if filter:  # SQL narrowed the rows; the exact semantics are the storage module's
-            metadata = load_metadata(serde, row)
-            if not metadata_matches(metadata, filter):
-                continue
-        candidates.append(_Candidate(row, load_checkpoint(serde, row), metadata))
+    found = yield Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, limit), fetch=True)
+    rows = [_checkpoint_row(fields) for fields in found]
+    candidates = page_candidates(serde, rows, filter)
     if not candidates:
-        return [], last
-
-    value_keys = {
-        (found.row.thread_id, found.row.checkpoint_ns, channel, version)
-        for found in candidates
-        for channel, version in found.checkpoint["channel_versions"].items()
-    }
-    checkpoint_keys = [found.row[:3] for found in candidates]
+        return rows, []
+    value_keys, checkpoint_keys = related_keys(candidates)
     related = yield Statement(
         _SELECT_VALUES_AND_WRITES,
         (*_columns(value_keys, 4), *_columns(checkpoint_keys, 3)),
         fetch=True,
     )
-
-    values: dict[tuple[str, str, str, str], ValueRow] = {}
-    writes: dict[tuple[str, str, str], list[WriteRow]] = {}
+    values: list[ValueRow] = []
+    writes: list[WriteRow] = []
     for part, thread_id, ns, c3, c4, type_, value, number, c8, c9 in related:
         if part == 0:
-            if number != _WHOLE_VALUE:
-                continue  # not readable by this version; load_tuple reports the channel
             key = (decode(thread_id), decode(ns), decode(c3), decode(c4))
-            values[key] = ValueRow(*key, type_, None if value is None else bytes(value))
+            data = None if value is None else bytes(value)
+            values.append(ValueRow(*key, type_, data, number, _decode_optional(c8)))
         else:
-            write = WriteRow(
-                decode(thread_id),
-                decode(ns),
-                decode(c3),
-                decode(c4),
-                number,
-                decode(c8),
-                type_,
-                bytes(value),
-                decode(c9),
+            writes.append(
+                WriteRow(
+                    decode(thread_id),
+                    decode(ns),
+                    decode(c3),
+                    decode(c4),
+                    number,
+                    decode(c8),
+                    type_,
+                    bytes(value),
+                    decode(c9),
+                )
             )
-            writes.setdefault(write[:3], []).append(write)
-    tuples = []
-    for found in candidates:
-        thread_id, ns = found.row.thread_id, found.row.checkpoint_ns
-        versions = found.checkpoint["channel_versions"].items()
-        own_values = [
-            value
-            for channel, version in versions
-            if (value := values.get((thread_id, ns, channel, version))) is not None
-        ]
-        tuples.append(
-            load_tuple(
-                serde,
-                found.row,
-                found.checkpoint,
-                own_values,
-                writes.get(found.row[:3], ()),
-                found.metadata,
-            )
-        )
-    return tuples, last
+    return rows, list(assemble_page(serde, candidates, values, writes))
 
 
 def _columns(keys: Iterable[Sequence[str]], width: int) -> list[list[bytes]]:
@@ -468,97 +432,51 @@ def get_tuple(serde: SerializerProtocol, config: RunnableConfig) -> Plan[Checkpo
     if checkpoint_id := get_checkpoint_id(config):
         where += " AND checkpoint_id = %b"
         params.append(encode(checkpoint_id))
-    found, _ = yield from _load_page(serde, where, params, 1)
+    _, found = yield from _load_page(serde, where, params, 1)
     return found[0] if found else None
 
 
 # -- list -------------------------------------------------------------------------------------
 
-_FIRST_PAGE = 16
-_LARGEST_PAGE = 1024
 
-
-class ListPager:
-    """The state of one ``list`` call, read page by page (keyset pagination).
-
-    Each page is a separate plan (run with ``Scope.STATEMENT``), so no statement, transaction
-    or pooled connection stays held while the caller consumes results.
-    """
-
-    def __init__(
-        self,
-        config: RunnableConfig | None,
-        filter: dict[str, Any] | None,
-        before: RunnableConfig | None,
-        limit: int | None,
-    ) -> None:
-        conditions: list[str] = []
-        params: list[Any] = []
-        configurable = (config or {}).get("configurable") or {}
-        if config is not None:
-            conditions.append("thread_id = %b")
-            params.append(encode(get_thread_id(config)))
-        checkpoint_ns = configurable.get("checkpoint_ns")
-        if checkpoint_ns is not None:
-            conditions.append("checkpoint_ns = %b")
-            params.append(encode(str(checkpoint_ns)))
-        if checkpoint_id := configurable.get("checkpoint_id"):
-            conditions.append("checkpoint_id = %b")
-            params.append(encode(checkpoint_id))
-        if before is not None and (before_id := get_checkpoint_id(before)):
+def list_page(
+    serde: SerializerProtocol, query: PageQuery
+) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
+    """One page of a ``list`` (``storage.ListPager``); run with ``Scope.STATEMENT``."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    for column, value in (
+        ("thread_id = %b", query.thread_id),
+        ("checkpoint_ns = %b", query.checkpoint_ns),
+        ("checkpoint_id = %b", query.checkpoint_id),
+        ("checkpoint_id < %b", query.before_id),
+    ):
+        if value is not None:
+            conditions.append(column)
+            params.append(encode(value))
+    if query.filter:
+        # A parameter, never SQL text: keys and values cannot change the statement.
+        conditions.append("metadata_json @> %b::jsonb")
+        params.append(Jsonb(metadata_filter_json(query.filter)))
+    if (after := query.after) is not None:
+        if query.one_namespace:
             conditions.append("checkpoint_id < %b")
-            params.append(encode(before_id))
-        if filter:
-            # A parameter, never SQL text: keys and values cannot change the statement.
-            conditions.append("metadata_json @> %b::jsonb")
-            params.append(Jsonb(json_safe(filter)))
-        self._where = " AND ".join(conditions) or "TRUE"
-        self._params = params
-        self._filter = filter
-        self._remaining = limit
-        # With thread and namespace fixed, checkpoint_id alone orders the rows and the next
-        # page is a primary-key range; otherwise ties (copied threads share checkpoint ids)
-        # need the whole sort key.
-        self._one_namespace = config is not None and checkpoint_ns is not None
-        self._after: CheckpointRow | None = None
-        self._page_size = _FIRST_PAGE
-        self.done = limit is not None and limit <= 0
-
-    def next_page(self, serde: SerializerProtocol) -> Plan[list[CheckpointTuple]]:
-        """The plan reading the next page. Its state advances only when the plan completes."""
-        size = self._page_size
-        if self._remaining is not None:
-            # Only the exact filter check rejects rows (rarely: SQL matches almost exactly), so
-            # ask for what is still wanted.
-            wanted = max(size, self._remaining) if self._filter else self._remaining
-            size = min(wanted, _LARGEST_PAGE)
-        where, params = self._where, list(self._params)
-        if (after := self._after) is not None:
-            if self._one_namespace:
-                where += " AND checkpoint_id < %b"
-                params.append(encode(after.checkpoint_id))
-            else:
-                where += (
-                    " AND checkpoint_id <= %b"
-                    " AND (checkpoint_id, thread_id, checkpoint_ns) < (%b, %b, %b)"
+            params.append(encode(after.checkpoint_id))
+        else:
+            conditions.append(
+                "checkpoint_id <= %b AND (checkpoint_id, thread_id, checkpoint_ns) < (%b, %b, %b)"
+            )
+            params.extend(
+                encode(part)
+                for part in (
+                    after.checkpoint_id,
+                    after.checkpoint_id,
+                    after.thread_id,
+                    after.checkpoint_ns,
                 )
-                params.extend(
-                    encode(part)
-                    for part in (
-                        after.checkpoint_id,
-                        after.checkpoint_id,
-                        after.thread_id,
-                        after.checkpoint_ns,
-                    )
-                )
-        page, last = yield from _load_page(serde, where, params, size, self._filter)
-        if self._remaining is not None:
-            page = page[: self._remaining]
-            self._remaining -= len(page)
-        self._after = last
-        self.done = last is None or self._remaining == 0
-        self._page_size = min(self._page_size * 2, _LARGEST_PAGE)
-        return page
+            )
+    where = " AND ".join(conditions) or "TRUE"
+    return (yield from _load_page(serde, where, params, query.size, query.filter))
 
 
 # -- thread management ------------------------------------------------------------------------
@@ -575,7 +493,8 @@ DELETE FROM stepgraph_checkpoint_writes WHERE thread_id = ANY(%(thread_ids)b::by
 
 def delete_threads(thread_ids: Iterable[str]) -> Plan[None]:
     """One statement; run with ``Scope.STATEMENT``."""
-    yield Statement(_DELETE_THREADS, {"thread_ids": [encode(str(t)) for t in thread_ids]})
+    threads = [encode(thread_id) for thread_id in id_list(thread_ids, "thread_ids")]
+    yield Statement(_DELETE_THREADS, {"thread_ids": threads})
 
 
 # Nothing in the stored bytes names the thread, so copying is re-keying rows in SQL. One
@@ -596,11 +515,13 @@ WITH checkpoints AS (
         metadata = excluded.metadata, metadata_json = excluded.metadata_json
 ), checkpoint_values AS (
     INSERT INTO stepgraph_checkpoint_values (thread_id, checkpoint_ns, channel, version, type,
-        value, kind)
-    SELECT %(target)b::bytea, checkpoint_ns, channel, version, type, value, kind
+        value, kind, base_version, chain_start)
+    SELECT %(target)b::bytea, checkpoint_ns, channel, version, type, value, kind, base_version,
+        chain_start
     FROM stepgraph_checkpoint_values WHERE thread_id = %(source)b::bytea
     ON CONFLICT (thread_id, checkpoint_ns, channel, version) DO UPDATE
-    SET type = excluded.type, value = excluded.value, kind = excluded.kind
+    SET type = excluded.type, value = excluded.value, kind = excluded.kind,
+        base_version = excluded.base_version, chain_start = excluded.chain_start
 )
 INSERT INTO stepgraph_checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id, task_id, idx,
     channel, type, value, task_path)
@@ -615,6 +536,7 @@ SET channel = excluded.channel, type = excluded.type, value = excluded.value,
 
 def copy_thread(source_thread_id: str, target_thread_id: str) -> Plan[None]:
     """One statement; run with ``Scope.STATEMENT``."""
+    check_key("thread_id", str(target_thread_id))
     if str(source_thread_id) == str(target_thread_id):
         return
     params = {"source": encode(str(source_thread_id)), "target": encode(str(target_thread_id))}
@@ -634,78 +556,107 @@ DELETE FROM stepgraph_checkpoint_writes AS w USING keys AS k
 WHERE (w.thread_id, w.checkpoint_ns, w.checkpoint_id)
     = (k.thread_id, k.checkpoint_ns, k.checkpoint_id)
 """
-# NOT EXISTS plans as an anti-join (hashed, and able to spill), however many keys are kept.
-_DELETE_UNREFERENCED_VALUES = """
+_DELETE_VALUES = """
 DELETE FROM stepgraph_checkpoint_values AS v
-WHERE v.thread_id = ANY(%b::bytea[])
-    AND NOT EXISTS (
-        SELECT FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[], %b::bytea[])
-            AS k (thread_id, checkpoint_ns, channel, version)
-        WHERE (k.thread_id, k.checkpoint_ns, k.channel, k.version)
-            = (v.thread_id, v.checkpoint_ns, v.channel, v.version))
+USING unnest(%b::bytea[], %b::bytea[], %b::bytea[], %b::bytea[])
+    AS k (thread_id, checkpoint_ns, channel, version)
+WHERE (v.thread_id, v.checkpoint_ns, v.channel, v.version)
+    = (k.thread_id, k.checkpoint_ns, k.channel, k.version)
+"""
+_SELECT_THREADS = f"""
+SELECT {_CHECKPOINT_COLUMNS} FROM stepgraph_checkpoints WHERE thread_id = ANY(%b::bytea[])
+"""
+
+
+_SELECT_BASES = f"""
+SELECT thread_id, checkpoint_ns, channel, version, base_version FROM stepgraph_checkpoint_values
+WHERE thread_id = ANY(%b::bytea[]) AND kind = {APPENDED_ITEMS}
 """
 
 
 def _delete_checkpoints(
-    serde: SerializerProtocol, keys: Sequence[tuple[str, str, str]]
+    serde: SerializerProtocol,
+    thread_ids: Sequence[str],
+    doomed: Callable[[list[CheckpointRow]], set[tuple[str, str]]],
 ) -> Plan[None]:
-    """Delete checkpoints, their writes, and the values no remaining checkpoint needs.
+    """Delete the checkpoints ``doomed`` picks of each thread's, their writes, and the value
+    rows only they needed (``storage.deleted_values``).
 
-    Run with ``Scope.SNAPSHOT``: value rows that a concurrent ``put`` commits meanwhile are
-    not in the snapshot, so they are never taken for garbage. If a remaining checkpoint cannot
-    be decoded, the error rolls everything back and nothing is deleted.
+    Run with ``Scope.TRANSACTION`` (or inside the caller's transaction). Only value rows that
+    the deleted checkpoints name are candidates, so rows a concurrent ``put`` commits
+    meanwhile never are. A ``put_step`` forking from a checkpoint being deleted holds its
+    parent FOR KEY SHARE: if it got there first, the DELETE waits for it, and the remaining
+    checkpoints, read after the DELETE, include it (at READ COMMITTED); if the DELETE got
+    there first, the put waits, finds its parent gone and saves every value. If a checkpoint
+    cannot be decoded, the error rolls everything back and nothing is deleted.
     """
-    if not keys:
+    if not thread_ids:
         return
-    thread_ids, nss, checkpoint_ids = _columns(keys, 3)
-    yield Statement(
-        _DELETE_CHECKPOINTS,
-        {"thread_ids": thread_ids, "checkpoint_nss": nss, "checkpoint_ids": checkpoint_ids},
-    )
-    threads = sorted(set(thread_ids))
-    remaining = yield Statement(
-        f"SELECT {_CHECKPOINT_COLUMNS} FROM stepgraph_checkpoints"
-        " WHERE thread_id = ANY(%b::bytea[])",
-        (threads,),
-        fetch=True,
-    )
+    threads = [encode(thread_id) for thread_id in thread_ids]
+    found = yield Statement(_SELECT_THREADS, (threads,), fetch=True)
     by_thread: dict[str, list[CheckpointRow]] = {}
-    for fields in remaining:
+    for fields in found:
         row = _checkpoint_row(fields)
         by_thread.setdefault(row.thread_id, []).append(row)
-    needed = [
+    deleted: dict[str, list[CheckpointRow]] = {}
+    for thread_id, rows in by_thread.items():
+        chosen = doomed(rows)
+        if chosen:
+            deleted[thread_id] = [
+                row for row in rows if (row.checkpoint_ns, row.checkpoint_id) in chosen
+            ]
+    if not deleted:
+        return
+    keys = [row[:3] for rows in deleted.values() for row in rows]
+    thread_keys, nss, checkpoint_ids = _columns(keys, 3)
+    yield Statement(
+        _DELETE_CHECKPOINTS,
+        {"thread_ids": thread_keys, "checkpoint_nss": nss, "checkpoint_ids": checkpoint_ids},
+    )
+    threads = [encode(thread_id) for thread_id in deleted]
+    remaining = yield Statement(_SELECT_THREADS, (threads,), fetch=True)
+    kept: dict[str, list[CheckpointRow]] = {}
+    for fields in remaining:
+        row = _checkpoint_row(fields)
+        kept.setdefault(row.thread_id, []).append(row)
+    appended = yield Statement(_SELECT_BASES, (threads,), fetch=True)
+    bases: dict[str, dict[ValueKey, str]] = {}
+    for thread_id, ns, channel, version, base in appended:
+        key = (decode(ns), decode(channel), decode(version))
+        bases.setdefault(decode(thread_id), {})[key] = decode(base)
+    garbage = [
         (thread_id, *key)
-        for thread_id, rows in by_thread.items()
-        for key in referenced_values(serde, rows)
+        for thread_id, rows in deleted.items()
+        for key in sorted(
+            deleted_values(serde, rows, kept.get(thread_id, ()), bases.get(thread_id))
+        )
     ]
-    yield Statement(_DELETE_UNREFERENCED_VALUES, (threads, *_columns(needed, 4)))
+    if garbage:
+        yield Statement(_DELETE_VALUES, _columns(garbage, 4))
 
 
 def delete_for_runs(serde: SerializerProtocol, run_ids: Iterable[str]) -> Plan[None]:
-    """Run with ``Scope.SNAPSHOT``."""
-    encoded = [encode(str(run_id)) for run_id in run_ids]
-    if not encoded:
+    """Run with ``Scope.TRANSACTION``."""
+    runs = id_list(run_ids, "run_ids")
+    if not runs:
         return
     rows = yield Statement(
-        "SELECT thread_id, checkpoint_ns, checkpoint_id FROM stepgraph_checkpoints"
-        " WHERE run_id = ANY(%b::bytea[])",
-        (encoded,),
+        "SELECT DISTINCT thread_id FROM stepgraph_checkpoints WHERE run_id = ANY(%b::bytea[])",
+        ([encode(run_id) for run_id in runs],),
         fetch=True,
     )
-    keys = [(decode(thread_id), decode(ns), decode(cid)) for thread_id, ns, cid in rows]
-    yield from _delete_checkpoints(serde, keys)
+    wanted = set(runs)
 
+    def doomed(rows: list[CheckpointRow]) -> set[tuple[str, str]]:
+        return {(row.checkpoint_ns, row.checkpoint_id) for row in rows if row.run_id in wanted}
 
-class _PruneKey(NamedTuple):
-    """What ``storage.checkpoints_to_keep`` reads of a checkpoint."""
-
-    checkpoint_ns: str
-    checkpoint_id: str
-    ts: str
+    yield from _delete_checkpoints(
+        serde, sorted(decode(thread_id) for (thread_id,) in rows), doomed
+    )
 
 
 def prune_scope(strategy: PruneStrategy) -> Scope:
-    return Scope.STATEMENT if strategy == "delete" else Scope.SNAPSHOT
+    return Scope.STATEMENT if strategy == "delete" else Scope.TRANSACTION
 
 
 def prune(
@@ -716,34 +667,15 @@ def prune(
     older_than: timedelta | None,
 ) -> Plan[None]:
     """Run with ``Scope`` ``prune_scope(strategy)``."""
+    check_prune_strategy(strategy)
     if strategy == "delete":
         return (yield from delete_threads(thread_ids))
-    if strategy != "keep_latest":
-        raise ValueError(f"Unknown prune strategy {strategy!r}: use 'keep_latest' or 'delete'.")
-    threads = list(dict.fromkeys(str(thread_id) for thread_id in thread_ids))
-    if not threads:
-        return
     now = datetime.now(UTC)
-    rows = yield Statement(
-        "SELECT thread_id, checkpoint_ns, checkpoint_id, ts FROM stepgraph_checkpoints"
-        " WHERE thread_id = ANY(%b::bytea[])",
-        ([encode(thread_id) for thread_id in threads],),
-        fetch=True,
-    )
-    by_thread: dict[str, list[_PruneKey]] = {}
-    for thread_id, ns, checkpoint_id, ts in rows:
-        by_thread.setdefault(decode(thread_id), []).append(
-            _PruneKey(decode(ns), decode(checkpoint_id), ts)
-        )
-    doomed: list[tuple[str, str, str]] = []
-    for thread_id, candidates in by_thread.items():
-        keep = checkpoints_to_keep(candidates, keep_last=keep_last, older_than=older_than, now=now)
-        doomed.extend(
-            (thread_id, key.checkpoint_ns, key.checkpoint_id)
-            for key in candidates
-            if (key.checkpoint_ns, key.checkpoint_id) not in keep
-        )
-    yield from _delete_checkpoints(serde, doomed)
+
+    def doomed(rows: list[CheckpointRow]) -> set[tuple[str, str]]:
+        return prune_doomed(rows, keep_last=keep_last, older_than=older_than, now=now)
+
+    yield from _delete_checkpoints(serde, id_list(thread_ids, "thread_ids"), doomed)
 
 
 # -- running plans ----------------------------------------------------------------------------
@@ -751,7 +683,6 @@ def prune(
 
 _BEGIN = {
     Scope.TRANSACTION: Statement("BEGIN"),
-    Scope.SNAPSHOT: Statement("BEGIN ISOLATION LEVEL REPEATABLE READ"),
 }
 COMMIT = Statement("COMMIT")
 

@@ -75,6 +75,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    (
+        # A value row of kind 1 (``storage.APPENDED_ITEMS``) holds the items appended to the
+        # channel's value at ``base_version``. ``chain_start`` is the version of the whole value
+        # its chain of base versions ends in, so reading the chain is one range of the primary
+        # key (``version BETWEEN chain_start AND version``). Both are NULL for kind 0 rows.
+        # Wrapped in DO: psycopg (3.3) answers an "ALTER" command status by scheduling
+        # DEALLOCATE ALL, which it sends only after preparing the next statement, and then
+        # fails on that statement. Postgres re-plans prepared statements after DDL by itself.
+        """
+        DO $$ BEGIN
+            ALTER TABLE stepgraph_checkpoint_values
+                ADD COLUMN base_version bytea, ADD COLUMN chain_start bytea;
+        END $$
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -7,7 +7,8 @@ I/O is awaited.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -17,17 +18,19 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from stepgraph.checkpoint.base import (
-    BaseCheckpointSaver,
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
     PruneStrategy,
+    SyncFromAsyncSaver,
     TaskWrites,
 )
 from stepgraph.checkpoint.postgres import _plans
-from stepgraph.checkpoint.postgres._plans import ListPager, Plan, Scope
+from stepgraph.checkpoint.postgres._plans import Scope
 from stepgraph.checkpoint.serde.base import SerializerProtocol
+from stepgraph.checkpoint.storage import ListPager
+from stepgraph.checkpoint.storage.plans import Plan, Statement, arun_steps
 from stepgraph.config import RunnableConfig
 
 __all__ = ["AsyncPostgresSaver", "arun_plan"]
@@ -61,16 +64,14 @@ async def arun_plan(conn: AsyncConnection[Any], plan: Plan[T], scope: Scope) -> 
 
 
 async def _steps(cursor: AsyncCursor[Any], plan: Plan[T]) -> T:
-    try:
-        statement = next(plan)
-        while True:
-            await cursor.execute(statement.sql, statement.params)
-            statement = plan.send(await cursor.fetchall() if statement.fetch else [])
-    except StopIteration as done:
-        return done.value
+    async def execute(statement: Statement) -> list[Any]:
+        await cursor.execute(statement.sql, statement.params)
+        return await cursor.fetchall() if statement.fetch else []
+
+    return await arun_steps(plan, execute)
 
 
-class AsyncPostgresSaver(BaseCheckpointSaver):
+class AsyncPostgresSaver(SyncFromAsyncSaver):
     """A checkpoint saver on a ``psycopg.AsyncConnection`` or a
     ``psycopg_pool.AsyncConnectionPool``; create it inside the event loop.
 
@@ -150,22 +151,6 @@ class AsyncPostgresSaver(BaseCheckpointSaver):
             await self.setup()
         return await self._execute(make_plan, scope)
 
-    def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run ``coroutine`` on the saver's loop from another thread, and return its result."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            coroutine.close()
-            raise asyncio.InvalidStateError(
-                "A synchronous method of AsyncPostgresSaver was called from inside its own "
-                "event loop, where waiting for the result would deadlock. Use the async method "
-                "instead (e.g. `await saver.aget_tuple(...)`, `await graph.ainvoke(...)`), or "
-                "call the sync method from another thread."
-            )
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
-
     # -- reading -----------------------------------------------------------------------------
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
@@ -180,9 +165,9 @@ class AsyncPostgresSaver(BaseCheckpointSaver):
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
         pager = ListPager(config, filter, before, limit)
-        while not pager.done:
-            for found in await self._run(lambda: pager.next_page(self.serde)):
-                yield found
+        page = functools.partial(_plans.list_page, self.serde)
+        async for found in pager.arun(lambda query: self._run(functools.partial(page, query))):
+            yield found
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -214,10 +199,10 @@ class AsyncPostgresSaver(BaseCheckpointSaver):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        statement, saved = _plans.put_step(
+        plan, saved = _plans.put_step(
             self.serde, config, writes, checkpoint, metadata, new_versions
         )
-        await self._run(lambda: _plans.execute(statement))
+        await self._run(plan)
         return saved
 
     # -- thread management -------------------------------------------------------------------
@@ -229,7 +214,7 @@ class AsyncPostgresSaver(BaseCheckpointSaver):
         await self._run(lambda: _plans.copy_thread(source_thread_id, target_thread_id))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await self._run(lambda: _plans.delete_for_runs(self.serde, run_ids), Scope.SNAPSHOT)
+        await self._run(lambda: _plans.delete_for_runs(self.serde, run_ids), Scope.TRANSACTION)
 
     async def aprune(
         self,
@@ -242,70 +227,4 @@ class AsyncPostgresSaver(BaseCheckpointSaver):
         await self._run(
             lambda: _plans.prune(self.serde, thread_ids, strategy, keep_last, older_than),
             _plans.prune_scope(strategy),
-        )
-
-    # -- sync twins, for other threads ------------------------------------------------------
-
-    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self._wait(self.aget_tuple(config))
-
-    def list(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> Iterator[CheckpointTuple]:
-        pager = ListPager(config, filter, before, limit)
-        while not pager.done:
-            yield from self._wait(self._run(lambda: pager.next_page(self.serde)))
-
-    def put(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self._wait(self.aput(config, checkpoint, metadata, new_versions))
-
-    def put_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        self._wait(self.aput_writes(config, writes, task_id, task_path))
-
-    def put_step(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[TaskWrites],
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self._wait(self.aput_step(config, writes, checkpoint, metadata, new_versions))
-
-    def delete_thread(self, thread_id: str) -> None:
-        self._wait(self.adelete_thread(thread_id))
-
-    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._wait(self.acopy_thread(source_thread_id, target_thread_id))
-
-    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._wait(self.adelete_for_runs(run_ids))
-
-    def prune(
-        self,
-        thread_ids: Sequence[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        keep_last: int | None = None,
-        older_than: timedelta | None = None,
-    ) -> None:
-        self._wait(
-            self.aprune(thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than)
         )

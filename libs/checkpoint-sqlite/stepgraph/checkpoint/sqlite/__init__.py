@@ -6,18 +6,17 @@ Several processes can share one file: the database runs in WAL mode and every wr
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from stepgraph.checkpoint.base import (
-    BaseCheckpointSaver,
+    AsyncFromSyncSaver,
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
@@ -27,8 +26,9 @@ from stepgraph.checkpoint.base import (
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.sqlite import _plans
-from stepgraph.checkpoint.sqlite._plans import ListPager, Plan, Statement
 from stepgraph.checkpoint.sqlite._schema import Synchronous
+from stepgraph.checkpoint.storage import ListPager
+from stepgraph.checkpoint.storage.plans import Plan, Statement, run_steps
 from stepgraph.config import RunnableConfig
 
 __all__ = ["SqliteSaver", "Synchronous", "run_plan"]
@@ -37,24 +37,54 @@ T = TypeVar("T")
 
 
 def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
-    """Execute ``plan`` on ``conn``; roll back its transaction if anything fails."""
+    """Execute ``plan`` on ``conn``; roll back what it began if anything fails.
+
+    A plan opens and commits its own transaction. When the caller already has one open on
+    ``conn``, the plan joins it instead, in a savepoint: its writes commit (or roll back) with
+    the caller's transaction, a failing plan undoes only its own statements, and the caller's
+    transaction stays open either way.
+    """
+    joined = conn.in_transaction
+    opened = False
+
+    def execute(statement: Statement) -> list[Any]:
+        nonlocal opened
+        if joined and statement.sql in _JOINED:
+            statement = Statement(_JOINED[statement.sql])
+        if statement.many:
+            conn.executemany(statement.sql, statement.params)
+            rows = []
+        elif statement.retry_when_locked:
+            rows = _retry_when_locked(conn, statement)
+        else:
+            rows = conn.execute(statement.sql, statement.params).fetchall()
+        if statement.sql in _OPENS:
+            opened = True
+        elif statement.sql in _CLOSES:
+            opened = False
+        return rows
+
     try:
-        statement = next(plan)
-        while True:
-            if statement.many:
-                conn.executemany(statement.sql, statement.params)
-                rows = []
-            elif statement.retry_when_locked:
-                rows = _retry_when_locked(conn, statement)
-            else:
-                rows = conn.execute(statement.sql, statement.params).fetchall()
-            statement = plan.send(rows)
-    except StopIteration as done:
-        return done.value
+        return run_steps(plan, execute)
     except BaseException:
-        if conn.in_transaction:
+        if opened and joined:
+            conn.execute(_ROLLBACK_SAVEPOINT)
+            conn.execute(_JOINED[_plans.COMMIT.sql])
+        elif opened and conn.in_transaction:
             conn.rollback()
         raise
+
+
+# Inside the caller's transaction, a plan's BEGIN and COMMIT become a savepoint's.
+_SAVEPOINT = "stepgraph_plan"
+_JOINED = {
+    _plans.BEGIN_READ.sql: f"SAVEPOINT {_SAVEPOINT}",
+    _plans.BEGIN_WRITE.sql: f"SAVEPOINT {_SAVEPOINT}",
+    _plans.COMMIT.sql: f"RELEASE {_SAVEPOINT}",
+}
+_OPENS = frozenset({_plans.BEGIN_READ.sql, _plans.BEGIN_WRITE.sql, _JOINED[_plans.BEGIN_READ.sql]})
+_CLOSES = frozenset({_plans.COMMIT.sql, _JOINED[_plans.COMMIT.sql]})
+_ROLLBACK_SAVEPOINT = f"ROLLBACK TO {_SAVEPOINT}"
 
 
 def _retry_when_locked(conn: sqlite3.Connection, statement: Statement) -> list[Any]:
@@ -68,12 +98,14 @@ def _retry_when_locked(conn: sqlite3.Connection, statement: Statement) -> list[A
         time.sleep(0.005)
 
 
-class SqliteSaver(BaseCheckpointSaver):
+class SqliteSaver(AsyncFromSyncSaver):
     """A checkpoint saver on a ``sqlite3.Connection``.
 
-    The saver issues its own ``BEGIN``/``COMMIT``: hand it a connection with no transaction
-    open (``isolation_level=None`` or the default; not Python 3.12's ``autocommit=False``). One saver may be used from several threads: calls are
-    serialized by a lock. The async methods (``aget_tuple``, ``aput``, ...) run the sync ones in
+    The saver issues its own ``BEGIN``/``COMMIT`` (``isolation_level=None`` or the default;
+    not Python 3.12's ``autocommit=False``). Called while the connection has a transaction of
+    the caller's open, it joins that transaction in a savepoint instead: its writes commit
+    with the caller's, and a failed call undoes only its own. One saver may be used from
+    several threads: calls are serialized by a lock. The async methods (``aget_tuple``, ``aput``, ...) run the sync ones in
     a worker thread, which needs a connection opened with ``check_same_thread=False`` (as
     ``from_conn_string`` does); ``AsyncSqliteSaver`` is the native async saver.
 
@@ -153,8 +185,7 @@ class SqliteSaver(BaseCheckpointSaver):
         limit: int | None = None,
     ) -> Iterator[CheckpointTuple]:
         pager = ListPager(config, filter, before, limit)
-        while (plan := pager.next_page(self.serde)) is not None:
-            yield from self._run(plan)
+        yield from pager.run(lambda query: self._run(_plans.list_page(self.serde, query)))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -210,72 +241,3 @@ class SqliteSaver(BaseCheckpointSaver):
         older_than: timedelta | None = None,
     ) -> None:
         self._run(_plans.prune(self.serde, thread_ids, strategy, keep_last, older_than))
-
-    # -- async twins: the sync methods in a worker thread -----------------------------------
-
-    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return await asyncio.to_thread(self.get_tuple, config)
-
-    async def alist(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> AsyncIterator[CheckpointTuple]:
-        pager = ListPager(config, filter, before, limit)
-        while (plan := pager.next_page(self.serde)) is not None:
-            for found in await asyncio.to_thread(self._run, plan):
-                yield found
-
-    async def aput(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
-
-    async def aput_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
-
-    async def aput_step(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[TaskWrites],
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return await asyncio.to_thread(
-            self.put_step, config, writes, checkpoint, metadata, new_versions
-        )
-
-    async def adelete_thread(self, thread_id: str) -> None:
-        await asyncio.to_thread(self.delete_thread, thread_id)
-
-    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
-
-    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await asyncio.to_thread(self.delete_for_runs, run_ids)
-
-    async def aprune(
-        self,
-        thread_ids: Sequence[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        keep_last: int | None = None,
-        older_than: timedelta | None = None,
-    ) -> None:
-        await asyncio.to_thread(
-            self.prune, thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than
-        )

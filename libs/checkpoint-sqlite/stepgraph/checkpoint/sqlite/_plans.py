@@ -1,8 +1,9 @@
 """SQL and row handling shared by ``SqliteSaver`` and ``AsyncSqliteSaver``.
 
-Every operation is written once, as a *plan*: a generator that yields ``Statement``s and is sent
-back each statement's rows. The sync and async savers differ only in the few lines that execute
-statements (``run_plan`` / ``arun_plan``). Plans open and commit their own transactions, so
+Every operation is written once, as a *plan* (``stepgraph.checkpoint.storage.plans``): a
+generator that yields ``Statement``s and is sent back each statement's rows (sqlite3 fetches
+every statement's rows, so plans here leave ``fetch`` unset). The sync and async savers differ
+only in the few lines that execute statements (``run_plan`` / ``arun_plan``). Plans open and commit their own transactions, so
 whatever a plan writes is committed atomically or not at all. Which rows to write and how rows
 become checkpoints is backend-neutral and lives in ``stepgraph.checkpoint.storage``.
 """
@@ -12,11 +13,9 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
-from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from stepgraph.checkpoint.base import (
     ChannelVersions,
@@ -41,38 +40,31 @@ from stepgraph.checkpoint.storage import (
     APPENDED_ITEMS,
     CheckpointRow,
     CheckpointRows,
+    PageQuery,
     ValueRow,
     WriteRow,
+    assemble_page,
+    check_key,
+    check_prune_strategy,
+    check_schema_version,
     checkpoint_config,
     checkpoint_rows,
-    checkpoints_to_keep,
-    load_checkpoint,
-    load_metadata,
-    load_tuple,
-    metadata_matches,
-    referenced_values,
-    stored_versions,
+    deleted_values,
+    id_list,
+    metadata_filter_json,
+    metadata_json,
+    page_candidates,
+    prune_doomed,
+    related_keys,
     write_rows,
 )
+from stepgraph.checkpoint.storage.plans import Plan, Statement
 from stepgraph.config import RunnableConfig
 
-__all__ = ["ListPager", "Plan", "Statement"]
+__all__ = ["Plan", "Statement"]
 
 T = TypeVar("T")
 
-
-@dataclass(frozen=True, slots=True)
-class Statement:
-    sql: str
-    params: Any = ()
-    """Parameters of one execution, or an iterable of them when ``many`` is true."""
-    many: bool = False
-    retry_when_locked: float = 0.0
-    """Seconds to keep retrying while the statement fails with "database is locked" for
-    statements SQLite does not wait on by itself (its busy handler is skipped for them)."""
-
-
-Plan = Generator[Statement, list[Any], T]
 
 # One snapshot for a read that takes several statements (rows deleted between them by a
 # concurrent prune would otherwise look like corruption).
@@ -100,11 +92,7 @@ def setup(synchronous: str, busy_timeout: float) -> Plan[None]:
     yield Statement(CREATE_MIGRATIONS_TABLE)
     rows = yield Statement("SELECT coalesce(max(version), 0) FROM checkpoint_migrations")
     current: int = rows[0][0]
-    if current > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"This database has checkpoint schema version {current}, newer than version "
-            f"{SCHEMA_VERSION} known to this stepgraph-checkpoint-sqlite: upgrade the package."
-        )
+    check_schema_version(current, SCHEMA_VERSION, "stepgraph-checkpoint-sqlite")
     for version in range(current + 1, SCHEMA_VERSION + 1):
         for sql in MIGRATIONS[version - 1]:
             yield Statement(sql)
@@ -146,36 +134,34 @@ WHERE excluded.idx < 0
 """
 
 
-def _json_safe(value: Any) -> Any:
-    """``value`` reduced to what JSON (and SQLite's JSON functions) can hold."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"$float": repr(value)}
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return {"$type": type(value).__qualname__}
-
-
 def _to_json(value: Any) -> str:
-    # ASCII escapes keep lone surrogates storable; SQLite decodes both sides of a comparison
-    # the same way. The walk in _json_safe only runs for metadata plain JSON cannot hold.
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):
-        return json.dumps(_json_safe(value), separators=(",", ":"))
+    # ASCII escapes keep every string storable; SQLite decodes both sides of a comparison the
+    # same way.
+    return json.dumps(value, separators=(",", ":"))
 
 
-def _store(rows: CheckpointRows, metadata_json: str) -> Plan[RunnableConfig]:
+_HAS_CHECKPOINT = (
+    "SELECT EXISTS (SELECT 1 FROM checkpoints"
+    " WHERE thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?)"
+)
+
+
+def _store(
+    rows: CheckpointRows, shadow: str, self_contained: Callable[[], CheckpointRows]
+) -> Plan[RunnableConfig]:
     row = rows.checkpoint
     yield BEGIN_WRITE
+    if row.parent_checkpoint_id is not None:
+        found = yield Statement(
+            _HAS_CHECKPOINT, (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id)
+        )
+        if not found[0][0]:  # pruned meanwhile: unchanged channels' rows may be gone with it
+            rows = self_contained()
     if rows.writes:
         yield Statement(_UPSERT_WRITE, rows.writes, many=True)
     if rows.values:
         yield Statement(_INSERT_VALUE, rows.values, many=True)
-    yield Statement(_INSERT_CHECKPOINT, (*row, metadata_json))
+    yield Statement(_INSERT_CHECKPOINT, (*row, shadow))
     yield COMMIT
     return checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
 
@@ -191,11 +177,19 @@ def put_step(
     """``put_step`` and (with no writes) ``put``: one transaction, one commit."""
     # Everything is serialized before the write lock is taken, so other writers wait only for
     # the inserts.
-    rows = checkpoint_rows(
-        serde, config, checkpoint, metadata, new_versions, writes, deltas=True, inline=True
+    rows = functools.partial(
+        checkpoint_rows,
+        serde,
+        config,
+        checkpoint,
+        metadata,
+        new_versions,
+        writes,
+        deltas=True,
+        inline=True,
     )
-    metadata_json = _to_json(get_checkpoint_metadata(config, metadata))
-    return (yield from _store(rows, metadata_json))
+    shadow = _to_json(metadata_json(get_checkpoint_metadata(config, metadata)))
+    return (yield from _store(rows(), shadow, lambda: rows(self_contained=True)))
 
 
 def put_writes(
@@ -322,12 +316,6 @@ def _select_related(
         yield Statement(sql, params)
 
 
-class _Candidate(NamedTuple):
-    row: CheckpointRow
-    checkpoint: Checkpoint
-    metadata: CheckpointMetadata | None
-
-
 def _load_page(
     serde: SerializerProtocol,
     where: str,
@@ -335,11 +323,11 @@ def _load_page(
     limit: int,
     filter: dict[str, Any] | None = None,
     thread_id: str | None = None,
-) -> Plan[tuple[list[CheckpointTuple], CheckpointRow | None]]:
-    """Up to ``limit`` checkpoints matching ``where`` (then ``filter``), newest first.
+) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
+    """Up to ``limit`` checkpoints matching ``where`` (then ``filter``), newest first: the
+    rows SQL found and the tuples of those that match.
 
-    ``thread_id``: ``where`` selects that one thread, in every namespace. Also returns the row
-    the next page starts after, or None if SQL found no more rows.
+    ``thread_id``: ``where`` selects that one thread, in every namespace.
     """
     yield BEGIN_READ
     select = Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, limit))
@@ -348,55 +336,16 @@ def _load_page(
         if 0 < len(namespaces) <= _SPLIT_NAMESPACES:
             split = [value for (name,) in namespaces for value in (*params, name, limit)]
             select = Statement(_select_split_sql(where, len(namespaces)), (*split, limit))
-    rows = yield select
-    after = CheckpointRow(*rows[-1]) if len(rows) == limit else None
-    candidates = []
-    for fields in rows:
-        row = CheckpointRow(*fields)
-        metadata = None
-        if filter:  # SQL narrowed the rows; the exact semantics are the storage module's
-            metadata = load_metadata(serde, row)
-            if not metadata_matches(metadata, filter):
-                continue
-        candidates.append(_Candidate(row, load_checkpoint(serde, row), metadata))
-    if not candidates:
-        yield COMMIT
-        return [], after
-
-    value_keys = list(
-        {
-            (found.row.thread_id, found.row.checkpoint_ns, channel, version): None
-            for found in candidates
-            for channel, version in stored_versions(found.checkpoint).items()
-        }
-    )
-    checkpoint_keys = [
-        (row.thread_id, row.checkpoint_ns, row.checkpoint_id) for row, *_ in candidates
-    ]
+    rows = [CheckpointRow(*fields) for fields in (yield select)]
+    candidates = page_candidates(serde, rows, filter)
     related: list[Any] = []
-    for statement in _select_related(value_keys, checkpoint_keys):
-        related += yield statement
+    if candidates:
+        for statement in _select_related(*related_keys(candidates)):
+            related += yield statement
     yield COMMIT
-
-    # Per thread and namespace: value rows by (channel, version).
-    values: dict[tuple[str, str], dict[tuple[str, str], ValueRow]] = {}
-    writes: dict[tuple[str, str, str], list[WriteRow]] = {}
-    for part, *fields in related:
-        if part == 0:
-            value = ValueRow(*fields[:8])
-            values.setdefault(value[:2], {})[value.channel, value.version] = value
-        else:
-            write = WriteRow(*fields)
-            writes.setdefault(write[:3], []).append(write)
-    tuples = []
-    for found in candidates:
-        # load_tuple picks the rows (and chains) the checkpoint's channel_versions name.
-        named = values.get(found.row[:2], {})
-        row_writes = writes.get(found.row[:3], [])
-        tuples.append(
-            load_tuple(serde, found.row, found.checkpoint, named, row_writes, found.metadata)
-        )
-    return tuples, after
+    values = [ValueRow(*fields[:8]) for part, *fields in related if part == 0]
+    writes = [WriteRow(*fields) for part, *fields in related if part == 1]
+    return rows, list(assemble_page(serde, candidates, values, writes))
 
 
 def get_tuple(serde: SerializerProtocol, config: RunnableConfig) -> Plan[CheckpointTuple | None]:
@@ -405,7 +354,7 @@ def get_tuple(serde: SerializerProtocol, config: RunnableConfig) -> Plan[Checkpo
     if checkpoint_id := get_checkpoint_id(config):
         where += " AND checkpoint_id = ?"
         params.append(checkpoint_id)
-    found, _ = yield from _load_page(serde, where, params, 1)
+    _, found = yield from _load_page(serde, where, params, 1)
     return found[0] if found else None
 
 
@@ -437,19 +386,18 @@ _EQUALS_VALUE = " AND m.value = json_extract(?, '$')"
 def _metadata_conditions(filter: dict[str, Any]) -> tuple[list[str], list[Any]]:
     """SQL conditions that keep every row ``storage.metadata_matches`` would keep.
 
-    Scalars compare exactly; for dicts and lists (containment) only the key and type are
-    checked here, and the exact check runs on the decoded metadata.
+    On the JSON copies (``storage.metadata_filter_json``): scalars compare exactly; for dicts
+    and lists (containment) only the key and type are checked here, and the exact check runs
+    on the decoded metadata.
     """
     conditions: list[str] = []
     params: list[Any] = []
-    for key, value in filter.items():
-        # Compare what the stored JSON copy holds: e.g. an infinite float became an object.
-        safe = _json_safe(value)
-        types = ("null",) if safe is None else _json_types(safe)
-        params.extend((_to_json(str(key)), types[0], types[-1]))
-        if isinstance(safe, (str, int, float)) and not isinstance(safe, bool):
+    for key, value in metadata_filter_json(filter).items():
+        types = ("null",) if value is None else _json_types(value)
+        params.extend((_to_json(key), types[0], types[-1]))
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             conditions.append(_HAS_KEY + _EQUALS_VALUE + ")")
-            params.append(_to_json(safe))
+            params.append(_to_json(value))
         else:  # None and booleans: the type says it all; containers: checked exactly later
             conditions.append(_HAS_KEY + ")")
     return conditions, params
@@ -457,90 +405,40 @@ def _metadata_conditions(filter: dict[str, Any]) -> tuple[list[str], list[Any]]:
 
 # -- list ---------------------------------------------------------------------------------------
 
-_FIRST_PAGE = 16
-_LARGEST_PAGE = 1024
 
-
-class ListPager:
-    """The state of one ``list`` call, read page by page (keyset pagination).
-
-    Each page is a separate plan, so no statement or transaction stays open while the caller
-    consumes results.
-    """
-
-    def __init__(
-        self,
-        config: RunnableConfig | None,
-        filter: dict[str, Any] | None,
-        before: RunnableConfig | None,
-        limit: int | None,
-    ) -> None:
-        conditions: list[str] = []
-        params: list[Any] = []
-        configurable = (config or {}).get("configurable") or {}
-        if config is not None:
-            conditions.append("thread_id = ?")
-            params.append(get_thread_id(config))
-        checkpoint_ns = configurable.get("checkpoint_ns")
-        if checkpoint_ns is not None:
-            conditions.append("checkpoint_ns = ?")
-            params.append(str(checkpoint_ns))
-        if checkpoint_id := configurable.get("checkpoint_id"):
-            conditions.append("checkpoint_id = ?")
-            params.append(checkpoint_id)
-        if before is not None and (before_id := get_checkpoint_id(before)):
+def list_page(
+    serde: SerializerProtocol, query: PageQuery
+) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
+    """One page of a ``list`` (``storage.ListPager``), in one read transaction."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    for column, value in (
+        ("thread_id = ?", query.thread_id),
+        ("checkpoint_ns = ?", query.checkpoint_ns),
+        ("checkpoint_id = ?", query.checkpoint_id),
+        ("checkpoint_id < ?", query.before_id),
+    ):
+        if value is not None:
+            conditions.append(column)
+            params.append(value)
+    if query.filter:
+        metadata_conditions, metadata_params = _metadata_conditions(query.filter)
+        conditions.extend(metadata_conditions)
+        params.extend(metadata_params)
+    if (after := query.after) is not None:
+        if query.one_namespace:
             conditions.append("checkpoint_id < ?")
-            params.append(before_id)
-        if filter:
-            metadata_conditions, metadata_params = _metadata_conditions(filter)
-            conditions.extend(metadata_conditions)
-            params.extend(metadata_params)
-        self._where = " AND ".join(conditions) or "1"
-        self._params = params
-        self._filter = filter
-        self._remaining = limit
-        # With thread and namespace fixed, checkpoint_id alone orders the rows and the next
-        # page is a primary-key range; otherwise ties (copied threads share checkpoint ids)
-        # need the whole sort key.
-        self._one_namespace = config is not None and checkpoint_ns is not None
-        self._thread_id = (
-            get_thread_id(config) if config is not None and not self._one_namespace else None
-        )
-        self._after: CheckpointRow | None = None
-        self._page_size = _FIRST_PAGE
-        self._done = limit is not None and limit <= 0
-
-    def next_page(self, serde: SerializerProtocol) -> Plan[list[CheckpointTuple]] | None:
-        """The plan reading the next page, or None when the listing is complete."""
-        return None if self._done else self._page(serde)
-
-    def _page(self, serde: SerializerProtocol) -> Plan[list[CheckpointTuple]]:
-        size = self._page_size
-        if self._remaining is not None and not self._filter:
-            size = min(size, self._remaining)
-        where, params = self._where, list(self._params)
-        if (after := self._after) is not None:
-            if self._one_namespace:
-                where += " AND checkpoint_id < ?"
-                params.append(after.checkpoint_id)
-            else:
-                where += (
-                    " AND checkpoint_id <= ?"
-                    " AND (checkpoint_id, thread_id, checkpoint_ns) < (?, ?, ?)"
-                )
-                params.extend(
-                    (after.checkpoint_id, after.checkpoint_id, after.thread_id, after.checkpoint_ns)
-                )
-        page, after = yield from _load_page(
-            serde, where, params, size, self._filter, self._thread_id
-        )
-        if self._remaining is not None:
-            page = page[: self._remaining]
-            self._remaining -= len(page)
-        self._after = after
-        self._done = after is None or self._remaining == 0
-        self._page_size = min(self._page_size * 2, _LARGEST_PAGE)
-        return page
+            params.append(after.checkpoint_id)
+        else:
+            conditions.append(
+                "checkpoint_id <= ? AND (checkpoint_id, thread_id, checkpoint_ns) < (?, ?, ?)"
+            )
+            params.extend(
+                (after.checkpoint_id, after.checkpoint_id, after.thread_id, after.checkpoint_ns)
+            )
+    where = " AND ".join(conditions) or "1"
+    thread_id = None if query.one_namespace else query.thread_id
+    return (yield from _load_page(serde, where, params, query.size, query.filter, thread_id))
 
 
 # -- thread management --------------------------------------------------------------------------
@@ -556,7 +454,7 @@ _COPIED_COLUMNS = {
 
 
 def delete_threads(thread_ids: Iterable[str]) -> Plan[None]:
-    keys = [(str(thread_id),) for thread_id in thread_ids]
+    keys = [(thread_id,) for thread_id in id_list(thread_ids, "thread_ids")]
     yield BEGIN_WRITE
     for table in _TABLES:
         yield Statement(f"DELETE FROM {table} WHERE thread_id = ?", keys, many=True)
@@ -564,6 +462,7 @@ def delete_threads(thread_ids: Iterable[str]) -> Plan[None]:
 
 
 def copy_thread(source_thread_id: str, target_thread_id: str) -> Plan[None]:
+    check_key("thread_id", str(target_thread_id))
     # Nothing in the stored bytes names the thread, so copying is re-keying rows in SQL.
     yield BEGIN_WRITE
     for table in _TABLES:
@@ -576,71 +475,71 @@ def copy_thread(source_thread_id: str, target_thread_id: str) -> Plan[None]:
     yield COMMIT
 
 
-def _delete_checkpoints(
-    serde: SerializerProtocol, keys: Sequence[tuple[str, str, str]]
-) -> Plan[None]:
-    """Delete checkpoints, their writes, and the values no remaining checkpoint needs.
+_CHECKPOINT_KEY = "thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?"
 
-    Runs inside the caller's write transaction: if a remaining checkpoint cannot be decoded,
-    the error rolls everything back and nothing is deleted.
+
+def _delete_checkpoints(
+    serde: SerializerProtocol,
+    thread_ids: Iterable[str],
+    doomed: Callable[[list[CheckpointRow]], set[tuple[str, str]]],
+) -> Plan[None]:
+    """Delete the checkpoints ``doomed`` picks of each thread's, their writes, and the value
+    rows only they needed (``storage.deleted_values``).
+
+    Runs inside the caller's write transaction: if a checkpoint cannot be decoded, the error
+    rolls everything back and nothing is deleted.
     """
-    if not keys:
-        return
-    where = "thread_id = ? AND checkpoint_ns = ? AND checkpoint_id = ?"
-    yield Statement(f"DELETE FROM checkpoints WHERE {where}", keys, many=True)
-    yield Statement(f"DELETE FROM checkpoint_writes WHERE {where}", keys, many=True)
-    for thread_id in sorted({key[0] for key in keys}):
-        remaining = yield Statement(
+    for thread_id in thread_ids:
+        fields = yield Statement(
             f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE thread_id = ?", (thread_id,)
         )
-        stored = yield Statement(
+        rows = [CheckpointRow(*one) for one in fields]
+        chosen = doomed(rows)
+        if not chosen:
+            continue
+        appended = yield Statement(
             "SELECT checkpoint_ns, channel, version, base_version FROM checkpoint_values"
             f" WHERE thread_id = ? AND kind = {APPENDED_ITEMS}",
             (thread_id,),
         )
-        bases = {(ns, channel, version): base for ns, channel, version, base in stored}
-        checkpoints = (CheckpointRow(*fields) for fields in remaining)
-        needed = referenced_values(serde, checkpoints, bases)
-        stored = yield Statement(
-            "SELECT checkpoint_ns, channel, version FROM checkpoint_values WHERE thread_id = ?",
-            (thread_id,),
-        )
-        garbage = [(thread_id, *key) for key in map(tuple, stored) if key not in needed]
+        bases = {(ns, channel, version): base for ns, channel, version, base in appended}
+        deleted = [row for row in rows if (row.checkpoint_ns, row.checkpoint_id) in chosen]
+        kept = [row for row in rows if (row.checkpoint_ns, row.checkpoint_id) not in chosen]
+        garbage = deleted_values(serde, deleted, kept, bases)
+        keys = [(thread_id, ns, checkpoint_id) for ns, checkpoint_id in sorted(chosen)]
+        yield Statement(f"DELETE FROM checkpoints WHERE {_CHECKPOINT_KEY}", keys, many=True)
+        yield Statement(f"DELETE FROM checkpoint_writes WHERE {_CHECKPOINT_KEY}", keys, many=True)
         if garbage:
             yield Statement(
                 "DELETE FROM checkpoint_values"
                 " WHERE thread_id = ? AND checkpoint_ns = ? AND channel = ? AND version = ?",
-                garbage,
+                [(thread_id, *key) for key in sorted(garbage)],
                 many=True,
             )
 
 
 def delete_for_runs(serde: SerializerProtocol, run_ids: Iterable[str]) -> Plan[None]:
-    ids = [(str(run_id),) for run_id in dict.fromkeys(run_ids)]
+    ids = [(run_id,) for run_id in id_list(run_ids, "run_ids")]
+    runs = {run_id for (run_id,) in ids}
     yield BEGIN_WRITE
-    keys: list[tuple[str, str, str]] = []
+    threads: dict[str, None] = {}
     for start in range(0, len(ids), _KEYS_PER_STATEMENT):
         chunk = ids[start : start + _KEYS_PER_STATEMENT]
         found = yield Statement(_select_by_runs_sql(_bucket(len(chunk))), _padded(chunk, 1))
-        keys.extend(tuple(key) for key in found)
-    yield from _delete_checkpoints(serde, keys)
+        threads.update(dict.fromkeys(thread_id for (thread_id,) in found))
+
+    def doomed(rows: list[CheckpointRow]) -> set[tuple[str, str]]:
+        return {(row.checkpoint_ns, row.checkpoint_id) for row in rows if row.run_id in runs}
+
+    yield from _delete_checkpoints(serde, threads, doomed)
     yield COMMIT
 
 
 @functools.lru_cache(maxsize=16)
 def _select_by_runs_sql(run_ids: int) -> str:
     return (
-        "SELECT thread_id, checkpoint_ns, checkpoint_id FROM checkpoints"
-        f" WHERE run_id IN ({', '.join(['?'] * run_ids)})"
+        f"SELECT DISTINCT thread_id FROM checkpoints WHERE run_id IN ({', '.join(['?'] * run_ids)})"
     )
-
-
-class _PruneKey(NamedTuple):
-    """What ``storage.checkpoints_to_keep`` reads of a checkpoint."""
-
-    checkpoint_ns: str
-    checkpoint_id: str
-    ts: str
 
 
 def prune(
@@ -650,24 +549,15 @@ def prune(
     keep_last: int | None,
     older_than: timedelta | None,
 ) -> Plan[None]:
+    check_prune_strategy(strategy)
     if strategy == "delete":
         return (yield from delete_threads(thread_ids))
-    if strategy != "keep_latest":
-        raise ValueError(f"Unknown prune strategy {strategy!r}: use 'keep_latest' or 'delete'.")
+    threads = id_list(thread_ids, "thread_ids")
     now = datetime.now(UTC)
+
+    def doomed(rows: list[CheckpointRow]) -> set[tuple[str, str]]:
+        return prune_doomed(rows, keep_last=keep_last, older_than=older_than, now=now)
+
     yield BEGIN_WRITE
-    doomed: list[tuple[str, str, str]] = []
-    for thread_id in dict.fromkeys(map(str, thread_ids)):
-        rows = yield Statement(
-            "SELECT checkpoint_ns, checkpoint_id, ts FROM checkpoints WHERE thread_id = ?",
-            (thread_id,),
-        )
-        candidates = [_PruneKey(*fields) for fields in rows]
-        keep = checkpoints_to_keep(candidates, keep_last=keep_last, older_than=older_than, now=now)
-        doomed.extend(
-            (thread_id, key.checkpoint_ns, key.checkpoint_id)
-            for key in candidates
-            if (key.checkpoint_ns, key.checkpoint_id) not in keep
-        )
-    yield from _delete_checkpoints(serde, doomed)
+    yield from _delete_checkpoints(serde, threads, doomed)
     yield COMMIT

@@ -7,7 +7,7 @@ aiosqlite's connection thread, so disk I/O never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -16,18 +16,19 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from stepgraph.checkpoint.base import (
-    BaseCheckpointSaver,
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
     PruneStrategy,
+    SyncFromAsyncSaver,
     TaskWrites,
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.sqlite import _plans, run_plan
-from stepgraph.checkpoint.sqlite._plans import ListPager, Plan
 from stepgraph.checkpoint.sqlite._schema import Synchronous
+from stepgraph.checkpoint.storage import ListPager
+from stepgraph.checkpoint.storage.plans import Plan
 from stepgraph.config import RunnableConfig
 
 __all__ = ["AsyncSqliteSaver", "arun_plan"]
@@ -46,7 +47,7 @@ async def arun_plan(conn: aiosqlite.Connection, plan: Plan[T]) -> T:
     return await conn._execute(run_plan, conn._conn, plan)
 
 
-class AsyncSqliteSaver(BaseCheckpointSaver):
+class AsyncSqliteSaver(SyncFromAsyncSaver):
     """A checkpoint saver on an ``aiosqlite.Connection``; create it inside the event loop.
 
     Each call hands its whole plan (statements and the (de)serialization between them) to
@@ -111,22 +112,6 @@ class AsyncSqliteSaver(BaseCheckpointSaver):
                     await self._setup()
         return await arun_plan(self.conn, plan)
 
-    def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run ``coroutine`` on the saver's loop from another thread, and return its result."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            coroutine.close()
-            raise asyncio.InvalidStateError(
-                "A synchronous method of AsyncSqliteSaver was called from inside its own event "
-                "loop, where waiting for the result would deadlock. Use the async method "
-                "instead (e.g. `await saver.aget_tuple(...)`, `await graph.ainvoke(...)`), or "
-                "call the sync method from another thread."
-            )
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
-
     # -- reading -----------------------------------------------------------------------------
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
@@ -141,9 +126,8 @@ class AsyncSqliteSaver(BaseCheckpointSaver):
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
         pager = ListPager(config, filter, before, limit)
-        while (plan := pager.next_page(self.serde)) is not None:
-            for found in await self._run(plan):
-                yield found
+        async for found in pager.arun(lambda query: self._run(_plans.list_page(self.serde, query))):
+            yield found
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -197,69 +181,3 @@ class AsyncSqliteSaver(BaseCheckpointSaver):
         older_than: timedelta | None = None,
     ) -> None:
         await self._run(_plans.prune(self.serde, thread_ids, strategy, keep_last, older_than))
-
-    # -- sync twins, for other threads ------------------------------------------------------
-
-    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self._wait(self.aget_tuple(config))
-
-    def list(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> Iterator[CheckpointTuple]:
-        pager = ListPager(config, filter, before, limit)
-        while (plan := pager.next_page(self.serde)) is not None:
-            yield from self._wait(self._run(plan))
-
-    def put(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self._wait(self.aput(config, checkpoint, metadata, new_versions))
-
-    def put_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        self._wait(self.aput_writes(config, writes, task_id, task_path))
-
-    def put_step(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[TaskWrites],
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self._wait(self.aput_step(config, writes, checkpoint, metadata, new_versions))
-
-    def delete_thread(self, thread_id: str) -> None:
-        self._wait(self.adelete_thread(thread_id))
-
-    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._wait(self.acopy_thread(source_thread_id, target_thread_id))
-
-    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._wait(self.adelete_for_runs(run_ids))
-
-    def prune(
-        self,
-        thread_ids: Sequence[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        keep_last: int | None = None,
-        older_than: timedelta | None = None,
-    ) -> None:
-        self._wait(
-            self.aprune(thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than)
-        )

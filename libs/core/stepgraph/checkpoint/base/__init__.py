@@ -12,11 +12,13 @@ carry over. Differences, all additive:
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import random
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Literal, NamedTuple, NotRequired, TypedDict
+from typing import Any, ClassVar, Literal, NamedTuple, NotRequired, TypedDict, TypeVar
 
 from stepgraph.checkpoint.base.id import uuid6
 from stepgraph.checkpoint.serde.base import SerializerProtocol
@@ -29,6 +31,7 @@ __all__ = [
     "RESUME",
     "SCHEDULED",
     "WRITES_IDX_MAP",
+    "AsyncFromSyncSaver",
     "BaseCheckpointSaver",
     "ChannelVersions",
     "Checkpoint",
@@ -36,6 +39,7 @@ __all__ = [
     "CheckpointTuple",
     "PendingWrite",
     "PruneStrategy",
+    "SyncFromAsyncSaver",
     "TaskWrites",
     "copy_checkpoint",
     "empty_checkpoint",
@@ -380,3 +384,197 @@ class BaseCheckpointSaver(ABC):
         """
         counter = int(current.split(".", 1)[0], 16) + 1 if current else 1
         return f"{counter:08x}.{random.getrandbits(64):016x}"
+
+
+# -- twins written once ------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+_BATCH = 64  # list items handed over per hop between threads (or to the loop)
+
+
+class AsyncFromSyncSaver(BaseCheckpointSaver):
+    """A saver written with sync methods; its async twins run them in a worker thread.
+
+    ``async_inline = True``: the async twins call the sync methods directly instead (a saver
+    that never blocks, like ``InMemorySaver``). ``alist`` hands items over in batches, so a
+    listing costs a thread hop per batch, not per checkpoint.
+    """
+
+    async_inline: ClassVar[bool] = False
+
+    async def _call(self, method: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        if self.async_inline:
+            return method(*args, **kwargs)
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await self._call(self.get_tuple, config)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        found = self.list(config, filter=filter, before=before, limit=limit)
+        while batch := await self._call(_take, found, _BATCH):
+            for one in batch:
+                yield one
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return await self._call(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        await self._call(self.put_writes, config, writes, task_id, task_path)
+
+    async def aput_step(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return await self._call(self.put_step, config, writes, checkpoint, metadata, new_versions)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self._call(self.delete_thread, thread_id)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self._call(self.copy_thread, source_thread_id, target_thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await self._call(self.delete_for_runs, run_ids)
+
+    async def aprune(
+        self,
+        thread_ids: Sequence[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+    ) -> None:
+        await self._call(
+            self.prune, thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than
+        )
+
+
+def _take(items: Iterator[_T], count: int) -> list[_T]:
+    return list(itertools.islice(items, count))
+
+
+class SyncFromAsyncSaver(BaseCheckpointSaver):
+    """A saver written with async methods, bound to the event loop it was created in; its
+    sync twins are for other threads: they run the async method on that loop and wait.
+
+    Called from the loop itself they would deadlock, so they raise
+    ``asyncio.InvalidStateError`` instead.
+    """
+
+    loop: asyncio.AbstractEventLoop
+
+    def _wait(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coroutine`` on the saver's loop from another thread, and return its result."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            coroutine.close()
+            raise asyncio.InvalidStateError(
+                f"A synchronous method of {type(self).__name__} was called from inside its own "
+                "event loop, where waiting for the result would deadlock. Use the async method "
+                "instead (e.g. `await saver.aget_tuple(...)`, `await graph.ainvoke(...)`), or "
+                "call the sync method from another thread."
+            )
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._wait(self.aget_tuple(config))
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        found = self.alist(config, filter=filter, before=before, limit=limit)
+        try:
+            while batch := self._wait(_atake(found, _BATCH)):
+                yield from batch
+        finally:
+            self._wait(found.aclose())  # type: ignore[attr-defined]
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return self._wait(self.aput(config, checkpoint, metadata, new_versions))
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        self._wait(self.aput_writes(config, writes, task_id, task_path))
+
+    def put_step(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return self._wait(self.aput_step(config, writes, checkpoint, metadata, new_versions))
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._wait(self.adelete_thread(thread_id))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._wait(self.acopy_thread(source_thread_id, target_thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._wait(self.adelete_for_runs(run_ids))
+
+    def prune(
+        self,
+        thread_ids: Sequence[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+    ) -> None:
+        self._wait(
+            self.aprune(thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than)
+        )
+
+
+async def _atake(items: AsyncIterator[_T], count: int) -> list[_T]:
+    taken: list[_T] = []
+    async for item in items:
+        taken.append(item)
+        if len(taken) >= count:
+            break
+    return taken

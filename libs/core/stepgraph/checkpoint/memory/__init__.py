@@ -10,12 +10,12 @@ from __future__ import annotations
 import bisect
 import heapq
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
 from stepgraph.checkpoint.base import (
-    BaseCheckpointSaver,
+    AsyncFromSyncSaver,
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
@@ -29,21 +29,23 @@ from stepgraph.checkpoint.base import (
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import (
     APPENDED_ITEMS,
+    Candidate,
     CheckpointRow,
     CheckpointRows,
     ValueKey,
     ValueRow,
     WriteRow,
+    assemble_page,
+    check_key,
+    check_prune_strategy,
     checkpoint_config,
     checkpoint_rows,
-    checkpoints_to_keep,
-    load_checkpoint,
-    load_metadata,
-    load_tuple,
-    metadata_matches,
-    referenced_values,
+    deleted_values,
+    id_list,
+    page_candidates,
+    prune_doomed,
     rekey,
-    stored_versions,
+    related_keys,
     write_rows,
 )
 from stepgraph.config import RunnableConfig
@@ -91,18 +93,10 @@ def _checkpoint_id(row: CheckpointRow) -> str:
     return row.checkpoint_id
 
 
-class _Found(NamedTuple):
-    """The rows of one checkpoint, gathered under the lock and decoded outside it."""
-
-    row: CheckpointRow
-    checkpoint: Checkpoint
-    values: list[ValueRow]
-    writes: list[WriteRow]
-    metadata: CheckpointMetadata | None
-
-
-class InMemorySaver(BaseCheckpointSaver):
+class InMemorySaver(AsyncFromSyncSaver):
     """A thread-safe in-memory checkpoint saver. Async methods run the sync ones directly."""
+
+    async_inline = True  # nothing blocks
 
     background_saves = False  # nothing to wait for: durability="async" saves inline
 
@@ -125,8 +119,8 @@ class InMemorySaver(BaseCheckpointSaver):
             row = checkpoints.get(checkpoint_id or checkpoints.latest)
             if row is None:
                 return None
-            found = self._gather(row, None)
-        return self._load(found)
+            page = self._gather(page_candidates(self.serde, [row]))
+        return next(page)
 
     def list(
         self,
@@ -165,39 +159,37 @@ class InMemorySaver(BaseCheckpointSaver):
                     key=_checkpoint_id,
                     reverse=True,
                 )
-            found: list[_Found] = []
+            found: list[Candidate] = []
             for row in candidates:
                 if limit is not None and len(found) >= limit:
                     break
-                metadata = None
-                if filter:
-                    metadata = load_metadata(self.serde, row)
-                    if not metadata_matches(metadata, filter):
-                        continue
-                found.append(self._gather(row, metadata))
+                found += page_candidates(self.serde, [row], filter)
+            page = self._gather(found)
         # Decoding happens outside the lock, lazily, like a database cursor.
-        for one in found:
-            yield self._load(one)
+        yield from page
 
-    def _gather(self, row: CheckpointRow, metadata: CheckpointMetadata | None) -> _Found:
-        """The rows ``load_tuple`` needs for ``row``. Call with the lock held."""
-        checkpoint = load_checkpoint(self.serde, row)
-        values = self._values.get(row.thread_id, {})
-        ns = row.checkpoint_ns
-        named = []
-        for channel, version in stored_versions(checkpoint).items():
-            value = values.get((ns, channel, version))
+    def _gather(self, candidates: Sequence[Candidate]) -> Iterator[CheckpointTuple]:
+        """The tuples of ``candidates``, from the rows gathered now (call with the lock held),
+        decoded as iterated."""
+        value_keys, checkpoint_keys = related_keys(candidates)
+        values = []
+        for thread_id, ns, channel, version in value_keys:
+            stored = self._values.get(thread_id, {})
+            value = stored.get((ns, channel, version))
             # Appended items: the rows down their chain of base versions are needed too.
-            while value is not None:
-                named.append(value)
-                if value.kind != APPENDED_ITEMS or len(named) > len(values):
+            for _ in range(len(stored)):
+                if value is None:
                     break
-                value = values.get((ns, channel, value.base_version or ""))
-        writes = self._writes.get(row.thread_id, {}).get((ns, row.checkpoint_id))
-        return _Found(row, checkpoint, named, list(writes.values()) if writes else [], metadata)
-
-    def _load(self, found: _Found) -> CheckpointTuple:
-        return load_tuple(self.serde, *found)
+                values.append(value)
+                if value.kind != APPENDED_ITEMS:
+                    break
+                value = stored.get((ns, channel, value.base_version or ""))
+        writes = [
+            write
+            for thread_id, ns, checkpoint_id in checkpoint_keys
+            for write in self._writes.get(thread_id, {}).get((ns, checkpoint_id), {}).values()
+        ]
+        return assemble_page(self.serde, candidates, values, writes)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -208,10 +200,7 @@ class InMemorySaver(BaseCheckpointSaver):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        rows = checkpoint_rows(
-            self.serde, config, checkpoint, metadata, new_versions, deltas=True, inline=True
-        )
-        return self._store(rows)
+        return self.put_step(config, (), checkpoint, metadata, new_versions)
 
     def put_writes(
         self,
@@ -232,17 +221,33 @@ class InMemorySaver(BaseCheckpointSaver):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        rows = checkpoint_rows(
-            self.serde, config, checkpoint, metadata, new_versions, writes, deltas=True, inline=True
-        )
-        return self._store(rows)
+        def rows(self_contained: bool) -> CheckpointRows:
+            return checkpoint_rows(
+                self.serde,
+                config,
+                checkpoint,
+                metadata,
+                new_versions,
+                writes,
+                deltas=True,
+                inline=True,
+                self_contained=self_contained,
+            )
 
-    def _store(self, rows: CheckpointRows) -> RunnableConfig:
-        """Store fully serialized rows in one locked section: readers see all of them or none."""
-        row = rows.checkpoint
+        saved = rows(False)
+        row = saved.checkpoint
+        # Stored in one locked section: readers see all of the rows or none.
         with self._lock:
-            self._insert((row,), rows.values, rows.writes)
+            if not self._has_parent(row):
+                saved = rows(True)  # the unchanged channels' rows may have gone with it
+            self._insert((row,), saved.values, saved.writes)
         return checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
+
+    def _has_parent(self, row: CheckpointRow) -> bool:
+        """Whether the parent of ``row`` is stored (or it has none). Call with the lock held."""
+        parent = row.parent_checkpoint_id
+        history = self._checkpoints.get(row.thread_id, {}).get(row.checkpoint_ns)
+        return parent is None or (history is not None and parent in history)
 
     def _insert(
         self,
@@ -259,8 +264,9 @@ class InMemorySaver(BaseCheckpointSaver):
                 history = namespaces[row.checkpoint_ns] = _Namespace()
             history.add(row)
         for value in values:
+            # A version names one value: the first row stored for it stays (as in SQL).
             by_key = self._values.setdefault(value.thread_id, {})
-            by_key[(value.checkpoint_ns, value.channel, value.version)] = value
+            by_key.setdefault((value.checkpoint_ns, value.channel, value.version), value)
 
     def _store_writes(self, rows: Iterable[WriteRow]) -> None:
         """Call with the lock held."""
@@ -285,6 +291,7 @@ class InMemorySaver(BaseCheckpointSaver):
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         source, target = str(source_thread_id), str(target_thread_id)
+        check_key("thread_id", target)
         with self._lock:
             checkpoints = [
                 row for rows in self._checkpoints.get(source, {}).values() for row in rows.values()
@@ -296,16 +303,16 @@ class InMemorySaver(BaseCheckpointSaver):
             self._insert(rekey(checkpoints, target), rekey(values, target), rekey(writes, target))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        runs = {str(run_id) for run_id in run_ids}
+        runs = set(id_list(run_ids, "run_ids"))
         with self._lock:
             for thread_id, namespaces in list(self._checkpoints.items()):
-                keep = {
+                doomed = {
                     (ns, checkpoint_id)
                     for ns, rows in namespaces.items()
                     for checkpoint_id, row in rows.items()
-                    if row.run_id not in runs
+                    if row.run_id in runs
                 }
-                self._retain(thread_id, keep)
+                self._delete(thread_id, doomed)
 
     def prune(
         self,
@@ -315,111 +322,51 @@ class InMemorySaver(BaseCheckpointSaver):
         keep_last: int | None = None,
         older_than: timedelta | None = None,
     ) -> None:
-        if strategy not in ("keep_latest", "delete"):
-            raise ValueError(f"Unknown prune strategy {strategy!r}: use 'keep_latest' or 'delete'.")
+        check_prune_strategy(strategy)
+        threads = id_list(thread_ids, "thread_ids")
         with self._lock:
-            for thread_id in map(str, thread_ids):
+            for thread_id in threads:
                 if strategy == "delete":
                     self._drop_thread(thread_id)
                     continue
-                rows = [
-                    row
-                    for rows in self._checkpoints.get(thread_id, {}).values()
-                    for row in rows.values()
-                ]
-                keep = checkpoints_to_keep(rows, keep_last=keep_last, older_than=older_than)
-                self._retain(thread_id, keep)
+                rows = self._rows(thread_id)
+                self._delete(
+                    thread_id, prune_doomed(rows, keep_last=keep_last, older_than=older_than)
+                )
 
-    def _retain(self, thread_id: str, keep: set[tuple[str, str]]) -> None:
-        """Keep only the ``keep`` checkpoints of a thread, with their writes and value rows.
+    def _rows(self, thread_id: str) -> Sequence[CheckpointRow]:
+        return [
+            row for rows in self._checkpoints.get(thread_id, {}).values() for row in rows.values()
+        ]
 
-        Call with the lock held. Nothing changes if the kept checkpoints cannot be decoded.
+    def _delete(self, thread_id: str, doomed: set[tuple[str, str]]) -> None:
+        """Delete the ``doomed`` checkpoints of a thread, their writes and the value rows only
+        they needed.
+
+        Call with the lock held. Nothing changes if the checkpoints cannot be decoded.
         """
-        namespaces = self._checkpoints.get(thread_id, {})
-        total = sum(len(rows) for rows in namespaces.values())
-        if len(keep) == total:
+        if not doomed:
             return
-        if not keep:
+        rows = self._rows(thread_id)
+        deleted = [row for row in rows if (row.checkpoint_ns, row.checkpoint_id) in doomed]
+        kept = [row for row in rows if (row.checkpoint_ns, row.checkpoint_id) not in doomed]
+        if not kept:  # under the lock nothing else can be using the thread's rows
             self._drop_thread(thread_id)
             return
-        kept = [namespaces[ns][checkpoint_id] for ns, checkpoint_id in keep]
         values = self._values.get(thread_id, {})
         bases = {
             key: row.base_version
             for key, row in values.items()
             if row.kind == APPENDED_ITEMS and row.base_version is not None
         }
-        needed = referenced_values(self.serde, kept, bases)
+        garbage = deleted_values(self.serde, deleted, kept, bases)
         remaining: dict[str, _Namespace] = {}
         for row in kept:
             remaining.setdefault(row.checkpoint_ns, _Namespace()).add(row)
         self._checkpoints[thread_id] = remaining
-        self._values[thread_id] = {key: row for key, row in values.items() if key in needed}
+        self._values[thread_id] = {key: row for key, row in values.items() if key not in garbage}
         writes = self._writes.get(thread_id, {})
-        self._writes[thread_id] = {key: rows for key, rows in writes.items() if key in keep}
-
-    # -- async twins: in memory nothing blocks, so they run the sync methods ----------------
-
-    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self.get_tuple(config)
-
-    async def alist(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> AsyncIterator[CheckpointTuple]:
-        for found in self.list(config, filter=filter, before=before, limit=limit):
-            yield found
-
-    async def aput(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self.put(config, checkpoint, metadata, new_versions)
-
-    async def aput_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        self.put_writes(config, writes, task_id, task_path)
-
-    async def aput_step(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[TaskWrites],
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self.put_step(config, writes, checkpoint, metadata, new_versions)
-
-    async def adelete_thread(self, thread_id: str) -> None:
-        self.delete_thread(thread_id)
-
-    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self.copy_thread(source_thread_id, target_thread_id)
-
-    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self.delete_for_runs(run_ids)
-
-    async def aprune(
-        self,
-        thread_ids: Sequence[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        keep_last: int | None = None,
-        older_than: timedelta | None = None,
-    ) -> None:
-        self.prune(thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than)
+        self._writes[thread_id] = {key: rows for key, rows in writes.items() if key not in doomed}
 
 
 MemorySaver = InMemorySaver

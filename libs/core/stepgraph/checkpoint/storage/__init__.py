@@ -17,7 +17,18 @@ are plain ``str``/``int``/``bytes``/``None``, so they can be handed to ``execute
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import math
+import numbers
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -41,23 +52,38 @@ from stepgraph.errors import SerializationError, UnknownTypeError
 __all__ = [
     "APPENDED_ITEMS",
     "FULL_VALUE",
+    "KEY_LIMITS",
+    "Candidate",
     "CheckpointKey",
     "CheckpointRow",
     "CheckpointRows",
     "CorruptCheckpointError",
+    "ListPager",
+    "PageQuery",
     "ValueKey",
     "ValueRow",
     "WriteRow",
+    "assemble_page",
+    "check_key",
+    "check_prune_strategy",
+    "check_schema_version",
     "checkpoint_config",
     "checkpoint_rows",
     "checkpoints_to_keep",
+    "deleted_values",
+    "id_list",
     "index_values",
     "load_checkpoint",
     "load_metadata",
     "load_tuple",
+    "metadata_filter_json",
+    "metadata_json",
     "metadata_matches",
+    "page_candidates",
+    "prune_doomed",
     "referenced_values",
     "rekey",
+    "related_keys",
     "stored_versions",
     "write_rows",
 ]
@@ -177,6 +203,29 @@ _NO_VALUE: Any = object()
 
 # -- writing ---------------------------------------------------------------------------------
 
+KEY_LIMITS = {
+    "thread_id": 1024,
+    "checkpoint_ns": 1024,
+    "checkpoint_id": 128,
+    "task_id": 256,
+    "channel": 256,
+}
+"""The most UTF-8 bytes each part of a stored row's key may have, in every saver.
+
+Together they keep each key within what a database index can hold (Postgres b-tree entries
+hold at most about 2.7 kB), so all savers accept and refuse the same ids: a save naming a
+longer one raises ``ValueError`` before anything is stored."""
+
+
+def check_key(part: str, text: str) -> None:
+    """Raise ``ValueError`` if ``text`` is too long to be the key part ``part`` (``KEY_LIMITS``)."""
+    limit = KEY_LIMITS[part]
+    if len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise ValueError(
+            f"{part} is too long to store: {len(text.encode('utf-8', 'surrogatepass'))} bytes "
+            f"of UTF-8, at most {limit} allowed (storage.KEY_LIMITS): {text[:40]!r}..."
+        )
+
 
 def checkpoint_config(thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> RunnableConfig:
     """The config naming one stored checkpoint (what ``put`` returns)."""
@@ -199,8 +248,15 @@ def checkpoint_rows(
     *,
     deltas: bool = False,
     inline: bool = False,
+    self_contained: bool = False,
 ) -> CheckpointRows:
     """The rows of ``put(config, checkpoint, metadata, new_versions)``.
+
+    ``self_contained``: store every channel of the checkpoint, as whole values, whatever
+    ``new_versions`` says. A saver asks for these rows when it finds, inside the transaction
+    of the save, that the parent checkpoint is gone (pruned or deleted meanwhile): the value
+    rows of the unchanged channels may have gone with it, and the new checkpoint must not
+    name rows that do not exist.
 
     With ``writes`` (``put_step``), also the rows of those tasks' writes against the parent
     checkpoint named by ``config``. Serializes everything before returning, so a saver that
@@ -222,10 +278,18 @@ def checkpoint_rows(
     thread_id = get_thread_id(config)
     checkpoint_ns = get_checkpoint_ns(config)
     checkpoint_id = checkpoint["id"]
+    check_key("thread_id", thread_id)
+    check_key("checkpoint_ns", checkpoint_ns)
+    check_key("checkpoint_id", checkpoint_id)
+    for channel in checkpoint["channel_versions"]:
+        check_key("channel", channel)
     where = _Where(thread_id, checkpoint_ns, checkpoint_id)
 
     blob = {key: value for key, value in checkpoint.items() if key not in _NOT_IN_BLOB}
     channel_values = checkpoint["channel_values"]
+    if self_contained:
+        new_versions = checkpoint["channel_versions"]
+        deltas = False
     inlined: Collection[str] = ()
     if inline:
         versions = checkpoint["channel_versions"]
@@ -341,9 +405,14 @@ def write_rows(
             'Saving writes requires config["configurable"]["checkpoint_id"]: the checkpoint '
             "the writes belong to."
         )
+    check_key("thread_id", thread_id)
+    check_key("checkpoint_ns", checkpoint_ns)
+    check_key("checkpoint_id", checkpoint_id)
+    check_key("task_id", task_id)
     where = _Where(thread_id, checkpoint_ns, checkpoint_id)
     rows = []
     for idx, (channel, value) in enumerate(writes):
+        check_key("channel", channel)
         type_, data = where.dumps(serde, value, f"write to channel {channel!r} of task {task_id!r}")
         rows.append(
             WriteRow(
@@ -529,6 +598,170 @@ def _write_order(write: WriteRow) -> tuple[str, int]:
     return write.task_id, write.idx
 
 
+# -- pages of checkpoints (get_tuple, list) ------------------------------------------------
+
+
+class Candidate(NamedTuple):
+    """A fetched checkpoint row that passed the ``list`` filter, decoded as far as needed to
+    know which value rows it names."""
+
+    row: CheckpointRow
+    checkpoint: Checkpoint
+    metadata: CheckpointMetadata | None
+    """Loaded if a filter needed it, else None (``load_tuple`` loads it)."""
+
+
+def page_candidates(
+    serde: SerializerProtocol,
+    rows: Iterable[CheckpointRow],
+    filter: Mapping[str, Any] | None = None,
+) -> list[Candidate]:
+    """The rows that match ``filter`` exactly (SQL only narrowed them), decoded."""
+    candidates = []
+    for row in rows:
+        metadata = None
+        if filter:
+            metadata = load_metadata(serde, row)
+            if not metadata_matches(metadata, filter):
+                continue
+        candidates.append(Candidate(row, load_checkpoint(serde, row), metadata))
+    return candidates
+
+
+def related_keys(
+    candidates: Iterable[Candidate],
+) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str, str]]]:
+    """What to fetch for ``candidates``: the keys ``(thread_id, checkpoint_ns, channel,
+    version)`` of the value rows they name (each once; for ``APPENDED_ITEMS`` rows, the rows
+    of their chains are needed too), and the keys of the checkpoints whose writes to fetch."""
+    values: dict[tuple[str, str, str, str], None] = {}
+    checkpoints = []
+    for candidate in candidates:
+        thread_id, ns, checkpoint_id = candidate.row[:3]
+        for channel, version in stored_versions(candidate.checkpoint).items():
+            values[thread_id, ns, channel, version] = None
+        checkpoints.append((thread_id, ns, checkpoint_id))
+    return list(values), checkpoints
+
+
+def assemble_page(
+    serde: SerializerProtocol,
+    candidates: Iterable[Candidate],
+    values: Iterable[ValueRow],
+    writes: Iterable[WriteRow],
+) -> Iterator[CheckpointTuple]:
+    """The ``CheckpointTuple``s of ``candidates``, from the value rows and write rows fetched
+    for all of them together (extra rows are ignored), decoded one by one as iterated."""
+    by_namespace: dict[tuple[str, str], dict[tuple[str, str], ValueRow]] = {}
+    for value in values:
+        by_namespace.setdefault(value[:2], {})[value.channel, value.version] = value
+    by_checkpoint: dict[tuple[str, str, str], list[WriteRow]] = {}
+    for write in writes:
+        by_checkpoint.setdefault(write[:3], []).append(write)
+    for row, checkpoint, metadata in candidates:
+        named = by_namespace.get(row[:2], {})
+        yield load_tuple(serde, row, checkpoint, named, by_checkpoint.get(row[:3], ()), metadata)
+
+
+class PageQuery(NamedTuple):
+    """One page of a ``list``, for a backend to render as SQL: newest first by
+    ``(checkpoint_id, thread_id, checkpoint_ns)``, at most ``size`` rows."""
+
+    thread_id: str | None
+    checkpoint_ns: str | None
+    checkpoint_id: str | None
+    before_id: str | None
+    """Only checkpoints with a smaller id."""
+    filter: dict[str, Any] | None
+    after: CheckpointRow | None
+    """The page starts after this row (in the sort order), or at the start if None."""
+    size: int
+
+    @property
+    def one_namespace(self) -> bool:
+        """Thread and namespace are fixed: ``checkpoint_id`` alone orders the rows, and the
+        next page is a range of it (otherwise copied threads tie on checkpoint ids)."""
+        return self.thread_id is not None and self.checkpoint_ns is not None
+
+
+_FIRST_PAGE = 16
+_LARGEST_PAGE = 1024
+
+
+class ListPager:
+    """The state of one ``list`` call, read page by page (keyset pagination).
+
+    Each page is fetched separately (``query()``, then ``advance()`` with what it found), so
+    no statement, transaction or pooled connection stays held while the caller consumes
+    results. Pages grow from 16 to 1024 rows.
+    """
+
+    def __init__(
+        self,
+        config: RunnableConfig | None,
+        filter: dict[str, Any] | None,
+        before: RunnableConfig | None,
+        limit: int | None,
+    ) -> None:
+        configurable = (config or {}).get("configurable") or {}
+        checkpoint_ns = configurable.get("checkpoint_ns")
+        self._query = PageQuery(
+            get_thread_id(config) if config is not None else None,
+            None if checkpoint_ns is None else str(checkpoint_ns),
+            configurable.get("checkpoint_id") or None,
+            (get_checkpoint_id(before) if before is not None else None) or None,
+            filter or None,
+            None,
+            _FIRST_PAGE,
+        )
+        self._remaining = limit
+        self.done = limit is not None and limit <= 0
+
+    def query(self) -> PageQuery:
+        """The next page to fetch."""
+        query = self._query
+        if self._remaining is not None:
+            # Only the exact filter check rejects rows (rarely: SQL matches almost exactly), so
+            # ask for what is still wanted.
+            wanted = max(query.size, self._remaining) if query.filter else self._remaining
+            query = query._replace(size=min(wanted, _LARGEST_PAGE))
+        return query
+
+    def advance(
+        self, query: PageQuery, rows: Sequence[CheckpointRow], page: Iterable[CheckpointTuple]
+    ) -> list[CheckpointTuple]:
+        """Record the page fetched for ``query``: ``rows`` as SQL returned them (before the
+        exact filter), ``page`` the tuples they gave. Returns what the caller gets."""
+        found = list(page)
+        if self._remaining is not None:
+            found = found[: self._remaining]
+            self._remaining -= len(found)
+        full = len(rows) >= query.size
+        self._query = self._query._replace(
+            after=rows[-1] if full else None, size=min(self._query.size * 2, _LARGEST_PAGE)
+        )
+        self.done = not full or self._remaining == 0
+        return found
+
+    def run(self, fetch: Callable[[PageQuery], _Fetched]) -> Iterator[CheckpointTuple]:
+        """The listing, fetching each page with ``fetch(query) -> (rows, tuples)``."""
+        while not self.done:
+            query = self.query()
+            yield from self.advance(query, *fetch(query))
+
+    async def arun(
+        self, fetch: Callable[[PageQuery], Awaitable[_Fetched]]
+    ) -> AsyncIterator[CheckpointTuple]:
+        """``run`` with an awaited ``fetch``."""
+        while not self.done:
+            query = self.query()
+            for found in self.advance(query, *await fetch(query)):
+                yield found
+
+
+_Fetched = tuple[Sequence[CheckpointRow], Iterable[CheckpointTuple]]
+
+
 # -- list filter -----------------------------------------------------------------------------
 
 
@@ -563,7 +796,108 @@ def _contains(stored: Any, expected: Any) -> bool:
     return bool(stored == expected)
 
 
+# JSON copies of metadata narrow list(filter=...) in SQL, before metadata_matches decides.
+# Contract: no false negatives. For stored metadata ``m`` and a filter ``f``,
+# ``metadata_matches(m, f)`` implies that ``metadata_json(m)`` contains ``metadata_filter_json(f)``
+# in the sense of jsonb ``@>`` (the SQLite saver checks the top level with json_each, which
+# selects at least as much). SQL may select more; Python drops those rows. This holds for
+# metadata made of None, booleans, strings, numbers (``numbers.Number``: int, float, Decimal,
+# Fraction, numpy scalars, ...), mappings, lists and tuples; a value of any other type is
+# assumed never equal to one of those (it is stored as null, and a filter does not constrain it).
+
+# Strings JSON (or jsonb, or SQLite's JSON functions) cannot hold exactly, and strings that
+# start with this mark, become the mark plus the hex of their UTF-8: distinct strings stay
+# distinct, equal strings stay equal. A non-string key of stored metadata becomes the mark,
+# "?" and its repr, which no escaped string equals (hex has no "?").
+_MARK = "\uffff"
+_UNCONSTRAINED: Any = object()
+
+
+def metadata_json(metadata: Mapping[str, Any]) -> Any:
+    """The JSON copy of stored metadata (plain ``dict``/``list``/``str``/``int``/``float``/
+    ``bool``/``None``, ready for ``json.dumps`` or a jsonb parameter)."""
+    return _json_copy(metadata, for_filter=False)
+
+
+def metadata_filter_json(filter: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON document a ``list(filter=...)`` selects with: stored metadata that matches
+    ``filter`` contains it (``@>``). Parts SQL cannot judge (keys that are not strings, values
+    of other types) are left out, so they select everything."""
+    document: dict[str, Any] = _json_copy(filter, for_filter=True)
+    return document
+
+
+def _json_copy(value: Any, *, for_filter: bool) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _json_str(value)
+    if isinstance(value, numbers.Number):
+        return _json_number(value)
+    if isinstance(value, Mapping):
+        copy = {}
+        for key, item in value.items():
+            if isinstance(key, str):
+                name = _json_str(key)
+            elif for_filter:
+                continue
+            else:
+                name = f"{_MARK}?{key!r}"
+            item_copy = _json_copy(item, for_filter=for_filter)
+            if item_copy is not _UNCONSTRAINED:
+                copy[name] = item_copy
+        return copy
+    if isinstance(value, (list, tuple)):
+        items = (_json_copy(item, for_filter=for_filter) for item in value)
+        return [item for item in items if item is not _UNCONSTRAINED]
+    return _UNCONSTRAINED if for_filter else None
+
+
+def _json_str(text: str) -> str:
+    text = text[:]  # a str subclass (StrEnum) compares as its plain value
+    if "\x00" in text or text.startswith(_MARK) or not _is_utf8(text):
+        return _MARK + text.encode("utf-8", "surrogatepass").hex()
+    return str(text)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def _json_number(value: Any) -> int | float | None:
+    """Equal numbers of any types map to one JSON number: their value rounded to a float
+    (conversions are correctly rounded), written as an integer when it is whole. Numbers no
+    float holds (complex, infinite, NaN, too large) map to null."""
+    try:
+        number = complex(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    real = number.real
+    if number.imag or not math.isfinite(real):
+        return None
+    return int(real) if real.is_integer() else real
+
+
 # -- prune, delete_for_runs, copy_thread -----------------------------------------------------
+
+
+def id_list(ids: Iterable[str], what: str) -> list[str]:
+    """``ids`` (thread or run ids) as distinct strings, in order.
+
+    A single ``str`` (or ``bytes``) is refused: iterating it would name one-character ids.
+    """
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{what} must be a collection of ids, not a single {type(ids).__name__}")
+    return [str(one) for one in dict.fromkeys(ids)]
+
+
+def check_prune_strategy(strategy: str) -> None:
+    if strategy not in ("keep_latest", "delete"):
+        raise ValueError(f"Unknown prune strategy {strategy!r}: use 'keep_latest' or 'delete'.")
 
 
 def checkpoints_to_keep(
@@ -596,6 +930,20 @@ def checkpoints_to_keep(
             if position < newest_count or (cutoff is not None and _newer_than(checkpoint, cutoff)):
                 keep.add((ns, checkpoint.checkpoint_id))
     return keep
+
+
+def prune_doomed(
+    checkpoints: Iterable[CheckpointKey],
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    now: datetime | None = None,
+) -> set[tuple[str, str]]:
+    """``(checkpoint_ns, checkpoint_id)`` of one thread's checkpoints that ``prune`` deletes:
+    those ``checkpoints_to_keep`` does not keep."""
+    checkpoints = list(checkpoints)
+    keep = checkpoints_to_keep(checkpoints, keep_last=keep_last, older_than=older_than, now=now)
+    return {(c.checkpoint_ns, c.checkpoint_id) for c in checkpoints} - keep
 
 
 def _newer_than(checkpoint: CheckpointKey, cutoff: datetime) -> bool:
@@ -636,6 +984,26 @@ def referenced_values(
     return needed
 
 
+def deleted_values(
+    serde: SerializerProtocol,
+    deleted: Iterable[CheckpointRow],
+    remaining: Iterable[CheckpointRow],
+    bases: Mapping[ValueKey, str] | None = None,
+) -> set[ValueKey]:
+    """The value rows to delete with the ``deleted`` checkpoints of one thread.
+
+    Only rows the deleted checkpoints name (with their chains) are candidates, minus those
+    the ``remaining`` checkpoints need. So a row that another writer commits while the
+    deletion runs (whatever the isolation level) is never taken for garbage: no deleted
+    checkpoint names a version that did not exist when it was read. ``bases`` as in
+    ``referenced_values``.
+    """
+    candidates = referenced_values(serde, deleted, bases)
+    if not candidates:
+        return candidates
+    return candidates - referenced_values(serde, remaining, bases)
+
+
 _Row = TypeVar("_Row", CheckpointRow, ValueRow, WriteRow)
 
 
@@ -645,6 +1013,19 @@ def rekey(rows: Iterable[_Row], thread_id: str) -> list[_Row]:
     Nothing inside the stored bytes names the thread, so copying is re-keying.
     """
     return [row._replace(thread_id=thread_id) for row in rows]
+
+
+# -- schema ----------------------------------------------------------------------------------
+
+
+def check_schema_version(found: int, known: int, package: str) -> None:
+    """Refuse a database whose schema is newer than the saver knows (``known``, the number of
+    its migrations): it may hold rows this version would misread."""
+    if found > known:
+        raise RuntimeError(
+            f"This database has checkpoint schema version {found}, newer than version {known} "
+            f"known to this {package}: upgrade the package."
+        )
 
 
 # -- error context ---------------------------------------------------------------------------

@@ -5,9 +5,12 @@ Scenarios use fresh thread and run ids, so they also hold on a store shared betw
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
 from functools import partial
 from typing import Any
 
@@ -25,6 +28,7 @@ from stepgraph.checkpoint.base import (
     empty_checkpoint,
     uuid6,
 )
+from stepgraph.checkpoint.storage import KEY_LIMITS, metadata_matches
 from stepgraph.checkpoint.testing.api import SaverApi
 from stepgraph.checkpoint.testing.samples import SAMPLE_VALUES, allow_sample_types, assert_same
 from stepgraph.config import RunnableConfig
@@ -244,6 +248,33 @@ async def unicode_and_nul_in_keys(api: SaverApi) -> None:
     assert await api.get_tuple(thread_config(thread_id.replace("\x00", ""), checkpoint_ns)) is None
 
 
+async def longest_ids(api: SaverApi) -> None:
+    """Ids up to ``storage.KEY_LIMITS`` work in every saver; longer ones (a 10,000-character
+    thread id) raise ``ValueError`` naming the limit, and nothing is stored."""
+    thread_id = new_id("long")
+    thread_id += "é" * ((KEY_LIMITS["thread_id"] - len(thread_id.encode())) // 2)
+    checkpoint_ns = "n" * KEY_LIMITS["checkpoint_ns"]
+    channel = "c" * KEY_LIMITS["channel"]
+    task_id = "t" * KEY_LIMITS["task_id"]
+    history = History(api, thread_id, checkpoint_ns)
+    config = await history.step({channel: "v" * 100})
+    await api.put_writes(config, [(channel, 1)], task_id)
+    found = await must_get(api, thread_config(thread_id, checkpoint_ns))
+    assert found.checkpoint["channel_values"] == {channel: "v" * 100}
+    assert found.pending_writes == [(task_id, channel, 1)]
+
+    too_long = new_id("x") + "x" * 10_000
+    with pytest.raises(ValueError, match=r"thread_id is too long.*at most 1024"):
+        await History(api, too_long).step({"n": 1})
+    with pytest.raises(ValueError, match="task_id is too long"):
+        await api.put_writes(config, [(channel, 2)], task_id + "t")
+    with pytest.raises(ValueError, match="thread_id is too long"):
+        await api.copy_thread(thread_id, too_long)
+    assert await api.get_tuple(thread_config(too_long)) is None
+    found = await must_get(api, thread_config(thread_id, checkpoint_ns))
+    assert found.pending_writes == [(task_id, channel, 1)]
+
+
 # -- reading ---------------------------------------------------------------------------------
 
 
@@ -315,6 +346,58 @@ async def list_filter_on_metadata(api: SaverApi) -> None:
     assert ids(await api.list(config, filter={"source": "loop"}, limit=2)) == [c, b]
     before_c = await api.list(config, filter={"kind": "a"}, before=configs[2])
     assert ids(before_c) == [a]
+
+
+class _Text(str):
+    """A str subclass (as a ``StrEnum`` member is): equal to its plain value."""
+
+
+def _random_metadata(rng: random.Random, depth: int = 0) -> Any:
+    scalars: list[Any] = [
+        0, 1, -7, 2**53 + 1, 2**60 + 1, -(2**63), 0.1, 2.5, -1e300, 1.0, True, False, None,
+        "", "a", "é\x00z", "\uffffmark", "🙂",
+    ]  # fmt: skip
+    kind = rng.randrange(4 if depth < 2 else 1)
+    if kind == 0:
+        return rng.choice(scalars)
+    if kind == 1:
+        return [_random_metadata(rng, depth + 1) for _ in range(rng.randrange(3))]
+    return {f"k{n}": _random_metadata(rng, depth + 1) for n in range(rng.randrange(1, 4))}
+
+
+def _equal_twin(value: Any, rng: random.Random) -> Any:
+    """A filter value that ``metadata_matches`` finds in ``value``, of other types if it can."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return rng.choice(
+            [Decimal(value), Fraction(value), value, *([float(value)] * (abs(value) < 2**53))]
+        )
+    if isinstance(value, float):
+        return rng.choice([Decimal(value), Fraction(value), value])
+    if isinstance(value, str):
+        return _Text(value)
+    if isinstance(value, list):
+        return [_equal_twin(item, rng) for item in value if rng.random() < 0.7]
+    return {key: _equal_twin(item, rng) for key, item in value.items() if rng.random() < 0.7}
+
+
+async def list_filter_has_no_false_negatives(api: SaverApi) -> None:
+    """Whatever the SQL narrowing does, a checkpoint whose metadata ``metadata_matches`` a
+    filter is listed, also for filter values of other types that compare equal (Decimal,
+    Fraction, float, str subclasses) and for integers no float holds exactly."""
+    rng = random.Random(20240607)
+    history = History(api, new_id("filter-property"))
+    saved = []
+    for n in range(24):
+        metadata = {"m": _random_metadata(rng), "n": n}
+        saved.append((await history.step({"n": n}, metadata), metadata))
+    config = thread_config(history.thread_id)
+    for checkpoint_config, metadata in saved:
+        filter = {"m": _equal_twin(metadata["m"], rng)}
+        assert metadata_matches(metadata, filter)
+        found = ids(await api.list(config, filter=filter))
+        assert checkpoint_id_of(checkpoint_config) in found, (metadata, filter)
 
 
 async def namespaces_are_isolated(api: SaverApi) -> None:
@@ -667,6 +750,117 @@ async def prune_delete_strategy(api: SaverApi) -> None:
     assert len(await api.list(thread_config(kept))) == 2
 
 
+async def ids_must_be_a_collection(api: SaverApi) -> None:
+    """``prune`` and ``delete_for_runs`` refuse a single string: it is not a list of ids."""
+    history = History(api, new_id("single-string"))
+    await history.step({"n": 0}, {"run_id": "r"})
+    await history.step({"n": 1}, {"run_id": "r"})
+    for call in (
+        lambda: api.prune(history.thread_id),
+        lambda: api.prune(history.thread_id, strategy="delete"),
+        lambda: api.delete_for_runs("r"),
+        lambda: api.delete_for_runs(b"r"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match="not a single"):
+            await call()
+    assert len(await api.list(thread_config(history.thread_id))) == 2
+
+
+# Longer than any value stored inline in the checkpoint row, so each lives in a value row.
+_LONG = "v" * 100
+
+
+async def fork_from_pruned_parent_is_readable(api: SaverApi) -> None:
+    """A checkpoint saved against a parent that was pruned meanwhile is fully readable.
+
+    Its unchanged channels name value rows that the prune removed with the parent: the saver
+    notices the missing parent while saving and stores every channel.
+    """
+    history = History(api, new_id("fork-pruned"))
+    await history.step({"a": _LONG + "1", "b": [_LONG]})
+    first = history.checkpoints[0]
+    first_config = history.configs[0]
+    await history.step({"a": _LONG + "2", "b": [_LONG, "x"]})
+    await api.prune([history.thread_id])  # drops the first checkpoint and its "a" row
+    assert await api.get_tuple(first_config) is None
+
+    fork = copy_checkpoint(first)
+    fork["id"] = str(uuid6())
+    version = api.saver.get_next_version(fork["channel_versions"]["b"])
+    fork["channel_versions"]["b"] = version
+    fork["channel_values"]["b"] = [_LONG, "forked"]
+    fork["channel_appends"] = {"b": (first["channel_versions"]["b"], ["forked"])}
+    saved = await api.put(first_config, fork, {"source": "fork", "step": 1}, {"b": version})
+    found = await must_get(api, saved)
+    assert found.checkpoint["channel_values"] == {"a": _LONG + "1", "b": [_LONG, "forked"]}
+    assert found.parent_config == first_config
+
+
+async def appended_items_read_back_exactly(api: SaverApi) -> None:
+    """A list saved as the items appended to an earlier version (``channel_appends``) reads
+    back whole, in every checkpoint, also after prune, copy_thread and forks."""
+    history = History(api, new_id("appends"))
+    items: list[str] = []
+    for n in range(40):
+        previous = history.checkpoints[-1] if history.checkpoints else None
+        items = [*items, f"item {n} " + "x" * 70]
+        checkpoint, versions = history.next_checkpoint({"items": items, "n": n})
+        if previous is not None:
+            base = previous["channel_versions"]["items"]
+            checkpoint["channel_appends"] = {"items": (base, items[-1:])}
+        saved = await api.put(history.config, checkpoint, {"source": "loop", "step": n}, versions)
+        history.checkpoints.append(checkpoint)
+        history.configs.append(saved)
+        history.config = saved
+
+    async def assert_exact(thread_id: str, configs: list[RunnableConfig]) -> None:
+        for config in configs:
+            cid = checkpoint_id_of(config)
+            found = await must_get(api, with_checkpoint_id(thread_config(thread_id), cid))
+            n = found.checkpoint["channel_values"]["n"]
+            assert found.checkpoint["channel_values"]["items"] == items[: n + 1]
+        listed = await api.list(thread_config(thread_id))
+        for found in listed:
+            values = found.checkpoint["channel_values"]
+            assert values["items"] == items[: values["n"] + 1]
+
+    await assert_exact(history.thread_id, history.configs)
+    await api.prune([history.thread_id], keep_last=7)
+    await assert_exact(history.thread_id, history.configs[-7:])
+    copy = new_id("appends-copy")
+    await api.copy_thread(history.thread_id, copy)
+    await assert_exact(copy, history.configs[-7:])
+
+    # A fork appends to the version of the checkpoint it starts from.
+    start = history.checkpoints[-4]
+    fork = copy_checkpoint(start)
+    fork["id"] = str(uuid6())
+    version = api.saver.get_next_version(start["channel_versions"]["items"])
+    fork["channel_versions"]["items"] = version
+    fork["channel_values"]["items"] = [*start["channel_values"]["items"], "forked"]
+    fork["channel_appends"] = {"items": (start["channel_versions"]["items"], ["forked"])}
+    saved = await api.put(
+        history.configs[-4], fork, {"source": "fork", "step": 99}, {"items": version}
+    )
+    found = await must_get(api, saved)
+    assert found.checkpoint["channel_values"]["items"] == [*items[:37], "forked"]
+
+
+async def a_version_keeps_its_first_value(api: SaverApi) -> None:
+    """A ``(channel, version)`` names one value: saved again with another value, the first
+    stays (versions are unique, so this only happens with a misbehaving caller)."""
+    history = History(api, new_id("same-version"))
+    first = await history.step({"a": _LONG + "first"})
+    second = copy_checkpoint(history.checkpoints[-1])
+    second["id"] = str(uuid6())
+    second["channel_values"]["a"] = _LONG + "second"
+    version = second["channel_versions"]["a"]
+    saved = await api.put(first, second, {"source": "loop", "step": 1}, {"a": version})
+    for config in (first, saved):
+        found = await must_get(api, config)
+        assert found.checkpoint["channel_values"] == {"a": _LONG + "first"}
+
+
 SCENARIOS: list[Scenario] = [
     roundtrip_every_type,
     roundtrip_checkpoint_and_configs,
@@ -674,9 +868,11 @@ SCENARIOS: list[Scenario] = [
     stored_state_is_isolated,
     very_large_values,
     unicode_and_nul_in_keys,
+    longest_ids,
     get_tuple_latest_or_by_id,
     list_newest_first_with_before_and_limit,
     list_filter_on_metadata,
+    list_filter_has_no_false_negatives,
     namespaces_are_isolated,
     missing_thread_id_is_an_error,
     pending_writes_ordered_and_idempotent,
@@ -692,4 +888,8 @@ SCENARIOS: list[Scenario] = [
     prune_keeps_latest,
     prune_older_than,
     prune_delete_strategy,
+    ids_must_be_a_collection,
+    fork_from_pruned_parent_is_readable,
+    a_version_keeps_its_first_value,
+    appended_items_read_back_exactly,
 ]
