@@ -312,6 +312,29 @@ def test_prepare_threshold_none_prepares_nothing(postgres_uri: str) -> None:
             assert row is not None and row[0] > 0
 
 
+def test_prepared_statements_get_generic_plans(postgres_uri: str) -> None:
+    def settings(saver: PostgresSaver) -> tuple[Any, ...] | None:
+        with saver.conn.connection() as conn:  # type: ignore[union-attr]
+            return conn.execute(
+                "SELECT current_setting('plan_cache_mode'), current_setting('work_mem')"
+            ).fetchone()
+
+    with PostgresSaver.from_conn_string(postgres_uri) as saver:
+        assert settings(saver) is not None
+        assert settings(saver)[0] == "force_generic_plan"  # type: ignore[index]
+    # The connection's own options are kept.
+    own = {"kwargs": {"options": "-c work_mem=3MB"}}
+    with PostgresSaver.from_conn_string(postgres_uri, pool=own) as saver:
+        assert settings(saver) == ("force_generic_plan", "3MB")
+    uri = psycopg.conninfo.make_conninfo(postgres_uri, options="-c work_mem=5MB")
+    with PostgresSaver.from_conn_string(uri) as saver:
+        assert settings(saver) == ("force_generic_plan", "5MB")
+    # Nothing is prepared without a prepare threshold, and nothing is added (PgBouncer).
+    with PostgresSaver.from_conn_string(postgres_uri, prepare_threshold=None) as saver:
+        found = settings(saver)
+        assert found is not None and found[0] != "force_generic_plan"
+
+
 def test_one_connection_shared_by_threads(postgres_uri: str) -> None:
     with psycopg.connect(postgres_uri) as conn:
         saver = PostgresSaver(conn)

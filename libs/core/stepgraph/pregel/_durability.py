@@ -4,8 +4,10 @@
 the saves out.
 
 * ``sync``: every save is made before the run moves on. A task that finishes while others of its
-  step still run has its writes saved at once; the writes of the step's last task go in the same
-  ``put_step`` as the next checkpoint, so a one-task step costs one call (one transaction).
+  step still run has its writes saved at once, as a group commit: tasks that finish while a save
+  is in flight are saved together in the next call (``put_writes_batch``), and each returns once
+  its own writes are saved. The writes of the step's last task go in the same ``put_step`` as
+  the next checkpoint, so a one-task step costs one call (one transaction).
 * ``async``: the same saves, made in order by a background worker while the next step runs. At
   most one checkpoint save is queued behind the running step: before handing over a checkpoint,
   the run waits for the previous one, so memory stays flat when the store is slower than the
@@ -99,8 +101,11 @@ class Persistence:
 
 def _save(saver: Any, save: StepSave) -> None:
     if save.checkpoint is None:
-        for task in save.writes:
+        if len(save.writes) == 1:
+            task = save.writes[0]
             saver.put_writes(save.config, task.writes, task.task_id, task.task_path)
+        else:
+            saver.put_writes_batch(save.config, save.writes)
     elif save.writes:
         saver.put_step(save.config, save.writes, save.checkpoint, save.metadata, save.new_versions)
     else:
@@ -109,14 +114,147 @@ def _save(saver: Any, save: StepSave) -> None:
 
 async def _asave(saver: Any, save: StepSave) -> None:
     if save.checkpoint is None:
-        for task in save.writes:
+        if len(save.writes) == 1:
+            task = save.writes[0]
             await saver.aput_writes(save.config, task.writes, task.task_id, task.task_path)
+        else:
+            await saver.aput_writes_batch(save.config, save.writes)
     elif save.writes:
         await saver.aput_step(
             save.config, save.writes, save.checkpoint, save.metadata, save.new_versions
         )
     else:
         await saver.aput(save.config, save.checkpoint, save.metadata, save.new_versions)
+
+
+class _Waiting:
+    """A save of task writes waiting to be made with others (group commit)."""
+
+    __slots__ = ("done", "error", "save")
+
+    def __init__(self, save: StepSave) -> None:
+        self.save = save
+        self.done = False
+        self.error: BaseException | None = None
+
+
+def _merged(batch: list[_Waiting]) -> list[StepSave]:
+    """The batch's saves as one save per checkpoint their writes belong to."""
+    merged: dict[tuple[Any, ...], StepSave] = {}
+    for waiting in batch:
+        config = waiting.save.config
+        configurable = config.get("configurable") or {}
+        key = tuple(configurable.get(k) for k in ("thread_id", "checkpoint_ns", "checkpoint_id"))
+        if (save := merged.get(key)) is None:
+            merged[key] = StepSave(config, list(waiting.save.writes))
+        else:
+            save.writes.extend(waiting.save.writes)
+    return list(merged.values())
+
+
+def _save_batch(saver: Any, batch: list[_Waiting]) -> None:
+    """Save ``batch`` together; if that fails, save each on its own, so each task gets its own
+    outcome (saving writes again is harmless: ``put_writes`` is idempotent)."""
+    try:
+        try:
+            for save in _merged(batch):
+                _save(saver, save)
+        except Exception as error:
+            if len(batch) == 1:
+                batch[0].error = error
+                return
+            for waiting in batch:
+                try:
+                    _save(saver, waiting.save)
+                except Exception as own:
+                    waiting.error = own
+    except BaseException as error:
+        for waiting in batch:
+            waiting.error = error
+        raise
+
+
+async def _asave_batch(saver: Any, batch: list[_Waiting]) -> None:
+    """``_save_batch``, awaited."""
+    try:
+        try:
+            for save in _merged(batch):
+                await _asave(saver, save)
+        except Exception as error:
+            if len(batch) == 1:
+                batch[0].error = error
+                return
+            for waiting in batch:
+                try:
+                    await _asave(saver, waiting.save)
+                except Exception as own:
+                    waiting.error = own
+    except BaseException as error:
+        for waiting in batch:
+            waiting.error = error
+        raise
+
+
+class _GroupCommit:
+    """Saves of task writes made inline, from the threads that ran the tasks: one save is in
+    flight at a time, and the writes of tasks that finish meanwhile go together in the next
+    one (one transaction for a database saver). Each caller returns once its own writes are
+    saved, and raises if saving them failed."""
+
+    def __init__(self, saver: Any) -> None:
+        self.saver = saver
+        self._changed = threading.Condition(threading.Lock())
+        self._waiting: list[_Waiting] = []
+        self._busy = False
+
+    def __call__(self, save: StepSave) -> None:
+        mine = _Waiting(save)
+        batch = None
+        with self._changed:
+            self._waiting.append(mine)
+            while self._busy and not mine.done:
+                self._changed.wait()
+            if not mine.done:
+                batch, self._waiting = self._waiting, []
+                self._busy = True
+        if batch is not None:
+            try:
+                _save_batch(self.saver, batch)
+            finally:
+                with self._changed:
+                    for waiting in batch:
+                        waiting.done = True
+                    self._busy = False
+                    self._changed.notify_all()
+        if mine.error is not None:
+            raise mine.error
+
+
+class _AsyncGroupCommit:
+    """``_GroupCommit`` for the async API: the saves of concurrent asyncio tasks."""
+
+    def __init__(self, saver: Any) -> None:
+        self.saver = saver
+        self._waiting: list[_Waiting] = []
+        self._busy: asyncio.Future[None] | None = None
+
+    async def __call__(self, save: StepSave) -> None:
+        mine = _Waiting(save)
+        self._waiting.append(mine)
+        while self._busy is not None and not mine.done:
+            await asyncio.shield(self._busy)
+        if not mine.done:
+            batch, self._waiting = self._waiting, []
+            busy = self._busy = asyncio.get_running_loop().create_future()
+            try:
+                await _asave_batch(self.saver, batch)
+            finally:
+                for waiting in batch:
+                    waiting.done = True
+                self._busy = None
+                busy.set_result(None)
+        if mine.error is not None:
+            raise mine.error
 
 
 def _in_background(saver: Any, background: bool) -> bool:
@@ -161,12 +299,16 @@ class SyncWriter:
         self._idle = threading.Event()
         self._idle.set()
         self._last_checkpoint: Future[None] | None = None
+        self._group = _GroupCommit(saver)
 
     def __call__(self, save: StepSave | None) -> None:
         if save is None:
             return
         if not self.background:
-            _save(self.saver, save)
+            if save.checkpoint is None:
+                self._group(save)
+            else:
+                _save(self.saver, save)
             return
         self.raise_error()
         previous = self._last_checkpoint
@@ -239,12 +381,16 @@ class AsyncWriter:
         self.error: BaseException | None = None
         self._tail: asyncio.Future[None] | None = None
         self._last_checkpoint: asyncio.Future[None] | None = None
+        self._group = _AsyncGroupCommit(saver)
 
     async def __call__(self, save: StepSave | None) -> None:
         if save is None:
             return
         if not self.background:
-            await _asave(self.saver, save)
+            if save.checkpoint is None:
+                await self._group(save)
+            else:
+                await _asave(self.saver, save)
             return
         self.raise_error()
         previous = self._last_checkpoint

@@ -13,6 +13,7 @@ import pytest
 
 from stepgraph.checkpoint.base import TaskWrites
 from stepgraph.checkpoint.memory import InMemorySaver
+from stepgraph.errors import SerializationError
 from stepgraph.graph import START, StateGraph
 
 
@@ -67,6 +68,12 @@ class CountingSaver(InMemorySaver):
             lambda: super(CountingSaver, self).put_writes(config, writes, task_id, task_path),
         )
 
+    def put_writes_batch(self, config, writes):  # type: ignore[no-untyped-def]
+        return self._outermost(
+            "put_writes_batch",
+            lambda: super(CountingSaver, self).put_writes_batch(config, writes),
+        )
+
     def put_step(self, config, writes: Sequence[TaskWrites], checkpoint, metadata, new_versions):  # type: ignore[no-untyped-def]
         return self._outermost(
             "put_step",
@@ -80,6 +87,9 @@ class CountingSaver(InMemorySaver):
 
     async def aput_writes(self, config, writes, task_id, task_path=""):  # type: ignore[no-untyped-def]
         return self.put_writes(config, writes, task_id, task_path)
+
+    async def aput_writes_batch(self, config, writes):  # type: ignore[no-untyped-def]
+        return self.put_writes_batch(config, writes)
 
     async def aput_step(self, config, writes, checkpoint, metadata, new_versions):  # type: ignore[no-untyped-def]
         return self.put_step(config, writes, checkpoint, metadata, new_versions)
@@ -134,6 +144,98 @@ def test_sync_parallel_step_saves_each_task_as_it_finishes() -> None:
     graph.invoke({"x": 0}, config("p"), durability="sync")
     # The task that finished first was saved at once; the last one went with the checkpoint.
     assert saver.calls == ["put", "put_step", "put_writes", "put_step"]
+
+
+class NotAllowed:
+    pass
+
+
+def group_commit_graph(saver: Any, is_async: bool, bad: str = "") -> Any:
+    """A step of five tasks: ``first`` finishes at once, three more while its save is in
+    flight (the saver sleeps 0.1 s per call), ``last`` long after. Task ``bad`` writes a value
+    the serializer refuses."""
+    builder = StateGraph(State)
+    delays = {"first": 0.0, "a": 0.02, "b": 0.02, "c": 0.02, "last": 0.4}
+    for name, delay in delays.items():
+        if is_async:
+
+            async def node(state: State, name: str = name, delay: float = delay) -> Any:
+                await asyncio.sleep(delay)
+                return {"log": [NotAllowed() if name == bad else name]}
+
+        else:
+
+            def node(state: State, name: str = name, delay: float = delay) -> Any:  # type: ignore[misc]
+                time.sleep(delay)
+                return {"log": [NotAllowed() if name == bad else name]}
+
+        builder.add_node(name, node)
+        builder.add_edge(START, name)
+    return builder.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_sync_tasks_finishing_during_a_save_are_saved_together(is_async: bool) -> None:
+    saver = CountingSaver()
+    graph = group_commit_graph(saver, is_async)
+    if is_async:
+        put_writes = saver.aput_writes
+
+        async def slow_put_writes(*args: Any) -> None:
+            await asyncio.sleep(0.1)
+            await put_writes(*args)
+
+        saver.aput_writes = slow_put_writes  # type: ignore[method-assign]
+        result = asyncio.run(graph.ainvoke({"x": 0}, config("g"), durability="sync"))
+    else:
+        put_writes = saver.put_writes
+
+        def slow_put_writes(*args: Any) -> None:
+            time.sleep(0.1)
+            put_writes(*args)
+
+        saver.put_writes = slow_put_writes  # type: ignore[method-assign]
+        result = graph.invoke({"x": 0}, config("g"), durability="sync")
+    assert result["log"] == ["first", "a", "b", "c", "last"]
+    # ``first`` was saved alone; a, b and c finished meanwhile and went in one batch; the
+    # last task's writes went with the checkpoint.
+    assert saver.calls == ["put", "put_step", "put_writes", "put_writes_batch", "put_step"]
+    state = graph.get_state(config("g"))
+    assert state.values["log"] == ["first", "a", "b", "c", "last"]
+    parent = saver.get_tuple(state.parent_config)
+    assert parent is not None
+    assert sorted(v for _, c, v in parent.pending_writes if c == "log") == [
+        ["a"],
+        ["b"],
+        ["c"],
+        ["first"],
+        ["last"],
+    ]
+
+
+def test_a_failed_group_save_saves_each_task_on_its_own() -> None:
+    saver = CountingSaver()
+    graph = group_commit_graph(saver, False, bad="b")
+    put_writes = saver.put_writes
+
+    def slow_put_writes(*args: Any) -> None:
+        time.sleep(0.1)
+        put_writes(*args)
+
+    saver.put_writes = slow_put_writes  # type: ignore[method-assign]
+    with pytest.raises(SerializationError, match="log"):
+        graph.invoke({"x": 0}, config("f"), durability="sync")
+    assert saver.calls[:4] == ["put", "put_step", "put_writes", "put_writes_batch"]
+    state = graph.get_state(config("f"))
+    assert state.next == ("b",)  # only the task whose writes could not be saved runs again
+    saved = saver.get_tuple(config("f"))
+    assert saved is not None
+    assert sorted(v[0] for _, c, v in saved.pending_writes if c == "log") == [
+        "a",
+        "c",
+        "first",
+        "last",
+    ]
 
 
 def test_async_saves_everything_before_returning_and_bounds_the_queue() -> None:

@@ -197,7 +197,10 @@ class PostgresSaver(AsyncFromSyncSaver):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        statement = _plans.put_writes(self.serde, config, writes, task_id, task_path)
+        self.put_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
+
+    def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        statement = _plans.put_writes(self.serde, config, writes)
         if statement is not None:
             self._run(lambda: _plans.execute(statement))
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
@@ -62,7 +63,7 @@ from stepgraph.checkpoint.storage import (
     page_candidates,
     prune_doomed,
     related_keys,
-    write_rows,
+    task_write_rows,
 )
 from stepgraph.checkpoint.storage.plans import Plan, Statement
 from stepgraph.config import RunnableConfig
@@ -284,14 +285,11 @@ def _put_statement(rows: CheckpointRows, shadow: Jsonb, *, require_parent: bool)
 
 
 def put_writes(
-    serde: SerializerProtocol,
-    config: RunnableConfig,
-    writes: Sequence[tuple[str, Any]],
-    task_id: str,
-    task_path: str,
+    serde: SerializerProtocol, config: RunnableConfig, tasks: Sequence[TaskWrites]
 ) -> Statement | None:
-    """The one statement of ``put_writes``, serialized; None if there is nothing to write."""
-    rows = write_rows(serde, config, writes, task_id, task_path)
+    """The one statement of ``put_writes`` (one task) or ``put_writes_batch`` (several),
+    serialized; None if there is nothing to write."""
+    rows = task_write_rows(serde, config, tasks)
     if not rows:
         return None
     params = _writes_params(
@@ -737,6 +735,10 @@ def should_retry(error: BaseException, attempt: int, *, owned: bool, broken: boo
     return broken and isinstance(error, psycopg.OperationalError)
 
 
+GENERIC_PLANS = "-c plan_cache_mode=force_generic_plan"
+"""Server option of the connections ``from_conn_string`` opens when statements are prepared."""
+
+
 def pool_options(
     conn_string: str, pool: Mapping[str, Any] | None, prepare_threshold: int | None
 ) -> dict[str, Any]:
@@ -745,6 +747,13 @@ def pool_options(
     Connections are autocommit, so a step is one statement and one round trip. No ``check``
     per checkout (it would cost a round trip per call): a connection found broken is replaced
     and the plan retried. Lifetimes keep connections from outliving server-side limits.
+
+    When statements are prepared, the connections also start with ``GENERIC_PLANS``, ahead of
+    any ``options`` of their own (a later ``-c plan_cache_mode`` wins): a prepared statement
+    is then planned once, not at every execution. The step statement's arrays make every
+    custom plan look cheaper than the generic one, so ``auto`` re-plans it every time, and
+    planning it costs more than running it. Without prepared statements (PgBouncer in
+    transaction mode, ``prepare_threshold=None``) nothing is added.
     """
     options: dict[str, Any] = {
         "min_size": 1,
@@ -753,9 +762,12 @@ def pool_options(
         "max_idle": 5 * 60.0,
         **(pool or {}),
     }
-    options["kwargs"] = {
+    kwargs = options["kwargs"] = {
         "autocommit": True,
         "prepare_threshold": prepare_threshold,
         **options.get("kwargs", {}),
     }
+    if kwargs["prepare_threshold"] is not None:
+        own = kwargs.get("options", conninfo_to_dict(conn_string).get("options"))
+        kwargs["options"] = f"{GENERIC_PLANS} {own}" if own else GENERIC_PLANS
     return {**options, "conninfo": conn_string, "open": False}

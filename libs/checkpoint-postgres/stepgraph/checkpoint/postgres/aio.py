@@ -187,7 +187,10 @@ class AsyncPostgresSaver(SyncFromAsyncSaver):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        statement = _plans.put_writes(self.serde, config, writes, task_id, task_path)
+        await self.aput_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
+
+    async def aput_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        statement = _plans.put_writes(self.serde, config, writes)
         if statement is not None:
             await self._run(lambda: _plans.execute(statement))
 

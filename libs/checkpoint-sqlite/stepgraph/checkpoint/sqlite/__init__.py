@@ -207,7 +207,10 @@ class SqliteSaver(AsyncFromSyncSaver):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        self._run(_plans.put_writes(self.serde, config, writes, task_id, task_path))
+        self.put_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
+
+    def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        self._run(_plans.put_writes(self.serde, config, writes))
 
     def put_step(
         self,

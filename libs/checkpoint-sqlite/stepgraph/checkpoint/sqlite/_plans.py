@@ -56,7 +56,7 @@ from stepgraph.checkpoint.storage import (
     page_candidates,
     prune_doomed,
     related_keys,
-    write_rows,
+    task_write_rows,
 )
 from stepgraph.checkpoint.storage.plans import Plan, Statement
 from stepgraph.config import RunnableConfig
@@ -193,13 +193,10 @@ def put_step(
 
 
 def put_writes(
-    serde: SerializerProtocol,
-    config: RunnableConfig,
-    writes: Sequence[tuple[str, Any]],
-    task_id: str,
-    task_path: str,
+    serde: SerializerProtocol, config: RunnableConfig, tasks: Sequence[TaskWrites]
 ) -> Plan[None]:
-    rows = write_rows(serde, config, writes, task_id, task_path)
+    """``put_writes`` of one task, or ``put_writes_batch`` of several: one transaction."""
+    rows = task_write_rows(serde, config, tasks)
     if rows:
         yield BEGIN_WRITE
         yield Statement(_UPSERT_WRITE, rows, many=True)

@@ -148,7 +148,10 @@ class AsyncSqliteSaver(SyncFromAsyncSaver):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        await self._run(_plans.put_writes(self.serde, config, writes, task_id, task_path))
+        await self.aput_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
+
+    async def aput_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        await self._run(_plans.put_writes(self.serde, config, writes))
 
     async def aput_step(
         self,

@@ -296,6 +296,19 @@ class BaseCheckpointSaver(ABC):
         task_path: str = "",
     ) -> None: ...
 
+    def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        """Save the writes of several tasks against the checkpoint named by ``config``, as
+        ``put_writes`` of each would.
+
+        Database savers do it in one transaction; this default is one ``put_writes`` per task.
+        """
+        for task in writes:
+            self.put_writes(config, task.writes, task.task_id, task.task_path)
+
+    async def aput_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        for task in writes:
+            await self.aput_writes(config, task.writes, task.task_id, task.task_path)
+
     def put_step(
         self,
         config: RunnableConfig,
@@ -441,6 +454,9 @@ class AsyncFromSyncSaver(BaseCheckpointSaver):
     ) -> None:
         await self._call(self.put_writes, config, writes, task_id, task_path)
 
+    async def aput_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        await self._call(self.put_writes_batch, config, writes)
+
     async def aput_step(
         self,
         config: RunnableConfig,
@@ -538,6 +554,9 @@ class SyncFromAsyncSaver(BaseCheckpointSaver):
         task_path: str = "",
     ) -> None:
         self._wait(self.aput_writes(config, writes, task_id, task_path))
+
+    def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        self._wait(self.aput_writes_batch(config, writes))
 
     def put_step(
         self,

@@ -46,6 +46,7 @@ from stepgraph.checkpoint.storage import (
     prune_doomed,
     rekey,
     related_keys,
+    task_write_rows,
     write_rows,
 )
 from stepgraph.config import RunnableConfig
@@ -210,6 +211,11 @@ class InMemorySaver(AsyncFromSyncSaver):
         task_path: str = "",
     ) -> None:
         rows = write_rows(self.serde, config, writes, task_id, task_path)
+        with self._lock:
+            self._store_writes(rows)
+
+    def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        rows = task_write_rows(self.serde, config, writes)
         with self._lock:
             self._store_writes(rows)
 

@@ -85,6 +85,7 @@ __all__ = [
     "rekey",
     "related_keys",
     "stored_versions",
+    "task_write_rows",
     "write_rows",
 ]
 
@@ -347,12 +348,7 @@ def checkpoint_rows(
             type_, data = where.dumps(serde, value, part)
             values.append(ValueRow(thread_id, checkpoint_ns, channel, version, type_, data))
 
-    step_writes = [
-        write
-        for task in writes
-        for write in write_rows(serde, config, task.writes, task.task_id, task.task_path)
-    ]
-    return CheckpointRows(row, values, step_writes)
+    return CheckpointRows(row, values, task_write_rows(serde, config, writes))
 
 
 def _is_small(value: Any) -> bool:
@@ -387,6 +383,17 @@ def _length_class(length: int) -> tuple[int, int]:
     """
     bits = length.bit_length()
     return bits, length >> max(bits - 3, 0)
+
+
+def task_write_rows(
+    serde: SerializerProtocol, config: RunnableConfig, tasks: Sequence[TaskWrites]
+) -> list[WriteRow]:
+    """The rows of ``put_writes_batch(config, tasks)``: every task's ``write_rows``."""
+    return [
+        row
+        for task in tasks
+        for row in write_rows(serde, config, task.writes, task.task_id, task.task_path)
+    ]
 
 
 def write_rows(

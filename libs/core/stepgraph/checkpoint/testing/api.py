@@ -89,6 +89,12 @@ class SaverApi:
         else:
             self.saver.put_writes(config, writes, task_id, task_path)
 
+    async def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        if self.use_async:
+            await self.saver.aput_writes_batch(config, writes)
+        else:
+            self.saver.put_writes_batch(config, writes)
+
     async def put_step(
         self,
         config: RunnableConfig,

@@ -483,6 +483,42 @@ async def special_writes_replace(api: SaverApi) -> None:
     ]
 
 
+async def put_writes_batch_is_put_writes_of_each_task(api: SaverApi) -> None:
+    """``put_writes_batch`` stores what ``put_writes`` of each task would: first regular write
+    wins, special writes replace, also within one batch; a failed batch stores nothing."""
+
+    class NotAllowed:
+        pass
+
+    history = History(api, new_id("batch"))
+    config = await history.step({"n": 0})
+    await api.put_writes(config, [("a", "kept"), (ERROR, "old error")], "task-1")
+    await api.put_writes_batch(
+        config,
+        [
+            TaskWrites("task-2", [("a", 1), ("b", 2)], "path-2"),
+            TaskWrites("task-1", [("a", "ignored"), (ERROR, "new error")]),
+            TaskWrites("task-3", [(INTERRUPT, ["first"])]),
+            TaskWrites("task-3", [(INTERRUPT, ["second"])]),
+        ],
+    )
+    await api.put_writes_batch(config, [])
+    expected = [
+        ("task-1", ERROR, "new error"),
+        ("task-1", "a", "kept"),
+        ("task-2", "a", 1),
+        ("task-2", "b", 2),
+        ("task-3", INTERRUPT, ["second"]),
+    ]
+    assert (await must_get(api, config)).pending_writes == expected
+    with pytest.raises(SerializationError, match="bad"):
+        await api.put_writes_batch(
+            config,
+            [TaskWrites("task-4", [("c", 1)]), TaskWrites("task-5", [("bad", NotAllowed())])],
+        )
+    assert (await must_get(api, config)).pending_writes == expected
+
+
 async def put_step_saves_writes_and_checkpoint(api: SaverApi) -> None:
     """``put_step`` saves tasks' writes against the current checkpoint, then the next one."""
     history = History(api, new_id("step"))
@@ -877,6 +913,7 @@ SCENARIOS: list[Scenario] = [
     missing_thread_id_is_an_error,
     pending_writes_ordered_and_idempotent,
     special_writes_replace,
+    put_writes_batch_is_put_writes_of_each_task,
     put_step_saves_writes_and_checkpoint,
     put_step_is_visible_with_its_writes,
     failed_serialization_saves_nothing,
