@@ -7,32 +7,19 @@ only runs them on a ``psycopg.Connection`` or a ``psycopg_pool.ConnectionPool``.
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any, TypeVar
 
 from psycopg import Connection, Cursor
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
-from stepgraph.checkpoint.base import (
-    AsyncFromSyncSaver,
-    ChannelVersions,
-    Checkpoint,
-    CheckpointMetadata,
-    CheckpointTuple,
-    PruneStrategy,
-    TaskWrites,
-)
 from stepgraph.checkpoint.postgres import _plans
 from stepgraph.checkpoint.postgres._plans import Scope
 from stepgraph.checkpoint.serde.base import SerializerProtocol
-from stepgraph.checkpoint.storage import ListPager
-from stepgraph.checkpoint.storage.plans import Plan, Statement, run_steps
-from stepgraph.config import RunnableConfig
+from stepgraph.checkpoint.storage.plans import Job, Plan, PlanSaver, Statement, run_steps
 
 __all__ = ["PostgresSaver", "run_plan"]
 
@@ -76,7 +63,7 @@ def _steps(cursor: Cursor[Any], plan: Plan[T]) -> T:
     return run_steps(plan, execute)
 
 
-class PostgresSaver(AsyncFromSyncSaver):
+class PostgresSaver(PlanSaver[Scope]):
     """A checkpoint saver on a ``psycopg.Connection`` or a ``psycopg_pool.ConnectionPool``.
 
     Any connection works: autocommit or not, any row factory, inside a transaction of the
@@ -91,6 +78,7 @@ class PostgresSaver(AsyncFromSyncSaver):
     """
 
     conn: Connection[Any] | ConnectionPool[Any]
+    plans = _plans.PLANS
 
     def __init__(
         self,
@@ -156,88 +144,7 @@ class PostgresSaver(AsyncFromSyncSaver):
                 if broken and isinstance(self.conn, ConnectionPool):
                     self.conn.check()  # the other idle connections are likely broken too
 
-    def _run(self, make_plan: Callable[[], Plan[T]], scope: Scope = Scope.STATEMENT) -> T:
+    def _run(self, job: Job[T, Scope]) -> T:
         if not self.is_setup:
             self.setup()
-        return self._execute(make_plan, scope)
-
-    # -- reading -----------------------------------------------------------------------------
-
-    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self._run(lambda: _plans.get_tuple(self.serde, config))
-
-    def list(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> Iterator[CheckpointTuple]:
-        pager = ListPager(config, filter, before, limit)
-        yield from pager.run(
-            lambda query: self._run(functools.partial(_plans.list_page, self.serde, query))
-        )
-
-    # -- writing -----------------------------------------------------------------------------
-
-    def put(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self.put_step(config, (), checkpoint, metadata, new_versions)
-
-    def put_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        self.put_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
-
-    def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
-        statement = _plans.put_writes(self.serde, config, writes)
-        if statement is not None:
-            self._run(lambda: _plans.execute(statement))
-
-    def put_step(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[TaskWrites],
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        plan, saved = _plans.put_step(
-            self.serde, config, writes, checkpoint, metadata, new_versions
-        )
-        self._run(plan)
-        return saved
-
-    # -- thread management -------------------------------------------------------------------
-
-    def delete_thread(self, thread_id: str) -> None:
-        self._run(lambda: _plans.delete_threads([thread_id]))
-
-    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._run(lambda: _plans.copy_thread(source_thread_id, target_thread_id))
-
-    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._run(lambda: _plans.delete_for_runs(self.serde, run_ids), Scope.TRANSACTION)
-
-    def prune(
-        self,
-        thread_ids: Sequence[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        keep_last: int | None = None,
-        older_than: timedelta | None = None,
-    ) -> None:
-        self._run(
-            lambda: _plans.prune(self.serde, thread_ids, strategy, keep_last, older_than),
-            _plans.prune_scope(strategy),
-        )
+        return self._execute(job.make, job.scope)

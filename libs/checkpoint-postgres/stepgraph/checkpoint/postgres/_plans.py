@@ -11,6 +11,7 @@ in ``stepgraph.checkpoint.storage``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -65,10 +66,10 @@ from stepgraph.checkpoint.storage import (
     related_keys,
     task_write_rows,
 )
-from stepgraph.checkpoint.storage.plans import Plan, Statement
+from stepgraph.checkpoint.storage.plans import Job, Plan, Statement
 from stepgraph.config import RunnableConfig
 
-__all__ = ["ATTEMPTS", "Plan", "Scope", "Statement"]
+__all__ = ["ATTEMPTS", "PLANS", "Plan", "Scope", "Statement"]
 
 T = TypeVar("T")
 
@@ -228,10 +229,10 @@ def put_step(
     checkpoint: Checkpoint,
     metadata: CheckpointMetadata,
     new_versions: ChannelVersions,
-) -> tuple[Callable[[], Plan[None]], RunnableConfig]:
-    """The plan of ``put_step`` (and, with no writes, ``put``), and the config of the saved
-    checkpoint. Run with ``Scope.STATEMENT``: one statement, unless the parent checkpoint is
-    gone (then a second one saves a self-contained checkpoint). Everything is serialized
+) -> Callable[[], Plan[RunnableConfig]]:
+    """The plan of ``put_step`` (and, with no writes, ``put``), returning the config of the
+    saved checkpoint. Run with ``Scope.STATEMENT``: one statement, unless the parent checkpoint
+    is gone (then a second one saves a self-contained checkpoint). Everything is serialized
     here, before any connection is taken."""
 
     def rows(self_contained: bool) -> CheckpointRows:
@@ -250,14 +251,16 @@ def put_step(
     shadow = Jsonb(metadata_json(get_checkpoint_metadata(config, metadata)))
     first = rows(False)
     statement = _put_statement(first, shadow, require_parent=True)
+    row = first.checkpoint
+    config_of_saved = checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
 
-    def plan() -> Plan[None]:
+    def plan() -> Plan[RunnableConfig]:
         saved = yield statement
         if not saved[0][0]:  # the parent is gone: its unchanged channels' rows may be too
             yield _put_statement(rows(True), shadow, require_parent=False)
+        return config_of_saved
 
-    row = first.checkpoint
-    return plan, checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
+    return plan
 
 
 def _put_statement(rows: CheckpointRows, shadow: Jsonb, *, require_parent: bool) -> Statement:
@@ -771,3 +774,67 @@ def pool_options(
         own = kwargs.get("options", conninfo_to_dict(conn_string).get("options"))
         kwargs["options"] = f"{GENERIC_PLANS} {own}" if own else GENERIC_PLANS
     return {**options, "conninfo": conn_string, "open": False}
+
+
+# -- the saver's operations -------------------------------------------------------------------
+
+
+class PostgresPlans:
+    """The savers' operations as jobs (``storage.plans.SaverPlans``), each with the ``Scope``
+    its plan needs."""
+
+    def get_tuple(
+        self, serde: SerializerProtocol, config: RunnableConfig
+    ) -> Job[CheckpointTuple | None, Scope]:
+        return Job(functools.partial(get_tuple, serde, config), Scope.STATEMENT)
+
+    def list_page(
+        self, serde: SerializerProtocol, query: PageQuery
+    ) -> Job[tuple[list[CheckpointRow], list[CheckpointTuple]], Scope]:
+        return Job(functools.partial(list_page, serde, query), Scope.STATEMENT)
+
+    def put_step(
+        self,
+        serde: SerializerProtocol,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> Job[RunnableConfig, Scope]:
+        plan = put_step(serde, config, writes, checkpoint, metadata, new_versions)
+        return Job(plan, Scope.STATEMENT)
+
+    def put_writes(
+        self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]
+    ) -> Job[None, Scope] | None:
+        statement = put_writes(serde, config, writes)
+        if statement is None:
+            return None
+        return Job(functools.partial(execute, statement), Scope.STATEMENT)
+
+    def delete_threads(self, thread_ids: Sequence[str]) -> Job[None, Scope]:
+        return Job(functools.partial(delete_threads, thread_ids), Scope.STATEMENT)
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> Job[None, Scope]:
+        plan = functools.partial(copy_thread, source_thread_id, target_thread_id)
+        return Job(plan, Scope.STATEMENT)
+
+    def delete_for_runs(
+        self, serde: SerializerProtocol, run_ids: Sequence[str]
+    ) -> Job[None, Scope]:
+        return Job(functools.partial(delete_for_runs, serde, run_ids), Scope.TRANSACTION)
+
+    def prune(
+        self,
+        serde: SerializerProtocol,
+        thread_ids: Sequence[str],
+        strategy: PruneStrategy,
+        keep_last: int | None,
+        older_than: timedelta | None,
+    ) -> Job[None, Scope]:
+        plan = functools.partial(prune, serde, thread_ids, strategy, keep_last, older_than)
+        return Job(plan, prune_scope(strategy))
+
+
+PLANS = PostgresPlans()

@@ -7,31 +7,18 @@ I/O is awaited.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from typing import Any, TypeVar
 
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from stepgraph.checkpoint.base import (
-    ChannelVersions,
-    Checkpoint,
-    CheckpointMetadata,
-    CheckpointTuple,
-    PruneStrategy,
-    SyncFromAsyncSaver,
-    TaskWrites,
-)
 from stepgraph.checkpoint.postgres import _plans
 from stepgraph.checkpoint.postgres._plans import Scope
 from stepgraph.checkpoint.serde.base import SerializerProtocol
-from stepgraph.checkpoint.storage import ListPager
-from stepgraph.checkpoint.storage.plans import Plan, Statement, arun_steps
-from stepgraph.config import RunnableConfig
+from stepgraph.checkpoint.storage.plans import AsyncPlanSaver, Job, Plan, Statement, arun_steps
 
 __all__ = ["AsyncPostgresSaver", "arun_plan"]
 
@@ -71,7 +58,7 @@ async def _steps(cursor: AsyncCursor[Any], plan: Plan[T]) -> T:
     return await arun_steps(plan, execute)
 
 
-class AsyncPostgresSaver(SyncFromAsyncSaver):
+class AsyncPostgresSaver(AsyncPlanSaver[Scope]):
     """A checkpoint saver on a ``psycopg.AsyncConnection`` or a
     ``psycopg_pool.AsyncConnectionPool``; create it inside the event loop.
 
@@ -82,6 +69,7 @@ class AsyncPostgresSaver(SyncFromAsyncSaver):
     """
 
     conn: AsyncConnection[Any] | AsyncConnectionPool[Any]
+    plans = _plans.PLANS
 
     def __init__(
         self,
@@ -146,88 +134,7 @@ class AsyncPostgresSaver(SyncFromAsyncSaver):
                 if broken and isinstance(self.conn, AsyncConnectionPool):
                     await self.conn.check()  # the other idle connections are likely broken too
 
-    async def _run(self, make_plan: Callable[[], Plan[T]], scope: Scope = Scope.STATEMENT) -> T:
+    async def _run(self, job: Job[T, Scope]) -> T:
         if not self.is_setup:
             await self.setup()
-        return await self._execute(make_plan, scope)
-
-    # -- reading -----------------------------------------------------------------------------
-
-    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return await self._run(lambda: _plans.get_tuple(self.serde, config))
-
-    async def alist(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> AsyncIterator[CheckpointTuple]:
-        pager = ListPager(config, filter, before, limit)
-        page = functools.partial(_plans.list_page, self.serde)
-        async for found in pager.arun(lambda query: self._run(functools.partial(page, query))):
-            yield found
-
-    # -- writing -----------------------------------------------------------------------------
-
-    async def aput(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return await self.aput_step(config, (), checkpoint, metadata, new_versions)
-
-    async def aput_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        await self.aput_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
-
-    async def aput_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
-        statement = _plans.put_writes(self.serde, config, writes)
-        if statement is not None:
-            await self._run(lambda: _plans.execute(statement))
-
-    async def aput_step(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[TaskWrites],
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        plan, saved = _plans.put_step(
-            self.serde, config, writes, checkpoint, metadata, new_versions
-        )
-        await self._run(plan)
-        return saved
-
-    # -- thread management -------------------------------------------------------------------
-
-    async def adelete_thread(self, thread_id: str) -> None:
-        await self._run(lambda: _plans.delete_threads([thread_id]))
-
-    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await self._run(lambda: _plans.copy_thread(source_thread_id, target_thread_id))
-
-    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await self._run(lambda: _plans.delete_for_runs(self.serde, run_ids), Scope.TRANSACTION)
-
-    async def aprune(
-        self,
-        thread_ids: Sequence[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        keep_last: int | None = None,
-        older_than: timedelta | None = None,
-    ) -> None:
-        await self._run(
-            lambda: _plans.prune(self.serde, thread_ids, strategy, keep_last, older_than),
-            _plans.prune_scope(strategy),
-        )
+        return await self._execute(job.make, job.scope)

@@ -9,27 +9,15 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stepgraph.checkpoint.base import (
-    AsyncFromSyncSaver,
-    ChannelVersions,
-    Checkpoint,
-    CheckpointMetadata,
-    CheckpointTuple,
-    PruneStrategy,
-    TaskWrites,
-)
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.sqlite import _plans
 from stepgraph.checkpoint.sqlite._schema import Synchronous
-from stepgraph.checkpoint.storage import ListPager
-from stepgraph.checkpoint.storage.plans import Plan, Statement, run_steps
-from stepgraph.config import RunnableConfig
+from stepgraph.checkpoint.storage.plans import Job, Plan, PlanSaver, Statement, run_steps
 
 __all__ = ["SqliteSaver", "Synchronous", "run_plan"]
 
@@ -98,7 +86,7 @@ def _retry_when_locked(conn: sqlite3.Connection, statement: Statement) -> list[A
         time.sleep(0.005)
 
 
-class SqliteSaver(AsyncFromSyncSaver):
+class SqliteSaver(PlanSaver[None]):
     """A checkpoint saver on a ``sqlite3.Connection``.
 
     The saver issues its own ``BEGIN``/``COMMIT`` (``isolation_level=None`` or the default;
@@ -115,6 +103,7 @@ class SqliteSaver(AsyncFromSyncSaver):
     """
 
     conn: sqlite3.Connection
+    plans = _plans.PLANS
 
     # A commit is CPU work under the GIL plus a write to the page cache (and one fsync with
     # FULL): a background thread cannot overlap it with the run, and handing saves to one made
@@ -165,82 +154,8 @@ class SqliteSaver(AsyncFromSyncSaver):
         run_plan(self.conn, _plans.setup(self.synchronous, self.busy_timeout))
         self.is_setup = True
 
-    def _run(self, plan: Plan[T]) -> T:
+    def _run(self, job: Job[T, None]) -> T:
         with self.lock:
             if not self.is_setup:
                 self._setup()
-            return run_plan(self.conn, plan)
-
-    # -- reading -----------------------------------------------------------------------------
-
-    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self._run(_plans.get_tuple(self.serde, config))
-
-    def list(
-        self,
-        config: RunnableConfig | None,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: RunnableConfig | None = None,
-        limit: int | None = None,
-    ) -> Iterator[CheckpointTuple]:
-        pager = ListPager(config, filter, before, limit)
-        yield from pager.run(lambda query: self._run(_plans.list_page(self.serde, query)))
-
-    # -- writing -----------------------------------------------------------------------------
-
-    def put(
-        self,
-        config: RunnableConfig,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self._run(
-            _plans.put_step(self.serde, config, (), checkpoint, metadata, new_versions)
-        )
-
-    def put_writes(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[tuple[str, Any]],
-        task_id: str,
-        task_path: str = "",
-    ) -> None:
-        self.put_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
-
-    def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
-        self._run(_plans.put_writes(self.serde, config, writes))
-
-    def put_step(
-        self,
-        config: RunnableConfig,
-        writes: Sequence[TaskWrites],
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> RunnableConfig:
-        return self._run(
-            _plans.put_step(self.serde, config, writes, checkpoint, metadata, new_versions)
-        )
-
-    # -- thread management -------------------------------------------------------------------
-
-    def delete_thread(self, thread_id: str) -> None:
-        self._run(_plans.delete_threads([thread_id]))
-
-    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._run(_plans.copy_thread(source_thread_id, target_thread_id))
-
-    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._run(_plans.delete_for_runs(self.serde, run_ids))
-
-    def prune(
-        self,
-        thread_ids: Sequence[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        keep_last: int | None = None,
-        older_than: timedelta | None = None,
-    ) -> None:
-        self._run(_plans.prune(self.serde, thread_ids, strategy, keep_last, older_than))
+            return run_plan(self.conn, job.make())

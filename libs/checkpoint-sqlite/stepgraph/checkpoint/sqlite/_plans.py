@@ -58,10 +58,10 @@ from stepgraph.checkpoint.storage import (
     related_keys,
     task_write_rows,
 )
-from stepgraph.checkpoint.storage.plans import Plan, Statement
+from stepgraph.checkpoint.storage.plans import Job, Plan, Statement
 from stepgraph.config import RunnableConfig
 
-__all__ = ["Plan", "Statement"]
+__all__ = ["PLANS", "Plan", "Statement"]
 
 T = TypeVar("T")
 
@@ -558,3 +558,63 @@ def prune(
     yield BEGIN_WRITE
     yield from _delete_checkpoints(serde, threads, doomed)
     yield COMMIT
+
+
+# -- the saver's operations -------------------------------------------------------------------
+
+
+class SqlitePlans:
+    """The savers' operations as jobs (``storage.plans.SaverPlans``). The plans open their own
+    transactions, so no job has a scope."""
+
+    def get_tuple(
+        self, serde: SerializerProtocol, config: RunnableConfig
+    ) -> Job[CheckpointTuple | None, None]:
+        return Job(functools.partial(get_tuple, serde, config), None)
+
+    def list_page(
+        self, serde: SerializerProtocol, query: PageQuery
+    ) -> Job[tuple[list[CheckpointRow], list[CheckpointTuple]], None]:
+        return Job(functools.partial(list_page, serde, query), None)
+
+    def put_step(
+        self,
+        serde: SerializerProtocol,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> Job[RunnableConfig, None]:
+        plan = functools.partial(
+            put_step, serde, config, writes, checkpoint, metadata, new_versions
+        )
+        return Job(plan, None)
+
+    def put_writes(
+        self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]
+    ) -> Job[None, None]:
+        return Job(functools.partial(put_writes, serde, config, writes), None)
+
+    def delete_threads(self, thread_ids: Sequence[str]) -> Job[None, None]:
+        return Job(functools.partial(delete_threads, thread_ids), None)
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> Job[None, None]:
+        return Job(functools.partial(copy_thread, source_thread_id, target_thread_id), None)
+
+    def delete_for_runs(self, serde: SerializerProtocol, run_ids: Sequence[str]) -> Job[None, None]:
+        return Job(functools.partial(delete_for_runs, serde, run_ids), None)
+
+    def prune(
+        self,
+        serde: SerializerProtocol,
+        thread_ids: Sequence[str],
+        strategy: PruneStrategy,
+        keep_last: int | None,
+        older_than: timedelta | None,
+    ) -> Job[None, None]:
+        plan = functools.partial(prune, serde, thread_ids, strategy, keep_last, older_than)
+        return Job(plan, None)
+
+
+PLANS = SqlitePlans()

@@ -5,17 +5,49 @@ returns the operation's result. Which statements to run, and what to make of the
 in the plan; a driver only executes statements on a connection, with ``run_steps`` (sync) or
 ``arun_steps`` (async). So a sync saver and its async twin share their SQL, row mapping and
 serialization, and differ only in the few lines that do I/O.
+
+``PlanSaver`` and ``AsyncPlanSaver`` write the saver methods once on top of that: each method
+asks the backend's ``SaverPlans`` for the ``Job`` of the operation and runs it with the saver's
+``_run``, so a saver keeps only its connection handling and its runner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Plan", "Statement", "arun_steps", "run_steps"]
+from stepgraph.checkpoint.base import (
+    AsyncFromSyncSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    PruneStrategy,
+    SyncFromAsyncSaver,
+    TaskWrites,
+)
+from stepgraph.checkpoint.serde.base import SerializerProtocol
+from stepgraph.checkpoint.storage import CheckpointRow, ListPager, PageQuery
+from stepgraph.config import RunnableConfig
+
+__all__ = [
+    "AsyncPlanSaver",
+    "Job",
+    "Plan",
+    "PlanSaver",
+    "SaverPlans",
+    "Statement",
+    "arun_steps",
+    "run_steps",
+]
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,3 +86,236 @@ async def arun_steps(plan: Plan[T], execute: Callable[[Statement], Awaitable[lis
             statement = plan.send(await execute(statement))
     except StopIteration as done:
         return done.value
+
+
+# -- savers written once ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Job(Generic[T_co, S_co]):
+    """One operation of a saver, ready to run."""
+
+    make: Callable[[], Plan[T_co]]
+    """Builds the plan; a runner that retries on a fresh connection builds it again."""
+    scope: S_co
+    """What the backend's runner needs around the plan (Postgres: a ``Scope``; SQLite, whose
+    plans open their own transactions: None)."""
+
+
+class SaverPlans(Protocol[S_co]):
+    """A backend's saver operations, each as a ``Job``. Making a job may do work that needs no
+    connection (Postgres serializes a checkpoint then, before a connection is taken)."""
+
+    def get_tuple(
+        self, serde: SerializerProtocol, config: RunnableConfig
+    ) -> Job[CheckpointTuple | None, S_co]: ...
+
+    def list_page(
+        self, serde: SerializerProtocol, query: PageQuery
+    ) -> Job[tuple[list[CheckpointRow], list[CheckpointTuple]], S_co]: ...
+
+    def put_step(
+        self,
+        serde: SerializerProtocol,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> Job[RunnableConfig, S_co]: ...
+
+    def put_writes(
+        self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]
+    ) -> Job[None, S_co] | None:
+        """None when there is nothing to run."""
+
+    def delete_threads(self, thread_ids: Sequence[str]) -> Job[None, S_co]: ...
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> Job[None, S_co]: ...
+
+    def delete_for_runs(
+        self, serde: SerializerProtocol, run_ids: Sequence[str]
+    ) -> Job[None, S_co]: ...
+
+    def prune(
+        self,
+        serde: SerializerProtocol,
+        thread_ids: Sequence[str],
+        strategy: PruneStrategy,
+        keep_last: int | None,
+        older_than: timedelta | None,
+    ) -> Job[None, S_co]: ...
+
+
+class PlanSaver(AsyncFromSyncSaver, Generic[S]):
+    """A sync saver whose methods run its backend's ``plans`` with ``_run``.
+
+    A subclass sets ``plans`` and implements ``_run`` (connections, locks, setup on first use);
+    the async twins run the sync methods in a worker thread (``AsyncFromSyncSaver``).
+    """
+
+    plans: SaverPlans[S]
+
+    @abstractmethod
+    def _run(self, job: Job[T, S]) -> T:
+        """Run ``job`` on the saver's connection and return the plan's result."""
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._run(self.plans.get_tuple(self.serde, config))
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        pager = ListPager(config, filter, before, limit)
+        yield from pager.run(lambda query: self._run(self.plans.list_page(self.serde, query)))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return self.put_step(config, (), checkpoint, metadata, new_versions)
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        self.put_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
+
+    def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        if (job := self.plans.put_writes(self.serde, config, writes)) is not None:
+            self._run(job)
+
+    def put_step(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return self._run(
+            self.plans.put_step(self.serde, config, writes, checkpoint, metadata, new_versions)
+        )
+
+    # -- thread management -------------------------------------------------------------------
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._run(self.plans.delete_threads([thread_id]))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._run(self.plans.copy_thread(source_thread_id, target_thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._run(self.plans.delete_for_runs(self.serde, run_ids))
+
+    def prune(
+        self,
+        thread_ids: Sequence[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+    ) -> None:
+        self._run(self.plans.prune(self.serde, thread_ids, strategy, keep_last, older_than))
+
+
+class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
+    """``PlanSaver``'s async twin: its methods await ``_run``; the sync twins are for other
+    threads (``SyncFromAsyncSaver``)."""
+
+    plans: SaverPlans[S]
+
+    @abstractmethod
+    async def _run(self, job: Job[T, S]) -> T:
+        """Run ``job`` on the saver's connection and return the plan's result."""
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await self._run(self.plans.get_tuple(self.serde, config))
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        pager = ListPager(config, filter, before, limit)
+        async for found in pager.arun(
+            lambda query: self._run(self.plans.list_page(self.serde, query))
+        ):
+            yield found
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return await self.aput_step(config, (), checkpoint, metadata, new_versions)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        await self.aput_writes_batch(config, [TaskWrites(task_id, writes, task_path)])
+
+    async def aput_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
+        if (job := self.plans.put_writes(self.serde, config, writes)) is not None:
+            await self._run(job)
+
+    async def aput_step(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return await self._run(
+            self.plans.put_step(self.serde, config, writes, checkpoint, metadata, new_versions)
+        )
+
+    # -- thread management -------------------------------------------------------------------
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self._run(self.plans.delete_threads([thread_id]))
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self._run(self.plans.copy_thread(source_thread_id, target_thread_id))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await self._run(self.plans.delete_for_runs(self.serde, run_ids))
+
+    async def aprune(
+        self,
+        thread_ids: Sequence[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        keep_last: int | None = None,
+        older_than: timedelta | None = None,
+    ) -> None:
+        await self._run(self.plans.prune(self.serde, thread_ids, strategy, keep_last, older_than))
