@@ -78,12 +78,18 @@ class BinaryOperatorAggregate(BaseChannel):
             return False
         value = self.value
         self._appended = None
-        if self._appends and type(value) is list and all(type(item) is list for item in values):
+        if self._appends and type(value) is list:
             # list + list appends: record what, and build the new list in one go.
-            added = values[0] if len(values) == 1 else [x for item in values for x in item]
-            self.value = value + added
-            self._appended = added
-            return True
+            if len(values) == 1:
+                added = values[0]
+                lists = type(added) is list
+            else:
+                lists = all(type(item) is list for item in values)
+                added = [x for item in values for x in item] if lists else None
+            if lists:
+                self.value = value + added
+                self._appended = added
+                return True
         start = 0
         if value is MISSING:
             value, start = values[0], 1

@@ -42,8 +42,10 @@ class Persistence:
         self.loop = loop
         self.mode = mode
         """None without a checkpointer: nothing is ever saved."""
-        self.held: list[TaskWrites] = []
-        """Writes of finished tasks not saved yet; they go with the next checkpoint."""
+        self.held: list[TaskWrites | Task] = []
+        """Writes of finished tasks not saved yet; they go with the next checkpoint. With
+        ``exit`` a finished task is held as itself: its writes are built only if the run ends
+        before its step is applied (they are dropped with the step otherwise)."""
 
     def on_start(self, made_checkpoint: bool) -> list[StepSave]:
         """The input was applied: save its checkpoint and the writes it recorded."""
@@ -61,8 +63,11 @@ class Persistence:
     def on_task_done(self, task: Task, last: bool) -> StepSave | None:
         if self.mode is None:
             return None
+        if self.mode == "exit":
+            self.held.append(task)
+            return None
         writes = self.loop.task_writes(task)
-        if self.mode == "exit" or (last and task.error is None and not task.paused):
+        if last and task.error is None and not task.paused:
             self.held.append(writes)
             return None
         return StepSave(self.loop.checkpoint_config(), [writes])
@@ -80,8 +85,12 @@ class Persistence:
         """The step's writes were applied and its checkpoint is current."""
         held, self.held = self.held, []
         if self.mode in ("sync", "async"):
-            return self.loop.save_checkpoint(held)
+            return self.loop.save_checkpoint(held)  # type: ignore[arg-type]  # no Task held
         return None
+
+    def _writes(self, held: list[TaskWrites | Task]) -> list[TaskWrites]:
+        task_writes = self.loop.task_writes
+        return [task_writes(h) if isinstance(h, Task) else h for h in held]
 
     def on_exit(self) -> list[StepSave]:
         """Saves still due when the run ends, successfully or not."""
@@ -94,7 +103,7 @@ class Persistence:
         if self.mode == "exit" and not loop.checkpoint_is_saved and loop.channel_versions:
             saves.append(loop.save_checkpoint([]))
         if self.held:
-            saves.append(StepSave(self.loop.checkpoint_config(), self.held))
+            saves.append(StepSave(self.loop.checkpoint_config(), self._writes(self.held)))
             self.held = []
         return saves
 

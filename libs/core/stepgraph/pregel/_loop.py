@@ -159,8 +159,10 @@ class RunLoop:
         self.saved_config: RunnableConfig | None = None
         """Names the last checkpoint handed to the checkpointer: the next one's parent."""
         self.saved_metadata: CheckpointMetadata = {}
-        self.parent_config: RunnableConfig | None = None
-        """Names the checkpoint before the current one."""
+        self._parent_config: RunnableConfig | None = None
+        self._parent_id: str | None = None
+        """Id of the checkpoint before the current one, when the run made the current one (its
+        config is built only if read)."""
         self.checkpoint_is_saved = False
         self.start_writes: list[TaskWrites] = []
         """Writes the input made against the current checkpoint (``Command`` answers)."""
@@ -200,13 +202,23 @@ class RunLoop:
             self._checkpoint_id = str(uuid6())
         return self._checkpoint_id
 
+    @property
+    def parent_config(self) -> RunnableConfig | None:
+        """Names the checkpoint before the current one."""
+        if self._parent_config is None and self._parent_id is not None:
+            self._parent_config = self._config_of(self._parent_id)
+        return self._parent_config
+
     def checkpoint_config(self) -> RunnableConfig:
+        return self._config_of(self.checkpoint_id)
+
+    def _config_of(self, checkpoint_id: str) -> RunnableConfig:
         configurable = self.config.get("configurable") or {}
         return {
             "configurable": {
                 "thread_id": configurable.get("thread_id"),
                 "checkpoint_ns": self.namespace,
-                "checkpoint_id": self.checkpoint_id,
+                "checkpoint_id": checkpoint_id,
             }
         }
 
@@ -242,7 +254,8 @@ class RunLoop:
         self.updated_channels = set(updated) if updated is not None else None
         self.pending_writes = list(saved.pending_writes or ())
         self.saved_config = saved.config
-        self.parent_config = saved.parent_config
+        self._parent_config = saved.parent_config
+        self._parent_id = None
         self.checkpoint_is_saved = True
         ephemeral = self.graph.ephemeral_channels
         self.live_ephemeral = {k for k in ephemeral if self.channels[k].is_available()}
@@ -525,7 +538,8 @@ class RunLoop:
         return appends
 
     def _new_checkpoint(self, source: str) -> None:
-        self.parent_config = self.checkpoint_config() if self._checkpoint_id else None
+        self._parent_config = None
+        self._parent_id = self._checkpoint_id or None
         self.source = source
         self._checkpoint_id = str(uuid6()) if self.keeps_checkpoints else None
         self.checkpoint_ts = None

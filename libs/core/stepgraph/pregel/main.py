@@ -112,6 +112,12 @@ class Pregel:
             names = table.get(channel)
             if names:
                 found.extend(names)
+        if len(found) == 2:  # a chain: the node that ran and the next one
+            first, second = found
+            if first == second:
+                return [first]
+            index = self.node_index
+            return found if index[first] < index[second] else [second, first]
         if len(found) > 1:
             return sorted(set(found), key=self.node_index.__getitem__)
         return found
