@@ -1,6 +1,8 @@
 """A durable run in its own process, for the crash tests (test_crash_recovery.py).
 
-    python crash_program.py GRAPH STORE TARGET THREAD_ID LOG {start,crash,resume} [DURABILITY] [API]
+    python crash_program.py GRAPH STORE TARGET THREAD_ID LOG MODE [DURABILITY] [API]
+
+MODE is ``start``, ``crash``, ``resume`` or ``recover``.
 
 GRAPH ``chain`` is a -> b -> c -> d -> e; with ``crash``, d (the node of step 3) kills its own
 process with SIGKILL. GRAPH ``commit-POINT`` is the same chain on SQLite; with ``crash``, the
@@ -8,13 +10,19 @@ process kills itself inside the saver's save of step 2 (the ``put_step`` after c
 ``begin`` (as ``BEGIN IMMEDIATE`` starts), ``insert`` (as the checkpoint row is inserted, the
 step's writes already in the open transaction), ``commit`` (as ``COMMIT`` starts), ``commit1`` /
 ``commit3`` (at the first / third progress-handler call inside ``COMMIT``) or ``after`` (at the
-statement after that ``COMMIT``). GRAPH ``workflow`` is an ``@entrypoint`` calling ``fetch``, two
-``double`` tasks in parallel, then ``send``; with ``crash``, ``send`` kills the process. GRAPH ``parallel-left`` and ``parallel-right`` are a -> (left, right) ->
-join; with ``crash``, the named sibling kills the process once the other one's writes are in the
-store. STORE is ``sqlite`` (TARGET a file path) or ``postgres``
-(TARGET a conninfo). Every node appends its name to the LOG file when it starts. ``resume``
-continues the thread with ``invoke(None, config)``; ``start`` runs it from the beginning without
-crashing. DURABILITY is the run's mode, "sync" by default. API ``async`` runs a ``parallel-*``
+statement after that ``COMMIT``). GRAPH ``workflow`` is an ``@entrypoint`` calling ``fetch``,
+two ``double`` tasks in parallel, then ``send``; with ``crash``, ``send`` kills the process.
+GRAPH ``parallel-left`` and ``parallel-right`` are a -> (left, right) -> join; with ``crash``,
+the named sibling kills the process once the other one's writes are in the store. STORE is
+``sqlite`` (TARGET a file path) or ``postgres`` (TARGET a conninfo). Every node appends its name
+to the LOG file when it starts.
+
+``resume`` continues the thread with ``invoke(None, config)``, waiting
+(``multitask_strategy="enqueue"``) for the killed process's lease to run out; ``recover`` waits
+until the saver lists the thread's run as crashed and finishes it with ``graph.recover()`` (the
+report goes to stderr); ``start`` runs it from the beginning without crashing. Every process
+gives its runs a short lease (``LEASE_TTL``), so a killed one holds its thread for about a
+second. DURABILITY is the run's mode, "sync" by default. API ``async`` runs a ``parallel-*``
 graph with ``ainvoke`` on the store's async saver ("sync": ``invoke``, the default). The final
 state is printed as JSON.
 """
@@ -37,6 +45,7 @@ from stepgraph.func import entrypoint, task
 from stepgraph.graph import END, START, StateGraph
 
 NODES = ("a", "b", "c", "d", "e")
+LEASE_TTL = 1.0  # seconds a killed process keeps holding its thread
 CRASHING_NODE = "d"  # the node of step 3 (steps count from 0 after the input checkpoint)
 
 
@@ -189,6 +198,32 @@ def parallel(
     return builder
 
 
+def run_config(config: dict, mode: str) -> dict:
+    """A resume waits for the killed process's lease to run out instead of being refused."""
+    if mode != "resume":
+        return config
+    return {"configurable": {**config["configurable"], "multitask_strategy": "enqueue"}}
+
+
+def wait_until_incomplete(saver: Any, config: dict) -> None:
+    """Return once the saver lists the thread's run as crashed (its lease ran out)."""
+    thread_id = config["configurable"]["thread_id"]
+    deadline = time.monotonic() + 60
+    while thread_id not in [run.thread_id for run in saver.list_incomplete()]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"thread {thread_id!r} never showed up as an incomplete run")
+        time.sleep(0.05)
+
+
+async def wait_until_incomplete_async(saver: Any, config: dict) -> None:
+    thread_id = config["configurable"]["thread_id"]
+    deadline = time.monotonic() + 60
+    while thread_id not in [run.thread_id for run in await saver.alist_incomplete()]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"thread {thread_id!r} never showed up as an incomplete run")
+        await asyncio.sleep(0.05)
+
+
 def open_saver(store: str, target: str) -> contextlib.AbstractContextManager[Any]:
     if store == "sqlite":
         from stepgraph.checkpoint.sqlite import SqliteSaver
@@ -215,9 +250,15 @@ async def main_async(
     crashing = graph.removeprefix("parallel-") if mode == "crash" else None
     builder = parallel(log_path, crashing, store, target, config)
     async with open_async_saver(store, target) as saver:
+        saver.lease_ttl = LEASE_TTL
         compiled = builder.compile(checkpointer=saver)
+        if mode == "recover":
+            await wait_until_incomplete_async(saver, config)
+            report = await compiled.arecover()
+            print(report, file=sys.stderr)
+            return (await compiled.aget_state(config)).values
         start = None if mode == "resume" else {"log": [], "total": 0}
-        return await compiled.ainvoke(start, config, durability=durability)
+        return await compiled.ainvoke(start, run_config(config, mode), durability=durability)
 
 
 def main(
@@ -237,6 +278,7 @@ def main(
         print(json.dumps(result))
         return
     with open_saver(store, target) as saver:
+        saver.lease_ttl = LEASE_TTL
         if graph == "workflow":
             compiled = workflow(log_path, crash, saver)
             start: Any = 1
@@ -255,7 +297,16 @@ def main(
                 builder = parallel(log_path, crashing, store, target, config)
             compiled = builder.compile(checkpointer=saver)
             start = {"log": [], "total": 0}
-        result = compiled.invoke(None if mode == "resume" else start, config, durability=durability)
+        if mode == "recover":
+            wait_until_incomplete(saver, config)
+            print(compiled.recover(), file=sys.stderr)
+            result = compiled.get_state(config).values
+        else:
+            result = compiled.invoke(
+                None if mode == "resume" else start,
+                run_config(config, mode),
+                durability=durability,
+            )
     print(json.dumps(result))
 
 

@@ -76,8 +76,10 @@ def test_sigkill_mid_run_resumes_in_new_process(store: tuple[str, str], tmp_path
         assert not latest.pending_writes
         assert steps(saver, "crashed") == [("input", -1)] + [("loop", i) for i in range(4)]
 
-    resumed = run_program("chain", kind, target, "crashed", log, "resume")
+    # A new process finds the run crashed once its lease runs out, and recovers it.
+    resumed = run_program("chain", kind, target, "crashed", log, "recover")
     assert resumed.returncode == 0, resumed.stderr
+    assert "recovery: 1 resumed, 0 failed, 0 abandoned, 0 busy" in resumed.stderr
     # Only the step cut short ran again.
     assert log.read_text().split() == ["a", "b", "c", "d", "d", "e"]
 
@@ -152,6 +154,25 @@ def test_sigkill_with_exit_durability_saves_nothing(store: tuple[str, str], tmp_
     assert json.loads(restarted.stdout) == {"log": NODES, "total": 12345}
     with open_store(kind, target) as saver:
         assert steps(saver, "crashed") == [("loop", len(NODES))]
+
+
+def test_recovery_restarts_an_exit_durability_run_from_its_input(
+    store: tuple[str, str], tmp_path: Path
+) -> None:
+    """The run registry keeps a run's input: recovery starts a crashed run that saved nothing
+    (durability="exit") again from it, in a new process."""
+    kind, target = store
+    log = tmp_path / "nodes.log"
+
+    crashed = run_program("chain", kind, target, "crashed", log, "crash", "exit")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    recovered = run_program("chain", kind, target, "crashed", log, "recover", "exit")
+    assert recovered.returncode == 0, recovered.stderr
+    assert "recovery: 1 resumed, 0 failed, 0 abandoned, 0 busy" in recovered.stderr
+    assert log.read_text().split() == ["a", "b", "c", "d", *NODES]
+    assert json.loads(recovered.stdout) == {"log": NODES, "total": 12345}
+    with open_store(kind, target) as saver:
+        assert saver.get_run("crashed").status == "done"
 
 
 @pytest.mark.parametrize("api", ["sync", "async"])
@@ -266,8 +287,9 @@ def test_sigkill_in_a_workflow_task_resumes_without_rerunning_finished_tasks(
         results = [v for _, channel, v in saved.pending_writes if channel == "__return__"]
         assert sorted(results) == [2, 4, 6]
 
-    resumed = run_program("workflow", kind, target, "crashed", log, "resume")
+    resumed = run_program("workflow", kind, target, "crashed", log, "recover")
     assert resumed.returncode == 0, resumed.stderr
+    assert "recovery: 1 resumed" in resumed.stderr
     assert log.read_text().split() == [*first, "send"]
     assert json.loads(resumed.stdout) == {"sent": 15}
 

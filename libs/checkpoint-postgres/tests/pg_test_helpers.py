@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import Trace
 
 from stepgraph.checkpoint.base import (
     BaseCheckpointSaver,
@@ -66,6 +72,20 @@ def run_steps(
         if after_step is not None:
             after_step(step)
     return config
+
+
+def protocol_messages(conn: psycopg.Connection[Any], action: Any) -> list[str]:
+    """The libpq protocol messages ``action`` sends and receives on ``conn``."""
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+        try:
+            action()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        fields = [line.split("\t") for line in trace.read().splitlines()]
+    return [f"{f[0]}:{f[2].split(' ')[0]}" for f in fields if len(f) > 2 and f[0] in "FB"]
 
 
 class RestartingProxy:
@@ -142,3 +162,62 @@ def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+class PrivateServer:
+    """A PostgreSQL server of one test's own (``initdb`` and ``pg_ctl`` on a temporary data
+    directory, a Unix socket only), so the test may restart it for real.
+
+    Needs the server binaries (``pg_ctl`` on PATH or in ``pg_config --bindir``); as root it
+    runs them as the ``postgres`` user (the server refuses to run as root).
+    """
+
+    def __init__(self) -> None:
+        bindir = _server_bindir()
+        if bindir is None:
+            raise FileNotFoundError("no PostgreSQL server binaries (pg_ctl, initdb) found")
+        self._bindir = bindir
+        self._as_user: list[str] = []
+        self._dir = tempfile.TemporaryDirectory(prefix="stepgraph-pg-")
+        root = self._dir.name
+        if os.geteuid() == 0:
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(root, "postgres")
+        self.data = os.path.join(root, "data")
+        with socket.socket() as probe:  # a free port number names the socket file
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
+        self._options = f"-p {self.port} -k {root} -c listen_addresses=''"
+        self.conninfo = make_conninfo(host=root, port=self.port, user="postgres", dbname="postgres")
+        self.start()
+
+    def start(self) -> None:
+        log = os.path.join(self.data, "log")
+        self._run("pg_ctl", "start", "-w", "-D", self.data, "-o", self._options, "-l", log)
+
+    def stop(self) -> None:
+        """An immediate shutdown: as a crash (no shutdown checkpoint; WAL replay on start)."""
+        self._run("pg_ctl", "stop", "-w", "-m", "immediate", "-D", self.data)
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run("pg_ctl", "stop", "-w", "-m", "immediate", "-D", self.data)
+        self._dir.cleanup()
+
+    def _run(self, program: str, *args: str) -> None:
+        command = [*self._as_user, os.path.join(self._bindir, program), *args]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+
+def _server_bindir() -> str | None:
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return os.path.dirname(os.path.realpath(found))
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        bindir = subprocess.run(
+            ["pg_config", "--bindir"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        if os.path.exists(os.path.join(bindir, "pg_ctl")):
+            return bindir
+    return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -15,9 +14,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_test_helpers import RestartingProxy, next_checkpoint, run_steps, thread
+from pg_test_helpers import RestartingProxy, next_checkpoint, protocol_messages, run_steps, thread
 from psycopg import sql
-from psycopg.pq import Trace, TransactionStatus
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row, tuple_row
 
 from stepgraph.checkpoint.base import TaskWrites
@@ -261,20 +260,6 @@ def test_writes_join_the_callers_transaction(postgres_uri: str) -> None:
         assert saver.get_tuple(thread("t")) is None
 
 
-def _protocol_messages(conn: psycopg.Connection[Any], action: Any) -> list[str]:
-    """The libpq protocol messages ``action`` sends and receives on ``conn``."""
-    with tempfile.TemporaryFile("w+") as trace:
-        conn.pgconn.trace(trace.fileno())
-        conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
-        try:
-            action()
-        finally:
-            conn.pgconn.untrace()
-        trace.seek(0)
-        fields = [line.split("\t") for line in trace.read().splitlines()]
-    return [f"{f[0]}:{f[2].split(' ')[0]}" for f in fields if len(f) > 2 and f[0] in "FB"]
-
-
 @pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "no-autocommit"])
 def test_put_step_is_one_statement_and_one_round_trip(postgres_uri: str, autocommit: bool) -> None:
     with psycopg.connect(postgres_uri, autocommit=autocommit) as conn:
@@ -286,7 +271,7 @@ def test_put_step_is_one_statement_and_one_round_trip(postgres_uri: str, autocom
         checkpoint, versions = next_checkpoint(saver, previous.checkpoint, {"count": 9})
         writes = [TaskWrites("task", [("count", 9), ("log", [1])])]
 
-        messages = _protocol_messages(
+        messages = protocol_messages(
             conn, lambda: saver.put_step(config, writes, checkpoint, {"step": 9}, versions)
         )
         assert messages.count("F:Execute") == 1

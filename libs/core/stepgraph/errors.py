@@ -11,8 +11,10 @@ __all__ = [
     "GraphInterrupt",
     "GraphRecursionError",
     "InvalidUpdateError",
+    "LeaseLostError",
     "ParentCommand",
     "SerializationError",
+    "ThreadBusyError",
     "UnknownTypeError",
 ]
 
@@ -69,3 +71,29 @@ class ParentCommand(Exception):
     def __init__(self, command: Any) -> None:
         super().__init__(command)
         self.command = command
+
+
+class ThreadBusyError(RuntimeError):
+    """Another run holds the thread's lease (policy ``"reject"``, or ``"enqueue"`` past its
+    timeout). Nothing was written."""
+
+    def __init__(self, thread_id: str, holder: str | None, expires_in: float | None) -> None:
+        wait = f"; its lease expires in {expires_in:.1f} s" if expires_in is not None else ""
+        super().__init__(
+            f"Thread {thread_id!r} is busy: run {holder!r} holds its lease{wait}. Retry later, or "
+            'run with config["configurable"]["multitask_strategy"] = "enqueue" to wait for it.'
+        )
+        self.thread_id = thread_id
+        self.holder = holder
+        self.expires_in = expires_in
+
+
+class LeaseLostError(RuntimeError):
+    """A run's write was refused because it no longer holds its thread's lease: another run
+    took the thread over after the lease expired, or the thread was deleted. The refused write
+    was not stored, so the thread's history has no fork."""
+
+    def __init__(self, thread_id: str, reason: str) -> None:
+        super().__init__(f"Write to thread {thread_id!r} refused: {reason}")
+        self.thread_id = thread_id
+        self.reason = reason

@@ -57,7 +57,7 @@ class Persistence:
             return []
         saves = [loop.save_checkpoint([])] if made_checkpoint else []
         if loop.start_writes:
-            saves.append(StepSave(loop.checkpoint_config(), list(loop.start_writes)))
+            saves.append(StepSave(loop.save_target(), list(loop.start_writes)))
         return saves
 
     def on_task_done(self, task: Task, last: bool) -> StepSave | None:
@@ -70,7 +70,7 @@ class Persistence:
         if last and task.error is None and not task.paused:
             self.held.append(writes)
             return None
-        return StepSave(self.loop.checkpoint_config(), [writes])
+        return StepSave(self.loop.save_target(), [writes])
 
     def on_call_done(self, writes: TaskWrites) -> StepSave | None:
         """A ``@task`` call finished: its outcome is saved at once (held with ``exit``)."""
@@ -79,7 +79,7 @@ class Persistence:
         if self.mode == "exit":
             self.held.append(writes)
             return None
-        return StepSave(self.loop.checkpoint_config(), [writes])
+        return StepSave(self.loop.save_target(), [writes])
 
     def on_step_done(self) -> StepSave | None:
         """The step's writes were applied and its checkpoint is current."""
@@ -103,7 +103,7 @@ class Persistence:
         if self.mode == "exit" and not loop.checkpoint_is_saved and loop.channel_versions:
             saves.append(loop.save_checkpoint([]))
         if self.held:
-            saves.append(StepSave(self.loop.checkpoint_config(), self._writes(self.held)))
+            saves.append(StepSave(self.loop.save_target(), self._writes(self.held)))
             self.held = []
         return saves
 

@@ -29,6 +29,7 @@ from stepgraph.checkpoint.base import (
     get_checkpoint_metadata,
     uuid6,
 )
+from stepgraph.checkpoint.base.runs import with_fence
 from stepgraph.constants import (
     ERROR,
     INTERRUPT,
@@ -189,6 +190,8 @@ class RunLoop:
         """Async runs: saves the outcomes ``save_task_writes`` queued (from a coroutine)."""
         self.parents: dict[str, str] = {}
         """Checkpoint id of the running step of each enclosing graph, by namespace."""
+        self.fence: int | None = None
+        """The epoch of the run's lease on its thread, carried by every save (fencing)."""
         self.user_metadata = get_checkpoint_metadata(config, {}) if checkpointer else {}
         run_id = config.get("run_id")
         if run_id is not None and checkpointer is not None:
@@ -211,6 +214,10 @@ class RunLoop:
 
     def checkpoint_config(self) -> RunnableConfig:
         return self._config_of(self.checkpoint_id)
+
+    def save_target(self) -> RunnableConfig:
+        """The config writes of the current step are saved against, with the run's fence."""
+        return with_fence(self._config_of(self.checkpoint_id), self.fence)
 
     def _config_of(self, checkpoint_id: str) -> RunnableConfig:
         configurable = self.config.get("configurable") or {}
@@ -579,6 +586,7 @@ class RunLoop:
                 "checkpoint_ns": self.namespace,
             }
         }
+        parent = with_fence(parent, self.fence)
         new_versions = {c: self.channel_versions[c] for c in self.unsaved_channels}
         self.unsaved_channels = set()
         checkpoint = self.checkpoint()

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, cast
 
 from stepgraph.channels.base import BaseChannel
-from stepgraph.checkpoint.base import CheckpointTuple, TaskWrites
+from stepgraph.checkpoint.base import CheckpointTuple, RunInfo, RunStatus, TaskWrites
+from stepgraph.checkpoint.base.runs import FINISHED
 from stepgraph.config import RunnableConfig, ensure_thread_id, merge_configs
 from stepgraph.constants import END, PULL, START, TASKS, branch_channel
-from stepgraph.errors import GraphInterrupt, InvalidUpdateError
+from stepgraph.errors import GraphInterrupt, InvalidUpdateError, LeaseLostError
+from stepgraph.pregel import _lease, _recovery
 from stepgraph.pregel._algo import PregelNode, Task, Writes
 from stepgraph.pregel._durability import AsyncWriter, Persistence, SyncWriter, _asave, _save
 from stepgraph.pregel._executor import arun_step, run_step, shared_pool
 from stepgraph.pregel._loop import OneChannel, RunLoop, StepSave, read_channels, with_interrupts
+from stepgraph.pregel._recovery import RecoveryReport
 from stepgraph.runtime import CURRENT_TASK
 from stepgraph.types import (
     Command,
@@ -224,7 +228,9 @@ class Pregel:
 
         if mode is not None:
             loop.save_task_writes = lambda writes: write(persistence.on_call_done(writes))
+        holding = self._hold(loop, input)
         completed = False
+        failure: BaseException | None = None
         try:
             loop.load(saver.get_tuple(loop.config) if saver is not None else None)
             made = loop.start(input, addressed=addressed, limit=loop.config["recursion_limit"])
@@ -246,6 +252,8 @@ class Pregel:
                     break
                 loop.emit_task_starts(tasks)
                 run_step(tasks, on_done, loop.config.get("max_concurrency"))
+                if holding is not None and holding.lost is not None:
+                    raise holding.lost  # another run owns the thread now: stop working
                 paused = _paused(tasks)
                 if paused is not None:
                     loop.stop_for_interrupts(paused)
@@ -257,14 +265,24 @@ class Pregel:
                     loop.stop_for_interrupts(())
                     break
             completed = True
+        except BaseException as error:
+            failure = error
+            raise
         finally:
-            for save in persistence.on_exit():
-                write(save)
-            if completed:
-                write.flush()
-            else:
-                with contextlib.suppress(Exception):  # the run's own error is the one to report
+            try:
+                for save in persistence.on_exit():
+                    write(save)
+                if completed:
                     write.flush()
+                else:
+                    with contextlib.suppress(Exception):  # the run's own error is reported
+                        write.flush()
+            except BaseException as error:
+                failure = failure or error
+                raise
+            finally:
+                if holding is not None:
+                    self._let_go(holding, loop, failure)
         while output:
             yield output.popleft()
         if loop.paused and loop.parent_task is not None:
@@ -319,7 +337,9 @@ class Pregel:
         if mode is not None:
             loop.save_task_writes = save_call
             loop.asave_calls = save_calls
+        holding, beat = await self._ahold(loop, input)
         completed = False
+        failure: BaseException | None = None
         try:
             loop.load(await saver.aget_tuple(loop.config) if saver is not None else None)
             made = loop.start(input, addressed=addressed, limit=loop.config["recursion_limit"])
@@ -347,6 +367,8 @@ class Pregel:
                 else:
                     await step
                 await finish_calls()
+                if holding is not None and holding.lost is not None:
+                    raise holding.lost
                 paused = _paused(tasks)
                 if paused is not None:
                     loop.stop_for_interrupts(paused)
@@ -358,23 +380,101 @@ class Pregel:
                     loop.stop_for_interrupts(())
                     break
             completed = True
+        except BaseException as error:
+            failure = error
+            raise
         finally:
-            if completed:
-                await finish_calls()
-            else:
-                with contextlib.suppress(Exception):  # the run's own error is the one to report
+            try:
+                if completed:
                     await finish_calls()
-            for save in persistence.on_exit():
-                await write(save)
-            if completed:
-                await write.flush()
-            else:
-                with contextlib.suppress(Exception):  # the run's own error is the one to report
+                else:
+                    with contextlib.suppress(Exception):  # the run's own error is reported
+                        await finish_calls()
+                for save in persistence.on_exit():
+                    await write(save)
+                if completed:
                     await write.flush()
+                else:
+                    with contextlib.suppress(Exception):  # the run's own error is reported
+                        await write.flush()
+            except BaseException as error:
+                failure = failure or error
+                raise
+            finally:
+                if holding is not None and beat is not None:
+                    await self._alet_go(holding, beat, loop, failure)
         while output:
             yield output.popleft()
         if loop.paused and loop.parent_task is not None:
             raise GraphInterrupt(loop.interrupts)
+
+    # -- the run's lease (``_lease``) ---------------------------------------------------------
+
+    def _hold(self, loop: RunLoop, input: Any) -> _lease.Holding | None:
+        """Take the thread's lease for a top-level run with a checkpointer."""
+        saver = loop.checkpointer
+        if saver is None or loop.parent_task is not None:
+            return None
+        holding = _lease.acquire(saver, loop.config, _owner(loop.config), input)
+        loop.fence = holding.epoch
+        return holding
+
+    async def _ahold(
+        self, loop: RunLoop, input: Any
+    ) -> tuple[_lease.Holding | None, asyncio.Task[None] | None]:
+        saver = loop.checkpointer
+        if saver is None or loop.parent_task is not None:
+            return None, None
+        holding, beat = await _lease.aacquire(saver, loop.config, _owner(loop.config), input)
+        loop.fence = holding.epoch
+        return holding, beat
+
+    def _let_go(
+        self, holding: _lease.Holding, loop: RunLoop, failure: BaseException | None
+    ) -> None:
+        status, error = _lease.outcome(failure, loop.paused)
+        try:
+            if holding.lost is None and not isinstance(failure, LeaseLostError):
+                _retain(holding.saver, holding.lease.thread_id, status)
+        finally:
+            _lease.release(holding, status, error)
+
+    async def _alet_go(
+        self,
+        holding: _lease.Holding,
+        beat: asyncio.Task[None],
+        loop: RunLoop,
+        failure: BaseException | None,
+    ) -> None:
+        status, error = _lease.outcome(failure, loop.paused)
+        try:
+            if holding.lost is None and not isinstance(failure, LeaseLostError):
+                await _aretain(holding.saver, holding.lease.thread_id, status)
+        finally:
+            await _lease.arelease(holding, beat, status, error)
+
+    # -- recovery (``_recovery``) ------------------------------------------------------------
+
+    def recover(
+        self,
+        *,
+        max_attempts: int = 3,
+        limit: int | None = None,
+        config: RunnableConfig | None = None,
+    ) -> RecoveryReport:
+        """Run on every thread whose run died mid-way (``checkpointer.list_incomplete()``),
+        from its last checkpoint; give up on (mark ``abandoned``) those already started
+        ``max_attempts`` times. ``config`` is merged into each run's config."""
+        return _recovery.recover(self, max_attempts=max_attempts, limit=limit, config=config)
+
+    async def arecover(
+        self,
+        *,
+        max_attempts: int = 3,
+        limit: int | None = None,
+        config: RunnableConfig | None = None,
+    ) -> RecoveryReport:
+        return await _recovery.arecover(self, max_attempts=max_attempts, limit=limit, config=config)
 
     def stream(
         self,
@@ -719,8 +819,10 @@ class Pregel:
         saved: CheckpointTuple | None,
         values: Any,
         as_node: str | None,
+        fence: int | None,
     ) -> tuple[RunLoop, Any]:
         loop = self._state_loop(self._lookup_config(config))
+        loop.fence = fence
         loop.load(saved)
         if saved is None:
             loop.step = 0  # LangGraph numbers an update of an empty thread step 0
@@ -743,18 +845,32 @@ class Pregel:
         """Write ``values`` as if node ``as_node`` had returned them: a ``source="update"``
         checkpoint whose next nodes are those that follow ``as_node``."""
         saver = self._saver()
-        saved = saver.get_tuple(self._lookup_config(config))
-        loop, save = self._update(config, saved, values, as_node)
-        _save(saver, save)
+        lookup = self._lookup_config(config)
+        # An update writes the thread like a run does: it takes the lease, so it cannot fork
+        # the history under a running graph, and leaves the run record as it found it.
+        before = saver.get_run(lookup["configurable"]["thread_id"])
+        holding = _lease.acquire(saver, lookup, _owner(lookup), None)
+        try:
+            saved = saver.get_tuple(lookup)
+            loop, save = self._update(config, saved, values, as_node, holding.epoch)
+            _save(saver, save)
+        finally:
+            _lease.release(holding, *_status_kept(before))
         return loop.checkpoint_config()
 
     async def aupdate_state(
         self, config: RunnableConfig, values: Any, as_node: str | None = None
     ) -> RunnableConfig:
         saver = self._saver()
-        saved = await saver.aget_tuple(self._lookup_config(config))
-        loop, save = self._update(config, saved, values, as_node)
-        await _asave(saver, save)
+        lookup = self._lookup_config(config)
+        before = await saver.aget_run(lookup["configurable"]["thread_id"])
+        holding, beat = await _lease.aacquire(saver, lookup, _owner(lookup), None)
+        try:
+            saved = await saver.aget_tuple(lookup)
+            loop, save = self._update(config, saved, values, as_node, holding.epoch)
+            await _asave(saver, save)
+        finally:
+            await _lease.arelease(holding, beat, *_status_kept(before))
         return loop.checkpoint_config()
 
     def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Pregel:
@@ -763,6 +879,39 @@ class Pregel:
         copy.__dict__.update(self.__dict__)
         copy.config = merge_configs(self.config, config, kwargs)  # type: ignore[arg-type]
         return copy
+
+
+def _owner(config: RunnableConfig) -> str:
+    """The run's name as its lease's owner: the caller's ``run_id``, or a new one."""
+    return str(config.get("run_id") or uuid.uuid4())
+
+
+def _status_kept(before: RunInfo | None) -> tuple[RunStatus, str | None]:
+    """The run record an ``update_state`` leaves: the one it found, if a run had finished."""
+    if before is not None and before.status in FINISHED:
+        return before.status, before.error
+    return "done", None
+
+
+def _retain(saver: Any, thread_id: str, status: str) -> None:
+    """Apply the saver's retention to a thread whose run just finished (lease still held)."""
+    retention = saver.retention
+    if retention is None:
+        return
+    if status == "done" and retention.delete_on_completion:
+        saver.delete_thread(thread_id)
+    elif retention.keep_last is not None and status != "cancelled":
+        saver.prune([thread_id], keep_last=retention.keep_last)
+
+
+async def _aretain(saver: Any, thread_id: str, status: str) -> None:
+    retention = saver.retention
+    if retention is None:
+        return
+    if status == "done" and retention.delete_on_completion:
+        await saver.adelete_thread(thread_id)
+    elif retention.keep_last is not None and status != "cancelled":
+        await saver.aprune([thread_id], keep_last=retention.keep_last)
 
 
 async def _while_running(

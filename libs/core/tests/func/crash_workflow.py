@@ -3,7 +3,8 @@
 usage: crash_workflow.py <sqlite file> <thread id> <work dir> first|resume
 
 ``first`` starts the run; its third task announces it is waiting (``<work dir>/waiting``) and
-sleeps until killed. ``resume`` continues the thread in a new process and prints the result.
+sleeps until killed. ``resume`` continues the thread in a new process and prints the result,
+waiting (``multitask_strategy="enqueue"``) for the killed run's short lease to run out.
 Every task body appends its name to ``<work dir>/runs`` so the test sees what ran, and where.
 """
 
@@ -49,6 +50,8 @@ def slow_send(x: int) -> int:
 
 
 with SqliteSaver.from_conn_string(db) as saver:
+    # A killed process holds its thread for at most this long (the default is 30 s).
+    saver.lease_ttl = 1.0
 
     @entrypoint(checkpointer=saver)
     def workflow(x: int) -> dict[str, int]:
@@ -60,4 +63,6 @@ with SqliteSaver.from_conn_string(db) as saver:
     if phase == "first":
         workflow.invoke(1, config, durability="sync")
     else:
+        # The killed run's lease is still held for up to lease_ttl: wait for it to run out.
+        config["configurable"]["multitask_strategy"] = "enqueue"
         print(json.dumps(workflow.invoke(None, config)))

@@ -16,6 +16,7 @@ from psycopg import Connection, Cursor
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
+from stepgraph.checkpoint.base import Retention
 from stepgraph.checkpoint.postgres import _plans
 from stepgraph.checkpoint.postgres._plans import Scope
 from stepgraph.checkpoint.serde.base import SerializerProtocol
@@ -85,8 +86,9 @@ class PostgresSaver(PlanSaver[Scope]):
         conn: Connection[Any] | ConnectionPool[Any],
         *,
         serde: SerializerProtocol | None = None,
+        retention: Retention | None = None,
     ) -> None:
-        super().__init__(serde=serde)
+        super().__init__(serde=serde, retention=retention)
         self.conn = conn
         self.lock = threading.Lock()
         self.is_setup = False
@@ -100,6 +102,7 @@ class PostgresSaver(PlanSaver[Scope]):
         pool: Mapping[str, Any] | None = None,
         prepare_threshold: int | None = 0,
         serde: SerializerProtocol | None = None,
+        retention: Retention | None = None,
     ) -> Iterator[PostgresSaver]:
         """A saver on a new ``ConnectionPool`` to ``conn_string``, closed on exit.
 
@@ -112,7 +115,7 @@ class PostgresSaver(PlanSaver[Scope]):
         )
         try:
             connections.open(wait=True, timeout=connections.timeout)
-            yield cls(connections, serde=serde)
+            yield cls(connections, serde=serde, retention=retention)
         finally:
             connections.close()
 

@@ -28,13 +28,18 @@ from stepgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    Lease,
     PruneStrategy,
+    RunInfo,
+    RunStatus,
+    StorageReport,
     TaskWrites,
     get_checkpoint_id,
     get_checkpoint_metadata,
     get_checkpoint_ns,
     get_thread_id,
 )
+from stepgraph.checkpoint.base.runs import fence_of
 from stepgraph.checkpoint.postgres._schema import (
     CREATE_MIGRATIONS_TABLE,
     MIGRATIONS,
@@ -64,10 +69,13 @@ from stepgraph.checkpoint.storage import (
     page_candidates,
     prune_doomed,
     related_keys,
+    runs,
     task_write_rows,
 )
 from stepgraph.checkpoint.storage.plans import Job, Plan, Statement
+from stepgraph.checkpoint.storage.runs import RunRow
 from stepgraph.config import RunnableConfig
+from stepgraph.errors import LeaseLostError, ThreadBusyError
 
 __all__ = ["ATTEMPTS", "PLANS", "Plan", "Scope", "Statement"]
 
@@ -158,15 +166,15 @@ _UPSERT_WRITES = _UPSERT_WRITES_WHERE.format(condition="TRUE")
 # prune cannot delete it (and value rows only it names) until the step is committed. When the
 # parent is already gone, nothing is written and the statement returns false: the plan then
 # saves the checkpoint with every channel's value (``storage.checkpoint_rows(self_contained)``).
-_PUT_STEP = f"""
-WITH parent AS (
+_PUT_STEP_TEMPLATE = """
+WITH {fence}parent AS (
     SELECT FROM stepgraph_checkpoints
     WHERE thread_id = %(thread_id)b::bytea AND checkpoint_ns = %(checkpoint_ns)b::bytea
         AND checkpoint_id = %(parent_checkpoint_id)b::bytea
     FOR KEY SHARE
 ), saving AS (
-    SELECT NOT %(require_parent)b::boolean OR %(parent_checkpoint_id)b::bytea IS NULL
-        OR EXISTS (SELECT FROM parent) AS ok
+    SELECT {fence_if}(NOT %(require_parent)b::boolean OR %(parent_checkpoint_id)b::bytea IS NULL
+        OR EXISTS (SELECT FROM parent)){fence_end} AS ok
 ), checkpoint AS (
     INSERT INTO stepgraph_checkpoints (thread_id, checkpoint_ns, checkpoint_id,
         parent_checkpoint_id, ts, run_id, checkpoint_type, checkpoint, metadata_type, metadata,
@@ -193,8 +201,51 @@ WITH parent AS (
         %(value_bases)b::bytea[]) AS k (channel, version, type, value, kind, base_version)
     WHERE (SELECT ok FROM saving)
     ON CONFLICT DO NOTHING
-), writes AS ({_UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)")})
-SELECT ok FROM saving
+), writes AS ({writes})
+SELECT saving.ok{fence_columns} FROM saving{fence_from}
+"""
+_PUT_STEP = _PUT_STEP_TEMPLATE.format(
+    fence="",
+    fence_if="",
+    fence_end="",
+    writes=_UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)"),
+    fence_columns="",
+    fence_from="",
+)
+
+# Lease times are the database's clock (unix seconds): workers on many hosts share one server,
+# and their own clocks may disagree.
+_NOW = "extract(epoch FROM clock_timestamp())::double precision"
+
+# A write carrying a lease epoch (``base.runs.fence_of``) is fenced inside its own statement:
+# ``fence`` locks the thread's run-registry row FOR SHARE, which a take-over or a delete (they
+# UPDATE the row) must wait for until the write commits, so the new holder then reads it; and a
+# write that comes second reads the row's newest version (READ COMMITTED re-reads a locked row
+# that changed) and is refused. The check comes before anything else is locked or written
+# (a CASE, and the writes depend on it), and the statement returns the row's epoch and status
+# for ``storage.runs.check_fence`` to word the refusal. Unfenced writes use statements without
+# any of this.
+_FENCE = """
+fence AS MATERIALIZED (
+    SELECT epoch, status FROM stepgraph_thread_runs WHERE thread_id = %(thread_id)b::bytea
+    FOR SHARE
+), fenced AS (
+    SELECT coalesce(f.epoch = %(fence)b::bigint AND f.status <> 'deleted', false) AS ok,
+        f.epoch, f.status
+    FROM (SELECT) AS one LEFT JOIN fence AS f ON TRUE
+), """
+_FENCED_PUT_STEP = _PUT_STEP_TEMPLATE.format(
+    fence=_FENCE,
+    # CASE: the parent is looked at (and locked) only once the fence let the write through.
+    fence_if="CASE WHEN (SELECT ok FROM fenced) THEN ",
+    fence_end=" ELSE false END",
+    writes=_UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)"),
+    fence_columns=", fenced.ok, fenced.epoch, fenced.status",
+    fence_from=", fenced",
+)
+_FENCED_UPSERT_WRITES = f"""
+WITH {_FENCE}writes AS ({_UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM fenced)")})
+SELECT ok, epoch, status FROM fenced
 """
 
 
@@ -233,7 +284,8 @@ def put_step(
     """The plan of ``put_step`` (and, with no writes, ``put``), returning the config of the
     saved checkpoint. Run with ``Scope.STATEMENT``: one statement, unless the parent checkpoint
     is gone (then a second one saves a self-contained checkpoint). Everything is serialized
-    here, before any connection is taken."""
+    here, before any connection is taken. A fenced write (``fence_of(config)``) raises
+    ``LeaseLostError`` and writes nothing when its lease was lost."""
 
     def rows(self_contained: bool) -> CheckpointRows:
         return checkpoint_rows(
@@ -249,21 +301,34 @@ def put_step(
         )
 
     shadow = Jsonb(metadata_json(get_checkpoint_metadata(config, metadata)))
+    fence = fence_of(config)
     first = rows(False)
-    statement = _put_statement(first, shadow, require_parent=True)
+    statement = _put_statement(first, shadow, fence, require_parent=True)
     row = first.checkpoint
     config_of_saved = checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
 
     def plan() -> Plan[RunnableConfig]:
         saved = yield statement
+        _check_fence(row.thread_id, fence, saved[0])
         if not saved[0][0]:  # the parent is gone: its unchanged channels' rows may be too
-            yield _put_statement(rows(True), shadow, require_parent=False)
+            again = yield _put_statement(rows(True), shadow, fence, require_parent=False)
+            _check_fence(row.thread_id, fence, again[0])
         return config_of_saved
 
     return plan
 
 
-def _put_statement(rows: CheckpointRows, shadow: Jsonb, *, require_parent: bool) -> Statement:
+def _check_fence(thread_id: str, fence: int | None, result: Sequence[Any]) -> None:
+    """Raise ``LeaseLostError`` if a fenced statement's result says it was refused."""
+    if fence is not None and not result[-3]:  # ..., fenced.ok, fenced.epoch, fenced.status
+        epoch, status = result[-2:]
+        runs.check_fence(thread_id, fence, None if status is None else (epoch, status))
+        raise AssertionError("a fenced write was refused that check_fence lets through")
+
+
+def _put_statement(
+    rows: CheckpointRows, shadow: Jsonb, fence: int | None, *, require_parent: bool
+) -> Statement:
     row = rows.checkpoint
     params = _writes_params(row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id, rows.writes)
     params.update(
@@ -284,21 +349,33 @@ def _put_statement(rows: CheckpointRows, shadow: Jsonb, *, require_parent: bool)
         value_kinds=[value.kind for value in rows.values],
         value_bases=[_encode_optional(value.base_version) for value in rows.values],
     )
-    return Statement(_PUT_STEP, params, fetch=True)
+    if fence is None:
+        return Statement(_PUT_STEP, params, fetch=True)
+    params["fence"] = fence
+    return Statement(_FENCED_PUT_STEP, params, fetch=True)
 
 
 def put_writes(
     serde: SerializerProtocol, config: RunnableConfig, tasks: Sequence[TaskWrites]
-) -> Statement | None:
-    """The one statement of ``put_writes`` (one task) or ``put_writes_batch`` (several),
-    serialized; None if there is nothing to write."""
+) -> Callable[[], Plan[None]] | None:
+    """The plan of ``put_writes`` (one task) or ``put_writes_batch`` (several): one statement,
+    serialized here; None if there is nothing to write. Run with ``Scope.STATEMENT``."""
     rows = task_write_rows(serde, config, tasks)
     if not rows:
         return None
-    params = _writes_params(
-        get_thread_id(config), get_checkpoint_ns(config), get_checkpoint_id(config), rows
-    )
-    return Statement(_UPSERT_WRITES, params)
+    thread_id = get_thread_id(config)
+    params = _writes_params(thread_id, get_checkpoint_ns(config), get_checkpoint_id(config), rows)
+    fence = fence_of(config)
+    if fence is None:
+        return functools.partial(execute, Statement(_UPSERT_WRITES, params))
+    params["fence"] = fence
+    statement = Statement(_FENCED_UPSERT_WRITES, params, fetch=True)
+
+    def plan() -> Plan[None]:
+        result = yield statement
+        _check_fence(thread_id, fence, result[0])
+
+    return plan
 
 
 def execute(statement: Statement) -> Plan[None]:
@@ -492,9 +569,31 @@ DELETE FROM stepgraph_checkpoint_writes WHERE thread_id = ANY(%(thread_ids)b::by
 """
 
 
+# ``delete_thread`` leaves a tombstone (``storage.runs.deleted``): the epoch moves on, so a run
+# still writing to the thread is refused. The tombstones come first, in a statement of their
+# own: writing them waits for fenced writes in flight (they hold the row FOR SHARE), and the
+# DELETE, a later statement, then sees (and deletes) what those committed. Rows are locked in
+# thread_id order, so concurrent deletes of overlapping threads cannot deadlock.
+_TOMBSTONE_SET = """
+epoch = r.epoch + 1, owner = NULL, expires_at = NULL, status = 'deleted', attempts = 0,
+    updated_at = excluded.updated_at, error = NULL, input_type = NULL, input_blob = NULL
+"""
+_TOMBSTONES = f"""
+INSERT INTO stepgraph_thread_runs AS r (thread_id, epoch, owner, expires_at, status, attempts,
+    updated_at)
+SELECT t.thread_id, 1, NULL, NULL, 'deleted', 0, {_NOW}
+FROM unnest(%(thread_ids)b::bytea[]) AS t (thread_id)
+ORDER BY t.thread_id
+ON CONFLICT (thread_id) DO UPDATE SET {_TOMBSTONE_SET}
+"""
+
+
 def delete_threads(thread_ids: Iterable[str]) -> Plan[None]:
-    """One statement; run with ``Scope.STATEMENT``."""
+    """Two statements; run with ``Scope.TRANSACTION``."""
     threads = [encode(thread_id) for thread_id in id_list(thread_ids, "thread_ids")]
+    if not threads:
+        return
+    yield Statement(_TOMBSTONES, {"thread_ids": threads})
     yield Statement(_DELETE_THREADS, {"thread_ids": threads})
 
 
@@ -656,10 +755,6 @@ def delete_for_runs(serde: SerializerProtocol, run_ids: Iterable[str]) -> Plan[N
     )
 
 
-def prune_scope(strategy: PruneStrategy) -> Scope:
-    return Scope.STATEMENT if strategy == "delete" else Scope.TRANSACTION
-
-
 def prune(
     serde: SerializerProtocol,
     thread_ids: Sequence[str],
@@ -667,7 +762,7 @@ def prune(
     keep_last: int | None,
     older_than: timedelta | None,
 ) -> Plan[None]:
-    """Run with ``Scope`` ``prune_scope(strategy)``."""
+    """Run with ``Scope.TRANSACTION``."""
     check_prune_strategy(strategy)
     if strategy == "delete":
         return (yield from delete_threads(thread_ids))
@@ -677,6 +772,228 @@ def prune(
         return prune_doomed(rows, keep_last=keep_last, older_than=older_than, now=now)
 
     yield from _delete_checkpoints(serde, id_list(thread_ids, "thread_ids"), doomed)
+
+
+# -- ownership and the run registry -----------------------------------------------------------
+
+_RUN_COLUMNS = (
+    "thread_id, epoch, owner, expires_at, status, attempts, updated_at, error, input_type,"
+    " input_blob"
+)
+# Taking the lease is one statement, so racing runs serialize on the row (or, for a new thread,
+# on its primary key) and exactly one wins. Its rules are ``storage.runs.take_lease``'s: the
+# row is free when no live lease holds it; a live lease of the same owner (a retried call,
+# after a dropped connection, say) is only extended, with the same epoch; otherwise the epoch
+# moves on and ``attempts`` counts on from a run that died still 'running'. In the SET, ``r``
+# is the row as it was: still live (``r.expires_at > now``) only if it is the caller's own
+# lease, since the WHERE lets no other live row through.
+_ACQUIRE = f"""
+INSERT INTO stepgraph_thread_runs AS r ({_RUN_COLUMNS})
+SELECT %(thread_id)b::bytea, 1, %(owner)b::bytea, clock.now + %(ttl)b::double precision,
+    'running', 1, clock.now, NULL, %(input_type)b::text, %(input_blob)b::bytea
+FROM (SELECT {_NOW} AS now) AS clock
+ON CONFLICT (thread_id) DO UPDATE SET
+    epoch = CASE WHEN r.expires_at > excluded.updated_at THEN r.epoch ELSE r.epoch + 1 END,
+    owner = excluded.owner,
+    expires_at = excluded.expires_at,
+    status = CASE WHEN r.expires_at > excluded.updated_at THEN r.status ELSE 'running' END,
+    attempts = CASE WHEN r.expires_at > excluded.updated_at THEN r.attempts
+        WHEN r.status = 'running' THEN r.attempts + 1 ELSE 1 END,
+    updated_at = excluded.updated_at,
+    error = CASE WHEN r.expires_at > excluded.updated_at THEN r.error END,
+    input_type = CASE WHEN r.expires_at > excluded.updated_at THEN r.input_type
+        ELSE excluded.input_type END,
+    input_blob = CASE WHEN r.expires_at > excluded.updated_at THEN r.input_blob
+        ELSE excluded.input_blob END
+WHERE r.expires_at IS NULL OR r.expires_at <= excluded.updated_at OR r.owner = excluded.owner
+RETURNING r.epoch, r.expires_at, r.attempts
+"""
+_HOLDER = f"""
+SELECT owner, expires_at, {_NOW} FROM stepgraph_thread_runs WHERE thread_id = %b::bytea
+"""
+_RENEW = f"""
+UPDATE stepgraph_thread_runs AS r
+SET expires_at = clock.now + %(ttl)b::double precision, updated_at = clock.now
+FROM (SELECT {_NOW} AS now) AS clock
+WHERE r.thread_id = %(thread_id)b::bytea AND r.epoch = %(epoch)b::bigint
+    AND r.owner = %(owner)b::bytea AND r.expires_at IS NOT NULL AND r.status <> 'deleted'
+RETURNING r.epoch, r.expires_at, r.attempts
+"""
+_RELEASE = f"""
+UPDATE stepgraph_thread_runs
+SET expires_at = NULL, status = %(status)b::text, updated_at = {_NOW}, error = %(error)b::text,
+    input_type = NULL, input_blob = NULL
+WHERE thread_id = %(thread_id)b::bytea AND epoch = %(epoch)b::bigint AND owner = %(owner)b::bytea
+"""
+_GET_RUN = f"SELECT {_RUN_COLUMNS} FROM stepgraph_thread_runs WHERE thread_id = %b::bytea"
+# The runs that died: 'running' with the lease run out (``storage.runs.is_incomplete``).
+_LIST_INCOMPLETE = f"""
+SELECT {_RUN_COLUMNS} FROM stepgraph_thread_runs
+WHERE status = 'running' AND (expires_at IS NULL OR expires_at <= (SELECT {_NOW}))
+ORDER BY updated_at, thread_id
+LIMIT %b::bigint
+"""
+_BUSY_RETRIES = 5
+
+
+def _run_row(fields: Sequence[Any]) -> RunRow:
+    thread_id, epoch, owner, expires_at, status, attempts, updated_at, error, itype, blob = fields
+    return RunRow(
+        decode(thread_id),
+        epoch,
+        _decode_optional(owner),
+        expires_at,
+        status,
+        attempts,
+        updated_at,
+        error,
+        itype,
+        None if blob is None else bytes(blob),
+    )
+
+
+def _text(text: str | None) -> str | None:
+    """``text`` as a Postgres ``text`` can hold it (no NUL, no lone surrogates)."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def acquire_lease(
+    serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+) -> Callable[[], Plan[Lease]]:
+    """Run with ``Scope.STATEMENT``: one statement, and one more to name the holder when the
+    thread is busy. The input is serialized here, before a connection is taken."""
+    thread_id, owner = str(thread_id), str(owner)
+    check_key("thread_id", thread_id)
+    ttl = runs.check_ttl(ttl)
+    input_type, input_blob = runs.encode_input(serde, input)
+    params = {
+        "thread_id": encode(thread_id),
+        "owner": encode(owner),
+        "ttl": ttl,
+        "input_type": input_type,
+        "input_blob": input_blob,
+    }
+
+    def plan() -> Plan[Lease]:
+        for _ in range(_BUSY_RETRIES):
+            taken = yield Statement(_ACQUIRE, params, fetch=True)
+            if taken:
+                epoch, expires_at, attempts = taken[0]
+                return Lease(thread_id, owner, epoch, expires_at, attempts)
+            found = yield Statement(_HOLDER, (params["thread_id"],), fetch=True)
+            if found:
+                holder, expires_at, now = found[0]
+                if expires_at is not None and expires_at > now:
+                    raise ThreadBusyError(thread_id, _decode_optional(holder), expires_at - now)
+            # The holder let go between the two statements: try again.
+        raise ThreadBusyError(thread_id, None, None)
+
+    return plan
+
+
+def renew_lease(lease: Lease, ttl: float) -> Plan[Lease]:
+    """Run with ``Scope.STATEMENT``: one statement, and one more to say why when it was lost."""
+    ttl = runs.check_ttl(ttl)
+    thread_key = encode(lease.thread_id)
+    params = {
+        "thread_id": thread_key,
+        "epoch": lease.epoch,
+        "owner": encode(lease.owner),
+        "ttl": ttl,
+    }
+    renewed = yield Statement(_RENEW, params, fetch=True)
+    if renewed:
+        epoch, expires_at, attempts = renewed[0]
+        return lease._replace(epoch=epoch, expires_at=expires_at, attempts=attempts)
+    found = yield Statement(_GET_RUN, (thread_key,), fetch=True)
+    row = _run_row(found[0]) if found else None
+    runs.renewed(row, lease, ttl, 0.0)  # raises LeaseLostError with the reason
+    raise LeaseLostError(lease.thread_id, "the run no longer holds the thread's lease")
+
+
+def release_lease(lease: Lease, status: RunStatus, error: str | None) -> Plan[None]:
+    """One statement; run with ``Scope.STATEMENT``. A lost lease lets go of nothing."""
+    runs.check_release_status(status)
+    params = {
+        "thread_id": encode(lease.thread_id),
+        "epoch": lease.epoch,
+        "owner": encode(lease.owner),
+        "status": status,
+        "error": _text(error),
+    }
+    yield Statement(_RELEASE, params)
+
+
+def get_run(serde: SerializerProtocol, thread_id: str) -> Plan[RunInfo | None]:
+    """One statement; run with ``Scope.STATEMENT``."""
+    found = yield Statement(_GET_RUN, (encode(str(thread_id)),), fetch=True)
+    return runs.run_info(serde, _run_row(found[0])) if found else None
+
+
+def list_incomplete(serde: SerializerProtocol, limit: int | None) -> Plan[list[RunInfo]]:
+    """One statement; run with ``Scope.STATEMENT``."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be at least 0, not {limit}")
+    found = yield Statement(_LIST_INCOMPLETE, (limit,), fetch=True)
+    return [runs.run_info(serde, _run_row(fields)) for fields in found]
+
+
+# -- retention --------------------------------------------------------------------------------
+
+# One statement, so the counts are of one snapshot. Bytes are of the serialized columns
+# (checkpoint, metadata, values, writes), as every saver counts them: not metadata_json, the
+# filter's JSON copy of the metadata, nor index overhead.
+_STORAGE_REPORT = """
+SELECT c.n, w.n, v.n, (c.size + w.size + v.size)::bigint
+FROM (SELECT count(*) AS n,
+        coalesce(sum(octet_length(checkpoint) + octet_length(metadata)), 0) AS size
+    FROM stepgraph_checkpoints WHERE thread_id = %(thread_id)b::bytea) AS c,
+    (SELECT count(*) AS n, coalesce(sum(octet_length(value)), 0) AS size
+    FROM stepgraph_checkpoint_writes WHERE thread_id = %(thread_id)b::bytea) AS w,
+    (SELECT count(*) AS n, coalesce(sum(octet_length(value)), 0) AS size
+    FROM stepgraph_checkpoint_values WHERE thread_id = %(thread_id)b::bytea) AS v
+"""
+
+
+def storage_report(thread_id: str) -> Plan[StorageReport]:
+    """One statement; run with ``Scope.STATEMENT``."""
+    thread_id = str(thread_id)
+    found = yield Statement(_STORAGE_REPORT, {"thread_id": encode(thread_id)}, fetch=True)
+    checkpoints, writes, values, size = found[0]
+    return StorageReport(thread_id, checkpoints, writes, values, size)
+
+
+# The idle threads get their tombstones first, as in ``delete_threads``: the ON CONFLICT's
+# WHERE sees the newest version of each locked row, so a thread a run took meanwhile is left
+# alone, and a run that comes after finds the tombstone. The DELETE, the next statement, then
+# also sees what fenced writes in flight committed.
+_SWEEP_TOMBSTONES = f"""
+WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS at), idle AS (
+    SELECT thread_id FROM stepgraph_checkpoints
+    GROUP BY thread_id
+    HAVING bool_and(stepgraph_ts_before(ts, (SELECT at FROM clock) - %(age)b::interval))
+)
+INSERT INTO stepgraph_thread_runs AS r (thread_id, epoch, owner, expires_at, status, attempts,
+    updated_at)
+SELECT idle.thread_id, 1, NULL, NULL, 'deleted', 0,
+    extract(epoch FROM clock.at)::double precision
+FROM idle, clock
+ORDER BY idle.thread_id
+ON CONFLICT (thread_id) DO UPDATE SET {_TOMBSTONE_SET}
+WHERE r.expires_at IS NULL OR r.expires_at <= excluded.updated_at
+RETURNING r.thread_id
+"""
+
+
+def sweep(older_than: timedelta) -> Plan[list[str]]:
+    """Run with ``Scope.TRANSACTION``: the tombstones and the deletion commit together."""
+    swept = yield Statement(_SWEEP_TOMBSTONES, {"age": older_than}, fetch=True)
+    threads = sorted(bytes(thread_id) for (thread_id,) in swept)
+    if threads:
+        yield Statement(_DELETE_THREADS, {"thread_ids": threads})
+    return [decode(thread_id) for thread_id in threads]
 
 
 # -- running plans ----------------------------------------------------------------------------
@@ -808,10 +1125,8 @@ class PostgresPlans:
     def put_writes(
         self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]
     ) -> Job[None, Scope] | None:
-        statement = put_writes(serde, config, writes)
-        if statement is None:
-            return None
-        return Job(functools.partial(execute, statement), Scope.STATEMENT)
+        plan = put_writes(serde, config, writes)
+        return None if plan is None else Job(plan, Scope.STATEMENT)
 
     def delete_threads(self, thread_ids: Sequence[str]) -> Job[None, Scope]:
         return Job(functools.partial(delete_threads, thread_ids), Scope.STATEMENT)
@@ -834,7 +1149,37 @@ class PostgresPlans:
         older_than: timedelta | None,
     ) -> Job[None, Scope]:
         plan = functools.partial(prune, serde, thread_ids, strategy, keep_last, older_than)
-        return Job(plan, prune_scope(strategy))
+        return Job(plan, Scope.TRANSACTION)
+
+    # -- ownership and the run registry ----------------------------------------------------
+
+    def acquire_lease(
+        self, serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+    ) -> Job[Lease, Scope]:
+        return Job(acquire_lease(serde, thread_id, owner, ttl, input), Scope.STATEMENT)
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Job[Lease, Scope]:
+        return Job(functools.partial(renew_lease, lease, ttl), Scope.STATEMENT)
+
+    def release_lease(self, lease: Lease, status: RunStatus, error: str | None) -> Job[None, Scope]:
+        runs.check_release_status(status)
+        return Job(functools.partial(release_lease, lease, status, error), Scope.STATEMENT)
+
+    def get_run(self, serde: SerializerProtocol, thread_id: str) -> Job[RunInfo | None, Scope]:
+        return Job(functools.partial(get_run, serde, thread_id), Scope.STATEMENT)
+
+    def list_incomplete(
+        self, serde: SerializerProtocol, limit: int | None
+    ) -> Job[list[RunInfo], Scope]:
+        return Job(functools.partial(list_incomplete, serde, limit), Scope.STATEMENT)
+
+    # -- retention -------------------------------------------------------------------------
+
+    def storage_report(self, thread_id: str) -> Job[StorageReport, Scope]:
+        return Job(functools.partial(storage_report, thread_id), Scope.STATEMENT)
+
+    def sweep(self, older_than: timedelta) -> Job[list[str], Scope]:
+        return Job(functools.partial(sweep, older_than), Scope.TRANSACTION)
 
 
 PLANS = PostgresPlans()

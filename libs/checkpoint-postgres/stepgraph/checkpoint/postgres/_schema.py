@@ -90,6 +90,56 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END $$
         """,
     ),
+    (
+        # The run registry: one row per thread a run ever leased (or that was deleted), in
+        # ``storage.runs.RunRow`` column order. ``thread_id`` and ``owner`` (a run id) are
+        # identifiers, so bytea like everywhere else: a write's fence check compares the row
+        # with the write's own thread_id parameter. Times are unix seconds of the database's
+        # clock, which every worker host shares. A deleted thread keeps its row as a tombstone
+        # (status 'deleted', epoch bumped) so stale writers stay fenced out.
+        """
+        CREATE TABLE stepgraph_thread_runs (
+            thread_id bytea PRIMARY KEY,
+            epoch bigint NOT NULL,
+            owner bytea,
+            expires_at double precision,
+            status text NOT NULL,
+            attempts integer NOT NULL,
+            updated_at double precision NOT NULL,
+            error text,
+            input_type text,
+            input_blob bytea
+        )
+        """,
+        # list_incomplete: 'running' rows, oldest first (few: only runs in flight or dead).
+        """
+        CREATE INDEX stepgraph_thread_runs_running ON stepgraph_thread_runs (updated_at)
+        WHERE status = 'running'
+        """,
+        # sweep(): whether a checkpoint's ``ts`` (ISO 8601 text) is before ``cutoff``. The form
+        # ``put`` writes (UTC, "+00:00") is compared as text, bytewise: that orders it as time,
+        # and no exception block (a subtransaction per call) is entered. Other forms are cast;
+        # a naive time is UTC, and text that is no time is not old (the thread is kept, as
+        # ``storage.checkpoints_to_keep`` keeps such checkpoints).
+        r"""
+        CREATE FUNCTION stepgraph_ts_before(ts text, cutoff timestamptz) RETURNS boolean
+        LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+        BEGIN
+            IF ts ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?\+00:00$' THEN
+                RETURN ts COLLATE "C" < to_char(cutoff AT TIME ZONE 'UTC',
+                    'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"') COLLATE "C";
+            END IF;
+            BEGIN
+                IF ts ~ '([zZ]|[+-]\d\d(:?\d\d)?)$' THEN
+                    RETURN ts::timestamptz < cutoff;
+                END IF;
+                RETURN (ts::timestamp AT TIME ZONE 'UTC') < cutoff;
+            EXCEPTION WHEN others THEN
+                RETURN false;
+            END;
+        END $$
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

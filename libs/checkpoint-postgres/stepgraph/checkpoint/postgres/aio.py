@@ -15,6 +15,7 @@ from psycopg import AsyncConnection, AsyncCursor
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
+from stepgraph.checkpoint.base import Retention
 from stepgraph.checkpoint.postgres import _plans
 from stepgraph.checkpoint.postgres._plans import Scope
 from stepgraph.checkpoint.serde.base import SerializerProtocol
@@ -76,8 +77,9 @@ class AsyncPostgresSaver(AsyncPlanSaver[Scope]):
         conn: AsyncConnection[Any] | AsyncConnectionPool[Any],
         *,
         serde: SerializerProtocol | None = None,
+        retention: Retention | None = None,
     ) -> None:
-        super().__init__(serde=serde)
+        super().__init__(serde=serde, retention=retention)
         self.conn = conn
         self.lock = asyncio.Lock()
         self.loop = asyncio.get_running_loop()
@@ -92,6 +94,7 @@ class AsyncPostgresSaver(AsyncPlanSaver[Scope]):
         pool: Mapping[str, Any] | None = None,
         prepare_threshold: int | None = 0,
         serde: SerializerProtocol | None = None,
+        retention: Retention | None = None,
     ) -> AsyncIterator[AsyncPostgresSaver]:
         """A saver on a new ``AsyncConnectionPool`` to ``conn_string``, closed on exit.
 
@@ -102,7 +105,7 @@ class AsyncPostgresSaver(AsyncPlanSaver[Scope]):
         )
         try:
             await connections.open(wait=True, timeout=connections.timeout)
-            yield cls(connections, serde=serde)
+            yield cls(connections, serde=serde, retention=retention)
         finally:
             await connections.close()
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stepgraph.checkpoint.base import Retention
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.sqlite import _plans
 from stepgraph.checkpoint.sqlite._schema import Synchronous
@@ -117,8 +118,9 @@ class SqliteSaver(PlanSaver[None]):
         serde: SerializerProtocol | None = None,
         synchronous: Synchronous = "NORMAL",
         busy_timeout: float = 30.0,
+        retention: Retention | None = None,
     ) -> None:
-        super().__init__(serde=serde)
+        super().__init__(serde=serde, retention=retention)
         self.conn = conn
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
@@ -134,6 +136,7 @@ class SqliteSaver(PlanSaver[None]):
         serde: SerializerProtocol | None = None,
         synchronous: Synchronous = "NORMAL",
         busy_timeout: float = 30.0,
+        retention: Retention | None = None,
     ) -> Iterator[SqliteSaver]:
         """A saver on a new connection to ``conn_string`` (a path or ``":memory:"``), closed
         on exit."""
@@ -141,7 +144,13 @@ class SqliteSaver(PlanSaver[None]):
             conn_string, check_same_thread=False, isolation_level=None, timeout=busy_timeout
         )
         try:
-            yield cls(conn, serde=serde, synchronous=synchronous, busy_timeout=busy_timeout)
+            yield cls(
+                conn,
+                serde=serde,
+                synchronous=synchronous,
+                busy_timeout=busy_timeout,
+                retention=retention,
+            )
         finally:
             conn.close()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -22,13 +23,18 @@ from stepgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    Lease,
     PruneStrategy,
+    RunInfo,
+    RunStatus,
+    StorageReport,
     TaskWrites,
     get_checkpoint_id,
     get_checkpoint_metadata,
     get_checkpoint_ns,
     get_thread_id,
 )
+from stepgraph.checkpoint.base.runs import fence_of
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.sqlite._schema import (
     CREATE_MIGRATIONS_TABLE,
@@ -59,6 +65,18 @@ from stepgraph.checkpoint.storage import (
     task_write_rows,
 )
 from stepgraph.checkpoint.storage.plans import Job, Plan, Statement
+from stepgraph.checkpoint.storage.runs import (
+    RunRow,
+    check_fence,
+    deleted,
+    encode_input,
+    is_incomplete,
+    lease_of,
+    released,
+    renewed,
+    run_info,
+    take_lease,
+)
 from stepgraph.config import RunnableConfig
 
 __all__ = ["PLANS", "Plan", "Statement"]
@@ -146,11 +164,27 @@ _HAS_CHECKPOINT = (
 )
 
 
+_SELECT_FENCE = "SELECT epoch, status FROM thread_runs WHERE thread_id = ?"
+
+
+def _check_fence(thread_id: str, fence: int) -> Plan[None]:
+    """Refuse (raise, so the runner rolls back) a write whose lease epoch is no longer the
+    thread's. Runs right after BEGIN IMMEDIATE: no other writer can move the epoch until the
+    write commits. Callers skip it for unfenced writes (the hot path gets no extra work)."""
+    found = yield Statement(_SELECT_FENCE, (thread_id,))
+    check_fence(thread_id, fence, found[0] if found else None)
+
+
 def _store(
-    rows: CheckpointRows, shadow: str, self_contained: Callable[[], CheckpointRows]
+    rows: CheckpointRows,
+    shadow: str,
+    self_contained: Callable[[], CheckpointRows],
+    fence: int | None,
 ) -> Plan[RunnableConfig]:
     row = rows.checkpoint
     yield BEGIN_WRITE
+    if fence is not None:
+        yield from _check_fence(row.thread_id, fence)
     if row.parent_checkpoint_id is not None:
         found = yield Statement(
             _HAS_CHECKPOINT, (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id)
@@ -189,7 +223,8 @@ def put_step(
         inline=True,
     )
     shadow = _to_json(metadata_json(get_checkpoint_metadata(config, metadata)))
-    return (yield from _store(rows(), shadow, lambda: rows(self_contained=True)))
+    self_contained = functools.partial(rows, self_contained=True)
+    return (yield from _store(rows(), shadow, self_contained, fence_of(config)))
 
 
 def put_writes(
@@ -198,7 +233,10 @@ def put_writes(
     """``put_writes`` of one task, or ``put_writes_batch`` of several: one transaction."""
     rows = task_write_rows(serde, config, tasks)
     if rows:
+        fence = fence_of(config)
         yield BEGIN_WRITE
+        if fence is not None:
+            yield from _check_fence(rows[0].thread_id, fence)
         yield Statement(_UPSERT_WRITE, rows, many=True)
         yield COMMIT
 
@@ -451,11 +489,25 @@ _COPIED_COLUMNS = {
 
 
 def delete_threads(thread_ids: Iterable[str]) -> Plan[None]:
-    keys = [(thread_id,) for thread_id in id_list(thread_ids, "thread_ids")]
+    threads = id_list(thread_ids, "thread_ids")
     yield BEGIN_WRITE
+    yield from _drop_threads(threads, time.time())
+    yield COMMIT
+
+
+def _drop_threads(thread_ids: Sequence[str], now: float) -> Plan[None]:
+    """Delete the threads' rows and leave each a tombstone in ``thread_runs`` (a new epoch, so
+    a run still writing to one is refused instead of resurrecting it). Runs inside the
+    caller's write transaction."""
+    keys = [(thread_id,) for thread_id in thread_ids]
     for table in _TABLES:
         yield Statement(f"DELETE FROM {table} WHERE thread_id = ?", keys, many=True)
-    yield COMMIT
+    tombstones = []
+    for thread_id in thread_ids:
+        row = yield from _select_run(thread_id)
+        tombstones.append(deleted(row, thread_id, now))
+    if tombstones:
+        yield Statement(_UPSERT_RUN, tombstones, many=True)
 
 
 def copy_thread(source_thread_id: str, target_thread_id: str) -> Plan[None]:
@@ -560,6 +612,120 @@ def prune(
     yield COMMIT
 
 
+# -- ownership and the run registry -------------------------------------------------------------
+
+_RUN_COLUMNS = ", ".join(RunRow._fields)
+_UPSERT_RUN = (
+    f"INSERT OR REPLACE INTO thread_runs ({_RUN_COLUMNS})"
+    f" VALUES ({', '.join(['?'] * len(RunRow._fields))})"
+)
+_SELECT_RUN = f"SELECT {_RUN_COLUMNS} FROM thread_runs WHERE thread_id = ?"
+# The index's range of expired 'running' rows (``is_incomplete`` still decides).
+_SELECT_INCOMPLETE = (
+    f"SELECT {_RUN_COLUMNS} FROM thread_runs WHERE status = 'running' AND expires_at <= ?"
+    " ORDER BY updated_at, thread_id LIMIT ?"
+)
+
+
+def _select_run(thread_id: str) -> Plan[RunRow | None]:
+    found = yield Statement(_SELECT_RUN, (thread_id,))
+    return RunRow(*found[0]) if found else None
+
+
+# Each operation reads the row and writes its successor in one BEGIN IMMEDIATE transaction, so
+# two processes racing for a thread are serialized by SQLite's write lock. The clock is read
+# after the lock is taken: waiting for the lock must not shorten a lease.
+
+
+def acquire_lease(
+    serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+) -> Plan[Lease]:
+    thread_id = str(thread_id)
+    stored = encode_input(serde, input)  # serialized before the write lock is taken
+    yield BEGIN_WRITE
+    row = yield from _select_run(thread_id)
+    taken = take_lease(row, thread_id, owner, ttl, time.time(), stored)  # or ThreadBusyError
+    yield Statement(_UPSERT_RUN, taken)
+    yield COMMIT
+    return lease_of(taken)
+
+
+def renew_lease(lease: Lease, ttl: float) -> Plan[Lease]:
+    yield BEGIN_WRITE
+    row = yield from _select_run(lease.thread_id)
+    extended = renewed(row, lease, ttl, time.time())  # or LeaseLostError
+    yield Statement(_UPSERT_RUN, extended)
+    yield COMMIT
+    return lease_of(extended)
+
+
+def release_lease(lease: Lease, status: RunStatus, error: str | None) -> Plan[None]:
+    yield BEGIN_WRITE
+    row = yield from _select_run(lease.thread_id)
+    after = released(row, lease, status, error, time.time())
+    if after is not None:  # None: the lease was lost, the row is another run's now
+        yield Statement(_UPSERT_RUN, after)
+    yield COMMIT
+
+
+def get_run(serde: SerializerProtocol, thread_id: str) -> Plan[RunInfo | None]:
+    row = yield from _select_run(str(thread_id))
+    return None if row is None else run_info(serde, row)
+
+
+def list_incomplete(serde: SerializerProtocol, limit: int | None) -> Plan[list[RunInfo]]:
+    now = time.time()
+    found = yield Statement(_SELECT_INCOMPLETE, (now, -1 if limit is None else limit))
+    rows = [RunRow(*fields) for fields in found]
+    return [run_info(serde, row) for row in rows if is_incomplete(row, now)]
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+# One statement, so one snapshot. length() of a BLOB is its size in bytes (and SQLite reads no
+# overflow pages for it).
+_STORAGE_REPORT = """
+SELECT
+    (SELECT count(*) FROM checkpoints WHERE thread_id = ?1),
+    (SELECT count(*) FROM checkpoint_writes WHERE thread_id = ?1),
+    (SELECT count(*) FROM checkpoint_values WHERE thread_id = ?1),
+    (SELECT coalesce(sum(length(checkpoint) + length(metadata)), 0)
+        FROM checkpoints WHERE thread_id = ?1)
+    + (SELECT coalesce(sum(length(value)), 0) FROM checkpoint_values WHERE thread_id = ?1)
+    + (SELECT coalesce(sum(length(value)), 0) FROM checkpoint_writes WHERE thread_id = ?1)
+"""
+
+
+def storage_report(thread_id: str) -> Plan[StorageReport]:
+    thread_id = str(thread_id)
+    found = yield Statement(_STORAGE_REPORT, (thread_id,))
+    checkpoints, writes, values, size = found[0]
+    return StorageReport(thread_id, checkpoints, writes, values, size)
+
+
+# Threads whose newest checkpoint is older than the cutoff (?1, unix time) and whose lease no
+# live run holds (expires after ?2, now). ``ts`` is compared as a time (julianday reads the
+# ISO-8601 offsets), not as text; a ts it cannot read counts as new, as in ``prune``.
+_SELECT_STALE_THREADS = """
+SELECT c.thread_id FROM checkpoints AS c
+WHERE NOT EXISTS (
+    SELECT 1 FROM thread_runs AS r WHERE r.thread_id = c.thread_id AND r.expires_at > ?2)
+GROUP BY c.thread_id
+HAVING max(coalesce(julianday(c.ts), 1e300)) < julianday(?1, 'unixepoch')
+ORDER BY c.thread_id
+"""
+
+
+def sweep(older_than: timedelta) -> Plan[list[str]]:
+    yield BEGIN_WRITE
+    now = time.time()
+    found = yield Statement(_SELECT_STALE_THREADS, (now - older_than.total_seconds(), now))
+    threads = [thread_id for (thread_id,) in found]
+    yield from _drop_threads(threads, now)
+    yield COMMIT
+    return threads
+
+
 # -- the saver's operations -------------------------------------------------------------------
 
 
@@ -615,6 +781,31 @@ class SqlitePlans:
     ) -> Job[None, None]:
         plan = functools.partial(prune, serde, thread_ids, strategy, keep_last, older_than)
         return Job(plan, None)
+
+    def acquire_lease(
+        self, serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+    ) -> Job[Lease, None]:
+        return Job(functools.partial(acquire_lease, serde, thread_id, owner, ttl, input), None)
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Job[Lease, None]:
+        return Job(functools.partial(renew_lease, lease, ttl), None)
+
+    def release_lease(self, lease: Lease, status: RunStatus, error: str | None) -> Job[None, None]:
+        return Job(functools.partial(release_lease, lease, status, error), None)
+
+    def get_run(self, serde: SerializerProtocol, thread_id: str) -> Job[RunInfo | None, None]:
+        return Job(functools.partial(get_run, serde, thread_id), None)
+
+    def list_incomplete(
+        self, serde: SerializerProtocol, limit: int | None
+    ) -> Job[list[RunInfo], None]:
+        return Job(functools.partial(list_incomplete, serde, limit), None)
+
+    def storage_report(self, thread_id: str) -> Job[StorageReport, None]:
+        return Job(functools.partial(storage_report, thread_id), None)
+
+    def sweep(self, older_than: timedelta) -> Job[list[str], None]:
+        return Job(functools.partial(sweep, older_than), None)
 
 
 PLANS = SqlitePlans()

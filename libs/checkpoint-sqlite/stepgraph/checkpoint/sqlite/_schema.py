@@ -1,7 +1,8 @@
 """The database schema, as an append-only list of migrations.
 
 Never edit a released migration: add a new one. Every row written by an older version stays
-readable by newer ones (``tests/fixtures/schema_v1.sqlite`` is a database in the first format).
+readable by newer ones (``tests/fixtures/schema_v1.sqlite`` and ``schema_v2.sqlite`` are
+databases in the first and second formats).
 """
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # key (``version BETWEEN chain_start AND version``). Both are NULL for kind 0 rows.
         "ALTER TABLE checkpoint_values ADD COLUMN base_version TEXT",
         "ALTER TABLE checkpoint_values ADD COLUMN chain_start TEXT",
+    ),
+    (
+        # The run registry: one row per thread a run ever leased, in ``storage.runs.RunRow``
+        # column order (``stepgraph.checkpoint.base.runs``). Times are unix seconds. A deleted
+        # thread keeps its row as a tombstone (status 'deleted') so its epoch never goes back.
+        """
+        CREATE TABLE thread_runs (
+            thread_id TEXT PRIMARY KEY,
+            epoch INTEGER NOT NULL,
+            owner TEXT,
+            expires_at REAL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            error TEXT,
+            input_type TEXT,
+            input_blob BLOB
+        ) WITHOUT ROWID
+        """,
+        # list_incomplete: the 'running' rows whose lease ran out, a range of this index.
+        "CREATE INDEX thread_runs_by_status ON thread_runs (status, expires_at)",
     ),
 )
 

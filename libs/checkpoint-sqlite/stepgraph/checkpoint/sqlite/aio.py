@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import aiosqlite
 
+from stepgraph.checkpoint.base import Retention
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.sqlite import _plans, run_plan
 from stepgraph.checkpoint.sqlite._schema import Synchronous
@@ -59,8 +60,9 @@ class AsyncSqliteSaver(AsyncPlanSaver[None]):
         serde: SerializerProtocol | None = None,
         synchronous: Synchronous = "NORMAL",
         busy_timeout: float = 30.0,
+        retention: Retention | None = None,
     ) -> None:
-        super().__init__(serde=serde)
+        super().__init__(serde=serde, retention=retention)
         self.conn = conn
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
@@ -77,13 +79,20 @@ class AsyncSqliteSaver(AsyncPlanSaver[None]):
         serde: SerializerProtocol | None = None,
         synchronous: Synchronous = "NORMAL",
         busy_timeout: float = 30.0,
+        retention: Retention | None = None,
     ) -> AsyncIterator[AsyncSqliteSaver]:
         """A saver on a new connection to ``conn_string`` (a path or ``":memory:"``), closed
         on exit."""
         async with aiosqlite.connect(
             conn_string, isolation_level=None, timeout=busy_timeout
         ) as conn:
-            yield cls(conn, serde=serde, synchronous=synchronous, busy_timeout=busy_timeout)
+            yield cls(
+                conn,
+                serde=serde,
+                synchronous=synchronous,
+                busy_timeout=busy_timeout,
+                retention=retention,
+            )
 
     async def setup(self) -> None:
         """Set pragmas and create or migrate the schema. Idempotent; runs on first use."""

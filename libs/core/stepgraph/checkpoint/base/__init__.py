@@ -5,6 +5,9 @@ carry over. Differences, all additive:
 
 * ``copy_thread``, ``delete_for_runs`` and ``prune`` (declared but unimplemented in LangGraph) are
   part of the protocol and implemented by every stepgraph saver.
+* Thread ownership and a run registry (``stepgraph.checkpoint.base.runs``): ``acquire_lease``,
+  ``renew_lease``, ``release_lease``, ``get_run``, ``list_incomplete``; writes carrying a lease
+  epoch are fenced. Retention: ``storage_report`` and ``sweep``.
 * ``put_step`` saves a task's writes and the next checkpoint together, so a saver can commit a
   one-task superstep in a single transaction (``durability="sync"`` costs one commit per step).
 * Channel versions are always strings that sort in creation order.
@@ -13,6 +16,7 @@ carry over. Differences, all additive:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import itertools
 import random
 from abc import ABC, abstractmethod
@@ -21,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal, NamedTuple, NotRequired, TypedDict, TypeVar
 
 from stepgraph.checkpoint.base.id import uuid6
+from stepgraph.checkpoint.base.runs import Lease, Retention, RunInfo, RunStatus, StorageReport
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.config import RunnableConfig, ensure_thread_id
 
@@ -37,8 +42,13 @@ __all__ = [
     "Checkpoint",
     "CheckpointMetadata",
     "CheckpointTuple",
+    "Lease",
     "PendingWrite",
     "PruneStrategy",
+    "Retention",
+    "RunInfo",
+    "RunStatus",
+    "StorageReport",
     "SyncFromAsyncSaver",
     "TaskWrites",
     "copy_checkpoint",
@@ -203,12 +213,20 @@ class BaseCheckpointSaver(ABC):
     are CPU work only (``InMemorySaver``) sets False: there is nothing to overlap, and under the
     GIL a background thread would only slow the run down, so its saves are made inline."""
 
-    def __init__(self, *, serde: SerializerProtocol | None = None) -> None:
+    lease_ttl: float = 30.0
+    """Seconds a run's lease on its thread lasts without renewal. A running graph renews it
+    every third of that; a process that dies holds the thread for at most this long."""
+
+    def __init__(
+        self, *, serde: SerializerProtocol | None = None, retention: Retention | None = None
+    ) -> None:
         if serde is None:
             from stepgraph.checkpoint.serde import MsgpackSerializer
 
             serde = MsgpackSerializer()
         self.serde = serde
+        self.retention = retention
+        """Applied when a run finishes, and by ``sweep()``; None keeps everything."""
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -387,6 +405,79 @@ class BaseCheckpointSaver(ABC):
         older_than: timedelta | None = None,
     ) -> None: ...
 
+    # -- ownership and the run registry (``stepgraph.checkpoint.base.runs``) ----------------
+
+    @abstractmethod
+    def acquire_lease(self, thread_id: str, owner: str, *, ttl: float, input: Any = None) -> Lease:
+        """Take the thread for run ``owner`` for ``ttl`` seconds, or raise ``ThreadBusyError``.
+
+        Free (no lease, or an expired one, or a finished/deleted run): the epoch is bumped,
+        the status becomes ``running`` and ``input`` is kept with it. ``attempts`` becomes 1,
+        or one more than before if the previous run's status was still ``running`` (it died).
+        """
+
+    @abstractmethod
+    async def aacquire_lease(
+        self, thread_id: str, owner: str, *, ttl: float, input: Any = None
+    ) -> Lease: ...
+
+    @abstractmethod
+    def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
+        """Extend ``lease`` to ``ttl`` seconds from now; ``LeaseLostError`` if the epoch moved
+        on (renewing a lease that expired but was not taken over succeeds)."""
+
+    @abstractmethod
+    async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease: ...
+
+    @abstractmethod
+    def release_lease(self, lease: Lease, status: RunStatus, error: str | None = None) -> None:
+        """Let go of ``lease``, recording how the run ended. Does nothing if it was lost."""
+
+    @abstractmethod
+    async def arelease_lease(
+        self, lease: Lease, status: RunStatus, error: str | None = None
+    ) -> None: ...
+
+    @abstractmethod
+    def get_run(self, thread_id: str) -> RunInfo | None:
+        """The record of the thread's last run, None if no run ever took its lease."""
+
+    @abstractmethod
+    async def aget_run(self, thread_id: str) -> RunInfo | None: ...
+
+    @abstractmethod
+    def list_incomplete(self, *, limit: int | None = None) -> builtins.list[RunInfo]:
+        """Runs that started and died: status ``running`` with an expired lease, oldest
+        first. Runs paused for a human (``interrupted``) or finished are not listed."""
+
+    @abstractmethod
+    async def alist_incomplete(self, *, limit: int | None = None) -> builtins.list[RunInfo]: ...
+
+    # -- retention ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def storage_report(self, thread_id: str) -> StorageReport:
+        """What the thread occupies: checkpoints, writes, value rows, bytes."""
+
+    @abstractmethod
+    async def astorage_report(self, thread_id: str) -> StorageReport: ...
+
+    @abstractmethod
+    def sweep(self, older_than: timedelta | None = None) -> builtins.list[str]:
+        """Delete threads whose newest checkpoint is older than ``older_than`` (default: the
+        retention ``ttl``) and that no live run holds; return their ids."""
+
+    @abstractmethod
+    async def asweep(self, older_than: timedelta | None = None) -> builtins.list[str]: ...
+
+    def _sweep_age(self, older_than: timedelta | None) -> timedelta:
+        age = older_than if older_than is not None else getattr(self.retention, "ttl", None)
+        if age is None:
+            raise ValueError("sweep() needs older_than=, or a saver built with Retention(ttl=...)")
+        if age <= timedelta(0):
+            raise ValueError(f"older_than must be positive, not {age}")
+        return age
+
     # -- versions ----------------------------------------------------------------------------
 
     def get_next_version(self, current: str | None, channel: None = None) -> str:
@@ -488,6 +579,31 @@ class AsyncFromSyncSaver(BaseCheckpointSaver):
             self.prune, thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than
         )
 
+    async def aacquire_lease(
+        self, thread_id: str, owner: str, *, ttl: float, input: Any = None
+    ) -> Lease:
+        return await self._call(self.acquire_lease, thread_id, owner, ttl=ttl, input=input)
+
+    async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease:
+        return await self._call(self.renew_lease, lease, ttl=ttl)
+
+    async def arelease_lease(
+        self, lease: Lease, status: RunStatus, error: str | None = None
+    ) -> None:
+        await self._call(self.release_lease, lease, status, error)
+
+    async def aget_run(self, thread_id: str) -> RunInfo | None:
+        return await self._call(self.get_run, thread_id)
+
+    async def alist_incomplete(self, *, limit: int | None = None) -> builtins.list[RunInfo]:
+        return await self._call(self.list_incomplete, limit=limit)
+
+    async def astorage_report(self, thread_id: str) -> StorageReport:
+        return await self._call(self.storage_report, thread_id)
+
+    async def asweep(self, older_than: timedelta | None = None) -> builtins.list[str]:
+        return await self._call(self.sweep, older_than)
+
 
 def _take(items: Iterator[_T], count: int) -> list[_T]:
     return list(itertools.islice(items, count))
@@ -588,6 +704,27 @@ class SyncFromAsyncSaver(BaseCheckpointSaver):
         self._wait(
             self.aprune(thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than)
         )
+
+    def acquire_lease(self, thread_id: str, owner: str, *, ttl: float, input: Any = None) -> Lease:
+        return self._wait(self.aacquire_lease(thread_id, owner, ttl=ttl, input=input))
+
+    def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
+        return self._wait(self.arenew_lease(lease, ttl=ttl))
+
+    def release_lease(self, lease: Lease, status: RunStatus, error: str | None = None) -> None:
+        self._wait(self.arelease_lease(lease, status, error))
+
+    def get_run(self, thread_id: str) -> RunInfo | None:
+        return self._wait(self.aget_run(thread_id))
+
+    def list_incomplete(self, *, limit: int | None = None) -> builtins.list[RunInfo]:
+        return self._wait(self.alist_incomplete(limit=limit))
+
+    def storage_report(self, thread_id: str) -> StorageReport:
+        return self._wait(self.astorage_report(thread_id))
+
+    def sweep(self, older_than: timedelta | None = None) -> builtins.list[str]:
+        return self._wait(self.asweep(older_than))
 
 
 async def _atake(items: AsyncIterator[_T], count: int) -> list[_T]:

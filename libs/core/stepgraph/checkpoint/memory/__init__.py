@@ -8,10 +8,12 @@ objects passed in, and serialization errors surface at the same moments as with 
 from __future__ import annotations
 
 import bisect
+import builtins
 import heapq
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import timedelta
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stepgraph.checkpoint.base import (
@@ -20,12 +22,18 @@ from stepgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    Lease,
     PruneStrategy,
+    Retention,
+    RunInfo,
+    RunStatus,
+    StorageReport,
     TaskWrites,
     get_checkpoint_id,
     get_checkpoint_ns,
     get_thread_id,
 )
+from stepgraph.checkpoint.base.runs import fence_of
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import (
     APPENDED_ITEMS,
@@ -46,6 +54,7 @@ from stepgraph.checkpoint.storage import (
     prune_doomed,
     rekey,
     related_keys,
+    runs,
     task_write_rows,
     write_rows,
 )
@@ -101,12 +110,15 @@ class InMemorySaver(AsyncFromSyncSaver):
 
     background_saves = False  # nothing to wait for: durability="async" saves inline
 
-    def __init__(self, *, serde: SerializerProtocol | None = None) -> None:
-        super().__init__(serde=serde)
+    def __init__(
+        self, *, serde: SerializerProtocol | None = None, retention: Retention | None = None
+    ) -> None:
+        super().__init__(serde=serde, retention=retention)
         self._lock = threading.Lock()
         self._checkpoints: _Checkpoints = {}
         self._values: dict[str, dict[ValueKey, ValueRow]] = {}
         self._writes: _Writes = {}
+        self._runs: dict[str, runs.RunRow] = {}
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -212,12 +224,20 @@ class InMemorySaver(AsyncFromSyncSaver):
     ) -> None:
         rows = write_rows(self.serde, config, writes, task_id, task_path)
         with self._lock:
+            self._check_fence(config)
             self._store_writes(rows)
 
     def put_writes_batch(self, config: RunnableConfig, writes: Sequence[TaskWrites]) -> None:
         rows = task_write_rows(self.serde, config, writes)
         with self._lock:
+            self._check_fence(config)
             self._store_writes(rows)
+
+    def _check_fence(self, config: RunnableConfig) -> None:
+        """Call with the lock held."""
+        if (epoch := fence_of(config)) is not None:
+            thread_id = get_thread_id(config)
+            runs.check_fence(thread_id, epoch, self._runs.get(thread_id))
 
     def put_step(
         self,
@@ -244,6 +264,7 @@ class InMemorySaver(AsyncFromSyncSaver):
         row = saved.checkpoint
         # Stored in one locked section: readers see all of the rows or none.
         with self._lock:
+            self._check_fence(config)
             if not self._has_parent(row):
                 saved = rows(True)  # the unchanged channels' rows may have gone with it
             self._insert((row,), saved.values, saved.writes)
@@ -288,12 +309,16 @@ class InMemorySaver(AsyncFromSyncSaver):
     def delete_thread(self, thread_id: str) -> None:
         thread_id = str(thread_id)
         with self._lock:
-            self._drop_thread(thread_id)
+            self._drop_thread(thread_id, time.time())
 
-    def _drop_thread(self, thread_id: str) -> None:
+    def _drop_thread(self, thread_id: str, now: float | None = None) -> None:
+        """Call with the lock held. With ``now``, the thread is being deleted: it gets a
+        tombstone (a run still writing to it is refused)."""
         self._checkpoints.pop(thread_id, None)
         self._values.pop(thread_id, None)
         self._writes.pop(thread_id, None)
+        if now is not None:
+            self._runs[thread_id] = runs.deleted(self._runs.get(thread_id), thread_id, now)
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         source, target = str(source_thread_id), str(target_thread_id)
@@ -311,14 +336,17 @@ class InMemorySaver(AsyncFromSyncSaver):
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         runs = set(id_list(run_ids, "run_ids"))
         with self._lock:
-            for thread_id, namespaces in list(self._checkpoints.items()):
-                doomed = {
-                    (ns, checkpoint_id)
-                    for ns, rows in namespaces.items()
-                    for checkpoint_id, row in rows.items()
-                    if row.run_id in runs
+            self._delete_all(
+                {
+                    thread_id: {
+                        (ns, checkpoint_id)
+                        for ns, rows in namespaces.items()
+                        for checkpoint_id, row in rows.items()
+                        if row.run_id in runs
+                    }
+                    for thread_id, namespaces in self._checkpoints.items()
                 }
-                self._delete(thread_id, doomed)
+            )
 
     def prune(
         self,
@@ -331,34 +359,42 @@ class InMemorySaver(AsyncFromSyncSaver):
         check_prune_strategy(strategy)
         threads = id_list(thread_ids, "thread_ids")
         with self._lock:
-            for thread_id in threads:
-                if strategy == "delete":
-                    self._drop_thread(thread_id)
-                    continue
-                rows = self._rows(thread_id)
-                self._delete(
-                    thread_id, prune_doomed(rows, keep_last=keep_last, older_than=older_than)
-                )
+            if strategy == "delete":
+                for thread_id in threads:
+                    self._drop_thread(thread_id, time.time())
+                return
+            self._delete_all(
+                {
+                    thread_id: prune_doomed(
+                        self._rows(thread_id), keep_last=keep_last, older_than=older_than
+                    )
+                    for thread_id in threads
+                }
+            )
 
     def _rows(self, thread_id: str) -> Sequence[CheckpointRow]:
         return [
             row for rows in self._checkpoints.get(thread_id, {}).values() for row in rows.values()
         ]
 
-    def _delete(self, thread_id: str, doomed: set[tuple[str, str]]) -> None:
-        """Delete the ``doomed`` checkpoints of a thread, their writes and the value rows only
-        they needed.
+    def _delete_all(self, doomed: dict[str, set[tuple[str, str]]]) -> None:
+        """Delete the ``doomed`` checkpoints of each thread, their writes and the value rows
+        only they needed: all of it, or (if some thread's checkpoints cannot be decoded)
+        nothing, like a database transaction. Call with the lock held."""
+        changes = [self._deletion(thread_id, chosen) for thread_id, chosen in doomed.items()]
+        for apply in changes:
+            apply()
 
-        Call with the lock held. Nothing changes if the checkpoints cannot be decoded.
-        """
+    def _deletion(self, thread_id: str, doomed: set[tuple[str, str]]) -> Callable[[], None]:
+        """What deleting ``doomed`` from a thread changes, worked out (decoding what it must)
+        without changing anything yet."""
         if not doomed:
-            return
+            return lambda: None
         rows = self._rows(thread_id)
         deleted = [row for row in rows if (row.checkpoint_ns, row.checkpoint_id) in doomed]
         kept = [row for row in rows if (row.checkpoint_ns, row.checkpoint_id) not in doomed]
         if not kept:  # under the lock nothing else can be using the thread's rows
-            self._drop_thread(thread_id)
-            return
+            return lambda: self._drop_thread(thread_id)
         values = self._values.get(thread_id, {})
         bases = {
             key: row.base_version
@@ -366,13 +402,88 @@ class InMemorySaver(AsyncFromSyncSaver):
             if row.kind == APPENDED_ITEMS and row.base_version is not None
         }
         garbage = deleted_values(self.serde, deleted, kept, bases)
-        remaining: dict[str, _Namespace] = {}
-        for row in kept:
-            remaining.setdefault(row.checkpoint_ns, _Namespace()).add(row)
-        self._checkpoints[thread_id] = remaining
-        self._values[thread_id] = {key: row for key, row in values.items() if key not in garbage}
-        writes = self._writes.get(thread_id, {})
-        self._writes[thread_id] = {key: rows for key, rows in writes.items() if key not in doomed}
+
+        def apply() -> None:
+            remaining: dict[str, _Namespace] = {}
+            for row in kept:
+                remaining.setdefault(row.checkpoint_ns, _Namespace()).add(row)
+            self._checkpoints[thread_id] = remaining
+            self._values[thread_id] = {k: row for k, row in values.items() if k not in garbage}
+            writes = self._writes.get(thread_id, {})
+            self._writes[thread_id] = {k: rows for k, rows in writes.items() if k not in doomed}
+
+        return apply
+
+    # -- ownership and the run registry ------------------------------------------------------
+
+    def acquire_lease(self, thread_id: str, owner: str, *, ttl: float, input: Any = None) -> Lease:
+        thread_id = str(thread_id)
+        stored = runs.encode_input(self.serde, input)
+        with self._lock:
+            row = runs.take_lease(
+                self._runs.get(thread_id), thread_id, owner, ttl, time.time(), stored
+            )
+            self._runs[thread_id] = row
+        return runs.lease_of(row)
+
+    def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
+        with self._lock:
+            row = runs.renewed(self._runs.get(lease.thread_id), lease, ttl, time.time())
+            self._runs[lease.thread_id] = row
+        return runs.lease_of(row)
+
+    def release_lease(self, lease: Lease, status: RunStatus, error: str | None = None) -> None:
+        with self._lock:
+            now = time.time()
+            row = runs.released(self._runs.get(lease.thread_id), lease, status, error, now)
+            if row is not None:
+                self._runs[lease.thread_id] = row
+
+    def get_run(self, thread_id: str) -> RunInfo | None:
+        with self._lock:
+            row = self._runs.get(str(thread_id))
+        return None if row is None else runs.run_info(self.serde, row)
+
+    def list_incomplete(self, *, limit: int | None = None) -> builtins.list[RunInfo]:
+        runs.check_limit(limit)
+        now = time.time()
+        with self._lock:
+            found = sorted(
+                (row for row in self._runs.values() if runs.is_incomplete(row, now)),
+                key=lambda row: row.updated_at,
+            )
+        return [runs.run_info(self.serde, row) for row in found[:limit]]
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def storage_report(self, thread_id: str) -> StorageReport:
+        thread_id = str(thread_id)
+        with self._lock:
+            checkpoints = self._rows(thread_id)
+            values = list(self._values.get(thread_id, {}).values())
+            writes = [
+                row
+                for by_task in self._writes.get(thread_id, {}).values()
+                for row in by_task.values()
+            ]
+        size = sum(len(row.checkpoint or b"") + len(row.metadata or b"") for row in checkpoints)
+        size += sum(len(row.value or b"") for row in values)
+        size += sum(len(row.value or b"") for row in writes)
+        return StorageReport(thread_id, len(checkpoints), len(writes), len(values), size)
+
+    def sweep(self, older_than: timedelta | None = None) -> builtins.list[str]:
+        cutoff = (datetime.now(UTC) - self._sweep_age(older_than)).isoformat()
+        now = time.time()
+        swept = []
+        with self._lock:
+            for thread_id in list(self._checkpoints):
+                lease = self._runs.get(thread_id)
+                if lease is not None and lease.expires_at is not None and lease.expires_at > now:
+                    continue
+                if max(row.ts for row in self._rows(thread_id)) < cutoff:
+                    self._drop_thread(thread_id, now)
+                    swept.append(thread_id)
+        return swept
 
 
 MemorySaver = InMemorySaver

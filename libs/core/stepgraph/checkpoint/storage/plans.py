@@ -13,6 +13,7 @@ asks the backend's ``SaverPlans`` for the ``Job`` of the operation and runs it w
 
 from __future__ import annotations
 
+import builtins
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,12 +26,17 @@ from stepgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    Lease,
     PruneStrategy,
+    RunInfo,
+    RunStatus,
+    StorageReport,
     SyncFromAsyncSaver,
     TaskWrites,
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import CheckpointRow, ListPager, PageQuery
+from stepgraph.checkpoint.storage.runs import check_limit
 from stepgraph.config import RunnableConfig
 
 __all__ = [
@@ -146,6 +152,32 @@ class SaverPlans(Protocol[S_co]):
         older_than: timedelta | None,
     ) -> Job[None, S_co]: ...
 
+    # ownership and the run registry (``stepgraph.checkpoint.storage.runs``)
+
+    def acquire_lease(
+        self, serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+    ) -> Job[Lease, S_co]: ...
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Job[Lease, S_co]: ...
+
+    def release_lease(
+        self, lease: Lease, status: RunStatus, error: str | None
+    ) -> Job[None, S_co]: ...
+
+    def get_run(self, serde: SerializerProtocol, thread_id: str) -> Job[RunInfo | None, S_co]: ...
+
+    def list_incomplete(
+        self, serde: SerializerProtocol, limit: int | None
+    ) -> Job[list[RunInfo], S_co]: ...
+
+    # retention
+
+    def storage_report(self, thread_id: str) -> Job[StorageReport, S_co]: ...
+
+    def sweep(self, older_than: timedelta) -> Job[list[str], S_co]:
+        """Delete (leaving tombstones) the threads whose newest checkpoint is older than
+        ``older_than`` and whose lease no live run holds; return their ids."""
+
 
 class PlanSaver(AsyncFromSyncSaver, Generic[S]):
     """A sync saver whose methods run its backend's ``plans`` with ``_run``.
@@ -233,6 +265,32 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
     ) -> None:
         self._run(self.plans.prune(self.serde, thread_ids, strategy, keep_last, older_than))
 
+    # -- ownership and the run registry ------------------------------------------------------
+
+    def acquire_lease(self, thread_id: str, owner: str, *, ttl: float, input: Any = None) -> Lease:
+        return self._run(self.plans.acquire_lease(self.serde, thread_id, owner, ttl, input))
+
+    def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
+        return self._run(self.plans.renew_lease(lease, ttl))
+
+    def release_lease(self, lease: Lease, status: RunStatus, error: str | None = None) -> None:
+        self._run(self.plans.release_lease(lease, status, error))
+
+    def get_run(self, thread_id: str) -> RunInfo | None:
+        return self._run(self.plans.get_run(self.serde, thread_id))
+
+    def list_incomplete(self, *, limit: int | None = None) -> builtins.list[RunInfo]:
+        check_limit(limit)
+        return self._run(self.plans.list_incomplete(self.serde, limit))
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def storage_report(self, thread_id: str) -> StorageReport:
+        return self._run(self.plans.storage_report(thread_id))
+
+    def sweep(self, older_than: timedelta | None = None) -> builtins.list[str]:
+        return self._run(self.plans.sweep(self._sweep_age(older_than)))
+
 
 class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
     """``PlanSaver``'s async twin: its methods await ``_run``; the sync twins are for other
@@ -319,3 +377,33 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
         older_than: timedelta | None = None,
     ) -> None:
         await self._run(self.plans.prune(self.serde, thread_ids, strategy, keep_last, older_than))
+
+    # -- ownership and the run registry ------------------------------------------------------
+
+    async def aacquire_lease(
+        self, thread_id: str, owner: str, *, ttl: float, input: Any = None
+    ) -> Lease:
+        return await self._run(self.plans.acquire_lease(self.serde, thread_id, owner, ttl, input))
+
+    async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease:
+        return await self._run(self.plans.renew_lease(lease, ttl))
+
+    async def arelease_lease(
+        self, lease: Lease, status: RunStatus, error: str | None = None
+    ) -> None:
+        await self._run(self.plans.release_lease(lease, status, error))
+
+    async def aget_run(self, thread_id: str) -> RunInfo | None:
+        return await self._run(self.plans.get_run(self.serde, thread_id))
+
+    async def alist_incomplete(self, *, limit: int | None = None) -> builtins.list[RunInfo]:
+        check_limit(limit)
+        return await self._run(self.plans.list_incomplete(self.serde, limit))
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def astorage_report(self, thread_id: str) -> StorageReport:
+        return await self._run(self.plans.storage_report(thread_id))
+
+    async def asweep(self, older_than: timedelta | None = None) -> builtins.list[str]:
+        return await self._run(self.plans.sweep(self._sweep_age(older_than)))

@@ -143,6 +143,18 @@ class SaverApi:
         else:
             self.saver.prune(thread_ids, **options)
 
+    async def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """The saver method ``name`` (or its async twin ``a<name>``), called and awaited."""
+        if self.use_async:
+            return await getattr(self.saver, f"a{name}")(*args, **kwargs)
+        return getattr(self.saver, name)(*args, **kwargs)
+
+    async def sleep(self, seconds: float) -> None:
+        if self.use_async:
+            await asyncio.sleep(seconds)
+        else:
+            time.sleep(seconds)
+
     async def pause(self) -> None:
         """Let concurrent jobs run: yield to the event loop, or to other OS threads."""
         if self.use_async:

@@ -28,11 +28,12 @@ from stepgraph.checkpoint.base import (
     empty_checkpoint,
     uuid6,
 )
+from stepgraph.checkpoint.base.runs import with_fence
 from stepgraph.checkpoint.storage import KEY_LIMITS, metadata_matches
 from stepgraph.checkpoint.testing.api import SaverApi
 from stepgraph.checkpoint.testing.samples import SAMPLE_VALUES, allow_sample_types, assert_same
 from stepgraph.config import RunnableConfig
-from stepgraph.errors import SerializationError
+from stepgraph.errors import LeaseLostError, SerializationError, ThreadBusyError
 
 __all__ = ["SCENARIOS", "Scenario"]
 
@@ -897,6 +898,171 @@ async def a_version_keeps_its_first_value(api: SaverApi) -> None:
         assert found.checkpoint["channel_values"] == {"a": _LONG + "first"}
 
 
+# -- ownership and the run registry ------------------------------------------------------------
+
+
+async def lease_is_exclusive(api: SaverApi) -> None:
+    """One run holds a thread at a time; the holder may take it again (a retried call)."""
+    thread_id = new_id("lease")
+    first = await api.call("acquire_lease", thread_id, "run-a", ttl=30)
+    assert (first.thread_id, first.owner, first.attempts) == (thread_id, "run-a", 1)
+    with pytest.raises(ThreadBusyError) as busy:
+        await api.call("acquire_lease", thread_id, "run-b", ttl=30)
+    assert busy.value.holder == "run-a" and thread_id in str(busy.value)
+    again = await api.call("acquire_lease", thread_id, "run-a", ttl=30)
+    assert again.epoch == first.epoch
+    await api.call("release_lease", again, "done")
+    run = await api.call("get_run", thread_id)
+    assert (run.status, run.run_id, run.expires_at) == ("done", "run-a", None)
+    second = await api.call("acquire_lease", thread_id, "run-b", ttl=30)
+    assert second.epoch > first.epoch and second.attempts == 1
+    assert await api.call("get_run", new_id("never-leased")) is None
+
+
+async def expired_lease_is_taken_over_and_fenced(api: SaverApi) -> None:
+    """After a lease runs out another run may take the thread; every later write of the old
+    holder is refused and leaves nothing behind, so the history cannot fork."""
+    history = History(api, new_id("fenced"))
+    old = await api.call("acquire_lease", history.thread_id, "run-old", ttl=0.3)
+    history.config = with_fence(history.config, old.epoch)
+    kept = await history.step({"n": 1})
+    renewed = await api.call("renew_lease", old, ttl=0.3)  # an expired-but-free lease renews too
+    assert renewed.epoch == old.epoch and renewed.expires_at >= old.expires_at
+    await api.sleep(0.5)
+    new = await api.call("acquire_lease", history.thread_id, "run-new", ttl=30)
+    assert new.epoch > old.epoch
+    assert new.attempts == 2  # the old run was still "running": it counts as having died
+
+    checkpoint, versions = history.next_checkpoint({"n": 2})
+    stale = with_fence(kept, old.epoch)
+    with pytest.raises(LeaseLostError, match="took the thread over"):
+        await api.put(stale, checkpoint, {"source": "loop", "step": 1}, versions)
+    with pytest.raises(LeaseLostError):
+        await api.put_writes(stale, [("n", 3)], "task-1")
+    with pytest.raises(LeaseLostError):
+        await api.put_step(
+            stale, [TaskWrites("task-1", [("n", 3)])], checkpoint, {"step": 1}, versions
+        )
+    with pytest.raises(LeaseLostError):
+        await api.put_writes_batch(stale, [TaskWrites("task-2", [("n", 4)])])
+    with pytest.raises(LeaseLostError):
+        await api.call("renew_lease", old, ttl=30)
+    await api.call("release_lease", old, "done")  # a lost lease lets go of nothing
+    found = await must_get(api, thread_config(history.thread_id))
+    assert checkpoint_id_of(found.config) == checkpoint_id_of(kept)
+    assert found.pending_writes == []
+    assert (await api.call("get_run", history.thread_id)).run_id == "run-new"
+
+    # The new holder writes on.
+    saved = await api.put(with_fence(kept, new.epoch), checkpoint, {"step": 1}, versions)
+    assert checkpoint_id_of((await must_get(api, thread_config(history.thread_id))).config) == (
+        checkpoint_id_of(saved)
+    )
+
+
+async def writes_after_delete_thread_are_refused(api: SaverApi) -> None:
+    """Deleting a thread fences out the run writing to it: no resurrected thread. A new run
+    may start the thread afresh."""
+    history = History(api, new_id("deleted"))
+    lease = await api.call("acquire_lease", history.thread_id, "run-a", ttl=30)
+    history.config = with_fence(history.config, lease.epoch)
+    saved = await history.step({"n": 1})
+    await api.delete_thread(history.thread_id)
+    checkpoint, versions = history.next_checkpoint({"n": 2})
+    with pytest.raises(LeaseLostError, match="deleted"):
+        await api.put(with_fence(saved, lease.epoch), checkpoint, {"step": 1}, versions)
+    with pytest.raises(LeaseLostError, match="deleted"):
+        await api.put_writes(with_fence(saved, lease.epoch), [("n", 3)], "task-1")
+    assert await api.list(thread_config(history.thread_id)) == []
+    assert (await api.call("get_run", history.thread_id)).status == "deleted"
+
+    fresh = await api.call("acquire_lease", history.thread_id, "run-b", ttl=30)
+    assert fresh.epoch > lease.epoch and fresh.attempts == 1
+    restart = History(api, history.thread_id)
+    restart.config = with_fence(restart.config, fresh.epoch)
+    await restart.step({"n": 10})
+    assert len(await api.list(thread_config(history.thread_id))) == 1
+
+
+async def incomplete_runs_are_listed(api: SaverApi) -> None:
+    """A run still ``running`` whose lease ran out died: it is listed with its input. Live,
+    finished and interrupted runs are not."""
+    died, live, paused, done = (new_id(name) for name in ("died", "live", "paused", "done"))
+    await api.call("acquire_lease", died, "run-died", ttl=0.2, input={"question": "why"})
+    await api.call("acquire_lease", live, "run-live", ttl=30)
+    for thread_id, status in ((paused, "interrupted"), (done, "done")):
+        lease = await api.call("acquire_lease", thread_id, f"run-{status}", ttl=0.2)
+        await api.call("release_lease", lease, status)
+    await api.sleep(0.4)
+    found = {run.thread_id: run for run in await api.call("list_incomplete")}
+    assert died in found and not {live, paused, done} & set(found)
+    run = found[died]
+    assert (run.run_id, run.status, run.attempts) == ("run-died", "running", 1)
+    assert run.input == {"question": "why"}
+    assert len(await api.call("list_incomplete", limit=1)) == 1
+    # Recovery takes it over: one more attempt, and it is no longer listed while held.
+    lease = await api.call("acquire_lease", died, "run-recover", ttl=30)
+    assert lease.attempts == 2
+    assert died not in {run.thread_id for run in await api.call("list_incomplete")}
+    await api.call("release_lease", lease, "error", "it failed again")
+    run = await api.call("get_run", died)
+    assert (run.status, run.error, run.input) == ("error", "it failed again", None)
+
+
+async def lease_arguments_are_checked(api: SaverApi) -> None:
+    thread_id = new_id("lease-args")
+    for ttl in (0, -1.0):
+        with pytest.raises(ValueError, match="ttl"):
+            await api.call("acquire_lease", thread_id, "run-a", ttl=ttl)
+    lease = await api.call("acquire_lease", thread_id, "run-a", ttl=30)
+    with pytest.raises(ValueError, match="running"):
+        await api.call("release_lease", lease, "running")
+    with pytest.raises(ValueError, match="thread_id"):
+        await api.call("acquire_lease", "x" * 100_000, "run-a", ttl=30)
+    with pytest.raises(ValueError, match="limit"):
+        await api.call("list_incomplete", limit=-1)
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+async def storage_report_counts_a_thread(api: SaverApi) -> None:
+    history = History(api, new_id("report"))
+    assert await api.call("storage_report", history.thread_id) == (
+        await api.call("storage_report", history.thread_id)
+    )
+    empty = await api.call("storage_report", history.thread_id)
+    assert (empty.checkpoints, empty.writes, empty.values, empty.bytes) == (0, 0, 0, 0)
+    await history.step({"text": _LONG})
+    for n in range(1, 4):
+        await history.step({"text": _LONG + str(n)}, writes=[TaskWrites(f"t{n}", [("x", n)])])
+    full = await api.call("storage_report", history.thread_id)
+    assert (full.thread_id, full.checkpoints, full.writes) == (history.thread_id, 4, 3)
+    assert full.bytes > 4 * len(_LONG)
+    await api.prune([history.thread_id], keep_last=1)
+    pruned = await api.call("storage_report", history.thread_id)
+    assert pruned.checkpoints == 1 and pruned.bytes < full.bytes
+
+
+async def sweep_deletes_idle_threads(api: SaverApi) -> None:
+    """``sweep`` deletes threads idle for longer than its age, except those a run holds."""
+    now = datetime.now(UTC)
+    idle, recent, held = (new_id(name) for name in ("idle", "recent", "held"))
+    for thread_id, age in ((idle, 10), (recent, 0), (held, 10)):
+        history = History(api, thread_id)
+        await history.step({"n": 1}, ts=now - timedelta(days=age + 1))
+        await history.step({"n": 2}, ts=now - timedelta(days=age))
+    await api.call("acquire_lease", held, "run-held", ttl=30)
+    swept = await api.call("sweep", timedelta(days=5))
+    assert idle in swept and not {recent, held} & set(swept)
+    assert await api.list(thread_config(idle)) == []
+    assert len(await api.list(thread_config(recent))) == 2
+    assert len(await api.list(thread_config(held))) == 2
+    if api.saver.retention is None or api.saver.retention.ttl is None:
+        with pytest.raises(ValueError, match="older_than"):
+            await api.call("sweep")
+
+
 SCENARIOS: list[Scenario] = [
     roundtrip_every_type,
     roundtrip_checkpoint_and_configs,
@@ -929,4 +1095,11 @@ SCENARIOS: list[Scenario] = [
     fork_from_pruned_parent_is_readable,
     a_version_keeps_its_first_value,
     appended_items_read_back_exactly,
+    lease_is_exclusive,
+    expired_lease_is_taken_over_and_fenced,
+    writes_after_delete_thread_are_refused,
+    incomplete_runs_are_listed,
+    lease_arguments_are_checked,
+    storage_report_counts_a_thread,
+    sweep_deletes_idle_threads,
 ]

@@ -1,0 +1,521 @@
+"""Thread ownership (leases, fencing), the run registry and retention, on SQLite files on disk.
+
+The backend-neutral rules are in the contract (test_contract.py); these tests cover what only
+a real file shows: processes racing for a thread, refused writes leaving no row behind, the
+statements a write runs, migrations of the committed fixtures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stepgraph.checkpoint.base import (
+    Checkpoint,
+    CheckpointTuple,
+    Retention,
+    TaskWrites,
+    empty_checkpoint,
+)
+from stepgraph.checkpoint.base.runs import with_fence
+from stepgraph.checkpoint.sqlite import SqliteSaver, _plans
+from stepgraph.checkpoint.sqlite._schema import SCHEMA_VERSION
+from stepgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from stepgraph.config import RunnableConfig
+from stepgraph.errors import LeaseLostError, ThreadBusyError
+
+TESTS = Path(__file__).parent
+FIXTURES = TESTS / "fixtures"
+TABLES = ("checkpoints", "checkpoint_values", "checkpoint_writes")
+SHORT = 0.5  # seconds: a lease that runs out during the test
+
+
+@pytest.fixture
+def saver(tmp_path: Path) -> Iterator[SqliteSaver]:
+    with SqliteSaver.from_conn_string(tmp_path / "leases.sqlite") as saver:
+        yield saver
+
+
+def thread(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+
+
+def checkpoint_after(
+    saver: Any, previous: Checkpoint | None, updates: dict[str, Any], ts: datetime | None = None
+) -> tuple[Checkpoint, dict[str, str]]:
+    checkpoint = empty_checkpoint()
+    if ts is not None:
+        checkpoint["ts"] = ts.isoformat()
+    if previous is not None:
+        checkpoint["channel_values"] = dict(previous["channel_values"])
+        checkpoint["channel_versions"] = dict(previous["channel_versions"])
+    versions = {}
+    for channel, value in updates.items():
+        version = saver.get_next_version(checkpoint["channel_versions"].get(channel))
+        checkpoint["channel_versions"][channel] = versions[channel] = version
+        checkpoint["channel_values"][channel] = value
+    return checkpoint, versions
+
+
+def put(
+    saver: SqliteSaver,
+    config: RunnableConfig,
+    updates: dict[str, Any],
+    previous: Checkpoint | None = None,
+    ts: datetime | None = None,
+) -> tuple[RunnableConfig, Checkpoint]:
+    checkpoint, versions = checkpoint_after(saver, previous, updates, ts)
+    return saver.put(config, checkpoint, {"source": "loop", "step": 0}, versions), checkpoint
+
+
+def snapshot(saver: SqliteSaver) -> dict[str, list[Any]]:
+    """Every row of the saver's tables (thread_runs included)."""
+    return {
+        table: saver.conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3").fetchall()
+        for table in (*TABLES, "thread_runs")
+    }
+
+
+def count(saver: SqliteSaver, table: str, thread_id: str | None = None) -> int:
+    where, params = ("WHERE thread_id = ?", (thread_id,)) if thread_id else ("", ())
+    return int(saver.conn.execute(f"SELECT count(*) FROM {table} {where}", params).fetchone()[0])
+
+
+def assert_refused_and_nothing_written(
+    saver: SqliteSaver, stale: RunnableConfig, match: str
+) -> None:
+    """``stale`` carries a lost lease: put, put_step and put_writes all fail, writing nothing."""
+    before = snapshot(saver)
+    found = saver.get_tuple(stale)
+    previous = found.checkpoint if found else None
+    if "checkpoint_id" not in stale["configurable"]:  # writes name a checkpoint, gone or not
+        stale = {"configurable": {**stale["configurable"], "checkpoint_id": "gone"}}
+    checkpoint, versions = checkpoint_after(saver, previous, {"n": "stale", "big": "x" * 500})
+    metadata: Any = {"source": "loop", "step": 9}
+    with pytest.raises(LeaseLostError, match=match):
+        saver.put(stale, checkpoint, metadata, versions)
+    with pytest.raises(LeaseLostError, match=match):
+        saver.put_step(stale, [TaskWrites("task", [("n", 1)])], checkpoint, metadata, versions)
+    with pytest.raises(LeaseLostError, match=match):
+        saver.put_writes(stale, [("n", "stale")], "task")
+    with pytest.raises(LeaseLostError, match=match):
+        saver.put_writes_batch(stale, [TaskWrites("a", [("n", 1)]), TaskWrites("b", [("n", 2)])])
+    assert not saver.conn.in_transaction  # rolled back, the saver stays usable
+    assert snapshot(saver) == before
+
+
+# -- processes racing for a thread --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_processes_racing_for_a_thread_one_wins(tmp_path: Path) -> None:
+    path = tmp_path / "race.sqlite"
+    with SqliteSaver.from_conn_string(path) as saver:
+        saver.setup()
+    racers = [
+        subprocess.Popen(
+            [sys.executable, str(TESTS / "lease_racer.py"), str(path), f"run-{n}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    try:
+        for racer in racers:
+            assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
+        for round in range(5):
+            for racer in racers:  # all at once, then read the answers
+                assert racer.stdin is not None
+                racer.stdin.write(f"contested-{round}\n")
+                racer.stdin.flush()
+            answers = [racer.stdout.readline().strip() for racer in racers]  # type: ignore[union-attr]
+            assert sorted(answers) == ["busy", "busy", "busy", "got 1"], answers
+            winner = f"run-{answers.index('got 1')}"
+            with SqliteSaver.from_conn_string(path) as saver:
+                info = saver.get_run(f"contested-{round}")
+                assert info is not None and info.run_id == winner and info.status == "running"
+    finally:
+        for racer in racers:
+            _, errors = racer.communicate(timeout=60)
+            assert racer.returncode == 0, errors
+
+
+def test_two_connections_to_one_file_exclude_each_other(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite"
+    with (
+        SqliteSaver.from_conn_string(path) as first,
+        SqliteSaver.from_conn_string(path) as second,
+    ):
+        lease = first.acquire_lease("t", "run-1", ttl=60, input={"question": "why"})
+        with pytest.raises(ThreadBusyError) as busy:
+            second.acquire_lease("t", "run-2", ttl=60)
+        assert busy.value.holder == "run-1" and 0 < (busy.value.expires_in or 0) <= 60
+        assert not second.conn.in_transaction
+        info = second.get_run("t")
+        assert info is not None and info.run_id == "run-1" and info.input == {"question": "why"}
+        # Retried by its holder: the same lease, extended.
+        again = first.acquire_lease("t", "run-1", ttl=60)
+        assert again.epoch == lease.epoch and again.expires_at >= lease.expires_at
+        first.release_lease(lease, "done")
+        taken = second.acquire_lease("t", "run-2", ttl=60)
+        assert (taken.epoch, taken.attempts) == (lease.epoch + 1, 1)
+
+
+# -- fencing ------------------------------------------------------------------------------------
+
+
+def test_writes_of_a_run_whose_lease_was_taken_over_are_refused(saver: SqliteSaver) -> None:
+    old = saver.acquire_lease("t", "run-old", ttl=SHORT)
+    config, checkpoint = put(saver, with_fence(thread("t"), old.epoch), {"n": 1})
+    saver.put_writes(with_fence(config, old.epoch), [("n", 2)], "task")  # still holds it
+    time.sleep(SHORT * 1.5)
+    new = saver.acquire_lease("t", "run-new", ttl=60)
+    assert (new.epoch, new.attempts) == (old.epoch + 1, 2)  # the old run died while running
+
+    assert_refused_and_nothing_written(saver, with_fence(config, old.epoch), "took the thread")
+    with pytest.raises(LeaseLostError):
+        saver.renew_lease(old, ttl=60)
+    saver.release_lease(old, "error", "late")  # a lost lease: does nothing
+    info = saver.get_run("t")
+    assert info is not None and (info.run_id, info.status, info.error) == (
+        "run-new",
+        "running",
+        None,
+    )
+
+    # The new holder writes; so do writes that carry no fence at all (direct saver use).
+    put(saver, with_fence(config, new.epoch), {"n": 3}, checkpoint)
+    put(saver, config, {"n": 4}, checkpoint)
+    saver.put_writes(config, [("n", 5)], "task-unfenced")
+    assert count(saver, "checkpoints") == 3
+
+
+def test_writes_after_delete_thread_are_refused(saver: SqliteSaver) -> None:
+    lease = saver.acquire_lease("t", "run-1", ttl=60)
+    config, _ = put(saver, with_fence(thread("t"), lease.epoch), {"n": 1})
+    saver.delete_thread("t")
+    info = saver.get_run("t")
+    assert info is not None and info.status == "deleted" and info.expires_at is None
+    stale = with_fence(config, lease.epoch)
+    assert_refused_and_nothing_written(saver, stale, "deleted")
+    assert count(saver, "checkpoints", "t") == 0
+
+    # A new run takes the thread at once (the tombstone holds no lease) with a newer epoch,
+    # and the deleted run's writes stay refused.
+    again = saver.acquire_lease("t", "run-2", ttl=60)
+    assert again.epoch == lease.epoch + 2 and again.attempts == 1
+    assert_refused_and_nothing_written(saver, stale, "another run")
+    put(saver, with_fence(thread("t"), again.epoch), {"n": 1})
+
+
+def test_prune_delete_strategy_leaves_tombstones(saver: SqliteSaver) -> None:
+    leases = [saver.acquire_lease(name, "run", ttl=60) for name in ("a", "b")]
+    for name in ("a", "b", "c"):
+        put(saver, thread(name), {"n": 1})
+    saver.prune(["a", "b", "c"], strategy="delete")
+    for name, lease in zip(("a", "b"), leases, strict=True):
+        assert_refused_and_nothing_written(saver, with_fence(thread(name), lease.epoch), "deleted")
+    rows = saver.conn.execute("SELECT thread_id, epoch, status FROM thread_runs").fetchall()
+    assert sorted(rows) == [("a", 2, "deleted"), ("b", 2, "deleted"), ("c", 1, "deleted")]
+
+
+def test_a_fence_on_a_thread_no_run_leased_is_refused(saver: SqliteSaver) -> None:
+    saver.setup()
+    assert_refused_and_nothing_written(saver, with_fence(thread("t"), 1), "no lease record")
+
+
+def test_only_fenced_writes_read_the_run_registry(saver: SqliteSaver) -> None:
+    """The fence check is one primary-key read inside the write's transaction; a write without
+    a fence runs exactly the statements it ran before leases existed."""
+    saver.setup()
+    lease = saver.acquire_lease("t", "run", ttl=60)
+    statements: list[str] = []
+    saver.conn.set_trace_callback(statements.append)
+    try:
+        config, checkpoint = put(saver, thread("t"), {"n": 1})
+        saver.put_writes(config, [("n", 2)], "task")
+        unfenced = list(statements)
+        statements.clear()
+        fenced = with_fence(config, lease.epoch)
+        put(saver, fenced, {"n": 3}, checkpoint)
+        saver.put_writes(fenced, [("n", 4)], "task")
+    finally:
+        saver.conn.set_trace_callback(None)
+    assert not [sql for sql in unfenced if "thread_runs" in sql]
+    reads = [sql for sql in statements if "thread_runs" in sql]
+    assert len(reads) == 2 and all(sql.startswith("SELECT epoch, status") for sql in reads)
+    assert [sql.split()[0] for sql in statements][:2] == ["BEGIN", "SELECT"]  # first in the tx
+    plan = saver.conn.execute(f"EXPLAIN QUERY PLAN {_plans._SELECT_FENCE}", ("t",)).fetchall()
+    assert "PRIMARY KEY" in str(plan) and "SCAN" not in str(plan)
+
+
+def test_refused_write_inside_the_callers_transaction_undoes_only_itself(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "db.sqlite")  # default isolation: the caller's BEGINs
+    try:
+        saver = SqliteSaver(conn)
+        lease = saver.acquire_lease("t", "run", ttl=60)
+        saver.delete_thread("t")
+        conn.execute("CREATE TABLE mine (x)")
+        conn.execute("INSERT INTO mine VALUES (1)")
+        assert conn.in_transaction
+        with pytest.raises(LeaseLostError):
+            put(saver, with_fence(thread("t"), lease.epoch), {"n": 1})
+        with pytest.raises(ThreadBusyError):
+            saver.acquire_lease("u", "run-a", ttl=60)
+            saver.acquire_lease("u", "run-b", ttl=60)
+        assert conn.in_transaction
+        conn.commit()
+        assert conn.execute("SELECT x FROM mine").fetchall() == [(1,)]
+        assert count(saver, "checkpoints") == 0
+        info = saver.get_run("u")  # the caller's transaction committed run-a's lease
+        assert info is not None and info.run_id == "run-a"
+    finally:
+        conn.close()
+
+
+# -- the run registry ---------------------------------------------------------------------------
+
+
+def test_list_incomplete_finds_runs_that_died(saver: SqliteSaver) -> None:
+    crashed_first = saver.acquire_lease("crashed-1", "run-1", ttl=SHORT, input={"q": 1})
+    time.sleep(0.01)
+    saver.acquire_lease("crashed-2", "run-2", ttl=SHORT, input=[2])
+    saver.acquire_lease("live", "run-3", ttl=60)
+    for name, status in (("done", "done"), ("paused", "interrupted"), ("failed", "error")):
+        saver.release_lease(saver.acquire_lease(name, f"run-{name}", ttl=SHORT), status)  # type: ignore[arg-type]
+    assert saver.list_incomplete() == []
+    time.sleep(SHORT * 1.5)
+
+    found = saver.list_incomplete()
+    assert [info.thread_id for info in found] == ["crashed-1", "crashed-2"]  # oldest first
+    first = found[0]
+    assert (first.run_id, first.status, first.attempts, first.input) == (
+        "run-1",
+        "running",
+        1,
+        {"q": 1},
+    )
+    assert first.expires_at == pytest.approx(crashed_first.expires_at)
+    assert [info.thread_id for info in saver.list_incomplete(limit=1)] == ["crashed-1"]
+
+    # Recovery takes the thread over: one more attempt, and it is no longer incomplete.
+    retry = saver.acquire_lease("crashed-1", "run-1b", ttl=60, input={"q": 1})
+    assert retry.attempts == 2
+    assert [info.thread_id for info in saver.list_incomplete()] == ["crashed-2"]
+    plan = saver.conn.execute(
+        f"EXPLAIN QUERY PLAN {_plans._SELECT_INCOMPLETE}", (time.time(), -1)
+    ).fetchall()
+    assert "thread_runs_by_status" in str(plan)
+
+
+def test_release_records_how_the_run_ended(saver: SqliteSaver) -> None:
+    assert saver.get_run("t") is None
+    lease = saver.acquire_lease("t", "run", ttl=60, input={"big": "x" * 10_000})
+    renewed = saver.renew_lease(lease, ttl=120)
+    assert renewed.epoch == lease.epoch and renewed.expires_at > lease.expires_at
+    saver.release_lease(renewed, "error", "boom")
+    info = saver.get_run("t")
+    assert info is not None
+    assert (info.status, info.error, info.expires_at, info.input) == ("error", "boom", None, None)
+    row = saver.conn.execute("SELECT input_type, input_blob FROM thread_runs").fetchone()
+    assert row == (None, None)  # the input is dropped once the run ended
+    with pytest.raises(LeaseLostError):
+        saver.renew_lease(renewed, ttl=60)
+    with pytest.raises(ValueError):
+        saver.release_lease(renewed, "running")
+    assert not saver.conn.in_transaction
+
+
+def test_copy_thread_does_not_copy_the_run(saver: SqliteSaver) -> None:
+    saver.acquire_lease("source", "run", ttl=60)
+    put(saver, thread("source"), {"n": 1})
+    saver.copy_thread("source", "target")
+    assert saver.get_run("target") is None
+    assert saver.acquire_lease("target", "other", ttl=60).epoch == 1
+
+
+async def test_async_saver_leases_and_fences(tmp_path: Path) -> None:
+    path = tmp_path / "async.sqlite"
+    async with (
+        AsyncSqliteSaver.from_conn_string(path) as first,
+        AsyncSqliteSaver.from_conn_string(path) as second,
+    ):
+        old = await first.aacquire_lease("t", "run-1", ttl=SHORT, input="go")
+        with pytest.raises(ThreadBusyError):
+            await second.aacquire_lease("t", "run-2", ttl=60)
+        checkpoint, versions = checkpoint_after(first, None, {"n": 1})
+        config = await first.aput(with_fence(thread("t"), old.epoch), checkpoint, {}, versions)
+        time.sleep(SHORT * 1.5)
+        assert [info.thread_id for info in await second.alist_incomplete()] == ["t"]
+        new = await second.aacquire_lease("t", "run-2", ttl=60)
+        assert (new.epoch, new.attempts) == (2, 2)
+
+        stale = with_fence(config, old.epoch)
+        following, versions = checkpoint_after(first, checkpoint, {"n": 2})
+        with pytest.raises(LeaseLostError):
+            await first.aput(stale, following, {}, versions)
+        with pytest.raises(LeaseLostError):
+            await first.aput_step(stale, [TaskWrites("a", [("n", 1)])], following, {}, versions)
+        with pytest.raises(LeaseLostError):
+            await first.aput_writes(stale, [("n", 1)], "a")
+        with pytest.raises(LeaseLostError):
+            await first.arenew_lease(old, ttl=60)
+        await first.arelease_lease(old, "done")  # lost: does nothing
+        assert [found.config async for found in second.alist(thread("t"))] == [config]
+        report = await second.astorage_report("t")
+        assert (report.checkpoints, report.writes) == (1, 0)
+
+        await second.aput_writes(with_fence(config, new.epoch), [("n", 3)], "b")
+        await second.adelete_thread("t")
+        with pytest.raises(LeaseLostError, match="deleted"):
+            await second.aput_writes(with_fence(config, new.epoch), [("n", 3)], "b")
+        info = await first.aget_run("t")
+        assert info is not None and info.status == "deleted"
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+def test_storage_report_adds_up_the_rows(saver: SqliteSaver) -> None:
+    config, checkpoint = put(saver, thread("t"), {"text": "x" * 1000, "n": 1})
+    checkpoint_2, versions = checkpoint_after(saver, checkpoint, {"text": "y" * 2000})
+    writes = [TaskWrites("a", [("text", "z" * 300), ("n", 2)]), TaskWrites("b", [("n", 3)])]
+    saver.put_step(config, writes, checkpoint_2, {"source": "loop", "step": 1}, versions)
+    put(saver, thread("other"), {"text": "w" * 5000})
+
+    report = saver.storage_report("t")
+    assert (report.thread_id, report.checkpoints, report.writes) == ("t", 2, 3)
+    assert report.values == count(saver, "checkpoint_values", "t") == 2  # "n" travels inline
+    blobs = saver.conn.execute(
+        "SELECT checkpoint, metadata FROM checkpoints WHERE thread_id = 't'"
+        " UNION ALL SELECT value, NULL FROM checkpoint_values WHERE thread_id = 't'"
+        " UNION ALL SELECT value, NULL FROM checkpoint_writes WHERE thread_id = 't'"
+    ).fetchall()
+    assert report.bytes == sum(len(part or b"") for row in blobs for part in row)
+    assert 3300 < report.bytes < 3300 + 2000  # the strings, plus modest framing
+
+    empty = saver.storage_report("nothing")
+    assert (empty.checkpoints, empty.writes, empty.values, empty.bytes) == (0, 0, 0, 0)
+
+
+def test_sweep_deletes_idle_threads_only(tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    with SqliteSaver.from_conn_string(
+        tmp_path / "sweep.sqlite", retention=Retention(ttl=timedelta(days=5))
+    ) as saver:
+        assert saver.retention == Retention(ttl=timedelta(days=5))
+
+        def history(name: str, *ages: timedelta, ts: str | None = None) -> None:
+            config, checkpoint = thread(name), None
+            for age in ages:
+                config, checkpoint = put(saver, config, {"n": str(age)}, checkpoint, now - age)
+            if ts is not None:  # a checkpoint whose ts is written by hand
+                assert checkpoint is not None
+                following, versions = checkpoint_after(saver, checkpoint, {"n": 0})
+                following["ts"] = ts
+                saver.put(config, following, {}, versions)
+
+        days = timedelta(days=1)
+        history("idle", 20 * days, 10 * days)
+        history("recent", 20 * days, 1 * days)  # only its newest checkpoint counts
+        history("held", 20 * days, 10 * days)
+        history("crashed", 20 * days, 10 * days)
+        history("finished", 20 * days, 10 * days)
+        # Compared as times, not text: 6 days ago in UTC+14 reads later as text than 4 days ago
+        # in UTC-12, but is earlier.
+        history("offset-old", 20 * days, ts=(now - 6 * days).astimezone(_tz(14)).isoformat())
+        history("offset-new", 20 * days, ts=(now - 4 * days).astimezone(_tz(-12)).isoformat())
+        history("unreadable-ts", 20 * days, ts="yesterday, roughly")
+        held = saver.acquire_lease("held", "live-run", ttl=60)
+        crashed = saver.acquire_lease("crashed", "dead-run", ttl=SHORT)
+        saver.release_lease(saver.acquire_lease("finished", "run", ttl=60), "done")
+        saver.acquire_lease("no-checkpoints", "run", ttl=SHORT)
+        time.sleep(SHORT * 1.5)
+
+        swept = saver.sweep()
+        assert swept == ["crashed", "finished", "idle", "offset-old"]
+        assert {row[0] for row in saver.conn.execute("SELECT thread_id FROM checkpoints")} == {
+            "recent",
+            "held",
+            "offset-new",
+            "unreadable-ts",
+        }
+        for name in swept:
+            info = saver.get_run(name)
+            assert info is not None and info.status == "deleted"
+        assert_refused_and_nothing_written(
+            saver, with_fence(thread("crashed"), crashed.epoch), "deleted"
+        )
+        put(saver, with_fence(thread("held"), held.epoch), {"n": "still mine"})
+        assert saver.sweep(timedelta(days=30)) == []
+        assert saver.sweep(timedelta(seconds=1)) == ["offset-new", "recent"]
+        assert not saver.conn.in_transaction
+
+
+def _tz(hours: int) -> timezone:
+    return timezone(timedelta(hours=hours))
+
+
+# -- migrations ---------------------------------------------------------------------------------
+
+
+def _load(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _everything(saver: SqliteSaver) -> list[CheckpointTuple]:
+    return sorted(saver.list(None), key=lambda found: tuple(found.config["configurable"].values()))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_fixture_databases_migrate_to_the_run_registry(tmp_path: Path, version: int) -> None:
+    fixture = _load(f"make_schema_v{version}")
+    copy = tmp_path / f"schema_v{version}.sqlite"
+    shutil.copyfile(FIXTURES / f"schema_v{version}.sqlite", copy)
+    raw = sqlite3.connect(copy)
+    stored = raw.execute("SELECT max(version) FROM checkpoint_migrations").fetchone()[0]
+    has_runs = raw.execute("SELECT 1 FROM sqlite_master WHERE name = 'thread_runs'").fetchall()
+    raw.close()
+    assert (stored, has_runs) == (version, [])  # the fixture is what it says
+
+    with (
+        SqliteSaver.from_conn_string(copy) as old,
+        SqliteSaver.from_conn_string(tmp_path / "fresh.sqlite") as fresh,
+    ):
+        fixture.write_history(fresh)
+        assert _everything(old) == _everything(fresh)
+        versions = old.conn.execute("SELECT version FROM checkpoint_migrations").fetchall()
+        assert versions == [(number,) for number in range(1, SCHEMA_VERSION + 1)]
+        if version == 2:
+            latest = old.get_tuple(thread(fixture.APPENDS_THREAD))
+            assert latest is not None
+            assert latest.checkpoint["channel_values"]["items"] == list(range(19))
+
+        # The old threads take part in leases, fencing, reports and sweeps.
+        thread_id = _load("make_schema_v1").THREAD
+        lease = old.acquire_lease(thread_id, "run", ttl=60)
+        latest = old.get_tuple(thread(thread_id))
+        assert latest is not None
+        following, new_versions = checkpoint_after(old, latest.checkpoint, {"messages": ["new"]})
+        saved = old.put(with_fence(latest.config, lease.epoch), following, {}, new_versions)
+        assert old.storage_report(thread_id).checkpoints == 5
+        old.release_lease(lease, "done")
+        old.delete_thread(thread_id)
+        assert_refused_and_nothing_written(old, with_fence(saved, lease.epoch), "deleted")
+        assert len(old.sweep(timedelta(days=1))) >= 1  # the fixtures' checkpoints are from 2026-01

@@ -1,0 +1,223 @@
+"""A run's hold on its thread: take the lease, keep it alive, let go with the run's outcome.
+
+A top-level run with a checkpointer takes its thread's lease before reading the thread, so two
+runs never write one thread at once (``docs/ownership.md``). The caller chooses what a second
+run does when the thread is busy, with ``config["configurable"]["multitask_strategy"]``:
+``"reject"`` (default) raises ``ThreadBusyError`` at once, ``"enqueue"`` waits for the lease up
+to ``config["configurable"]["enqueue_timeout"]`` seconds (default 300).
+
+While the run goes, the lease is renewed every third of its ``ttl`` (``saver.lease_ttl``): by
+one shared thread for sync runs, by an asyncio task for async runs. If the process dies the
+renewals stop and the lease runs out, so another worker may take the thread over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import threading
+import time
+from typing import Any
+
+from stepgraph.checkpoint.base import BaseCheckpointSaver, Lease, RunStatus
+from stepgraph.config import RunnableConfig
+from stepgraph.errors import LeaseLostError, SerializationError, ThreadBusyError
+
+__all__ = ["Holding", "aacquire", "acquire", "outcome", "policy"]
+
+STRATEGIES = ("reject", "enqueue")
+DEFAULT_ENQUEUE_TIMEOUT = 300.0
+_POLL_FIRST, _POLL_MAX = 0.01, 0.5
+
+
+def policy(config: RunnableConfig) -> tuple[str, float]:
+    """The run's ``(multitask_strategy, enqueue_timeout)``, checked."""
+    configurable = config.get("configurable") or {}
+    strategy = configurable.get("multitask_strategy", "reject")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"multitask_strategy must be one of {STRATEGIES}, not {strategy!r}")
+    timeout = float(configurable.get("enqueue_timeout", DEFAULT_ENQUEUE_TIMEOUT))
+    if timeout < 0:
+        raise ValueError(f"enqueue_timeout must be at least 0 seconds, not {timeout}")
+    return strategy, timeout
+
+
+class Holding:
+    """A lease a run holds, and whether its renewals found it lost."""
+
+    __slots__ = ("due", "lease", "lost", "saver", "ttl")
+
+    def __init__(self, saver: BaseCheckpointSaver, lease: Lease, ttl: float) -> None:
+        self.saver = saver
+        self.lease = lease
+        self.ttl = ttl
+        self.lost: LeaseLostError | None = None
+        self.due = time.monotonic() + ttl / 3
+
+    @property
+    def epoch(self) -> int:
+        return self.lease.epoch
+
+    def renew(self) -> None:
+        try:
+            self.lease = self.saver.renew_lease(self.lease, ttl=self.ttl)
+        except LeaseLostError as lost:
+            self.lost = lost  # the run's next write is refused (fenced) and reports it
+        except Exception:
+            pass
+        self.due = time.monotonic() + self.ttl / 3
+
+    async def arenew(self) -> None:
+        try:
+            self.lease = await self.saver.arenew_lease(self.lease, ttl=self.ttl)
+        except LeaseLostError as lost:
+            self.lost = lost
+        except Exception:
+            pass
+
+
+def _take(saver: BaseCheckpointSaver, thread_id: str, owner: str, ttl: float, input: Any) -> Lease:
+    try:
+        return saver.acquire_lease(thread_id, owner, ttl=ttl, input=input)
+    except SerializationError:
+        # The input is kept only so recovery can restart a run that saved nothing: an input
+        # the serializer refuses is not a reason to refuse the run.
+        return saver.acquire_lease(thread_id, owner, ttl=ttl, input=None)
+
+
+async def _atake(
+    saver: BaseCheckpointSaver, thread_id: str, owner: str, ttl: float, input: Any
+) -> Lease:
+    try:
+        return await saver.aacquire_lease(thread_id, owner, ttl=ttl, input=input)
+    except SerializationError:
+        return await saver.aacquire_lease(thread_id, owner, ttl=ttl, input=None)
+
+
+def _next_wait(busy: ThreadBusyError, delay: float, deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise busy
+    if busy.expires_in is not None:
+        delay = min(delay, max(busy.expires_in, _POLL_FIRST))
+    return min(delay, left)
+
+
+def acquire(saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any) -> Holding:
+    """Take the lease of ``config``'s thread for run ``owner``, as the run's policy says."""
+    strategy, timeout = policy(config)
+    thread_id = str(config["configurable"]["thread_id"])
+    ttl = saver.lease_ttl
+    deadline = time.monotonic() + timeout
+    delay = _POLL_FIRST
+    while True:
+        try:
+            lease = _take(saver, thread_id, owner, ttl, input)
+            break
+        except ThreadBusyError as busy:
+            if strategy == "reject":
+                raise
+            time.sleep(_next_wait(busy, delay, deadline))
+            delay = min(delay * 2, _POLL_MAX)
+    holding = Holding(saver, lease, ttl)
+    _KEEPER.add(holding)
+    return holding
+
+
+async def aacquire(
+    saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any
+) -> tuple[Holding, asyncio.Task[None]]:
+    """``acquire`` for async runs: also returns the task that renews the lease."""
+    strategy, timeout = policy(config)
+    thread_id = str(config["configurable"]["thread_id"])
+    ttl = saver.lease_ttl
+    deadline = time.monotonic() + timeout
+    delay = _POLL_FIRST
+    while True:
+        try:
+            lease = await _atake(saver, thread_id, owner, ttl, input)
+            break
+        except ThreadBusyError as busy:
+            if strategy == "reject":
+                raise
+            await asyncio.sleep(_next_wait(busy, delay, deadline))
+            delay = min(delay * 2, _POLL_MAX)
+    holding = Holding(saver, lease, ttl)
+    return holding, asyncio.ensure_future(_heartbeat(holding))
+
+
+async def _heartbeat(holding: Holding) -> None:
+    while holding.lost is None:
+        await asyncio.sleep(holding.ttl / 3)
+        await holding.arenew()
+
+
+def release(holding: Holding, status: RunStatus, error: str | None) -> None:
+    _KEEPER.discard(holding)
+    with contextlib.suppress(Exception):  # unreleased, the lease simply runs out
+        holding.saver.release_lease(holding.lease, status, error)
+
+
+async def arelease(
+    holding: Holding, beat: asyncio.Task[None], status: RunStatus, error: str | None
+) -> None:
+    beat.cancel()
+    with contextlib.suppress(Exception):
+        await holding.saver.arelease_lease(holding.lease, status, error)
+
+
+def outcome(error: BaseException | None, paused: bool) -> tuple[RunStatus, str | None]:
+    """How a run ended, as recorded in the run registry."""
+    if error is None:
+        return ("interrupted" if paused else "done"), None
+    if isinstance(error, Exception):
+        return "error", f"{type(error).__name__}: {error}"[:2000]
+    # Closed stream, KeyboardInterrupt, task cancelled: the caller stopped the run on purpose.
+    return "cancelled", type(error).__name__
+
+
+class _Keeper:
+    """One daemon thread that renews the leases of every sync run in the process."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._heap: list[tuple[float, int, Holding]] = []
+        self._held: set[int] = set()
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, holding: Holding) -> None:
+        with self._changed:
+            self._held.add(id(holding))
+            heapq.heappush(self._heap, (holding.due, next(self._order), holding))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="stepgraph-lease-keeper", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+
+    def discard(self, holding: Holding) -> None:
+        with self._changed:
+            self._held.discard(id(holding))
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    while self._heap and id(self._heap[0][2]) not in self._held:
+                        heapq.heappop(self._heap)
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    if wait is not None and wait <= 0:
+                        holding = heapq.heappop(self._heap)[2]
+                        break
+                    self._changed.wait(wait)
+            holding.renew()
+            with self._changed:
+                if id(holding) in self._held and holding.lost is None:
+                    heapq.heappush(self._heap, (holding.due, next(self._order), holding))
+
+
+_KEEPER = _Keeper()

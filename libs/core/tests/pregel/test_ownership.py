@@ -1,0 +1,263 @@
+"""One writer per thread, the run registry, recovery and retention, through the graph API.
+
+These use ``InMemorySaver``; tests/test_ownership.py runs the cross-process cases (SIGSTOP,
+SIGKILL) against SQLite and Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import threading
+import time
+from typing import Annotated, Any, TypedDict
+
+import pytest
+
+from stepgraph.checkpoint.base import Retention
+from stepgraph.checkpoint.memory import InMemorySaver
+from stepgraph.errors import LeaseLostError, ThreadBusyError
+from stepgraph.graph import END, START, StateGraph
+from stepgraph.types import Command, interrupt
+
+
+class State(TypedDict):
+    log: Annotated[list[str], operator.add]
+
+
+def chain(saver: InMemorySaver, hook: Any = None, names: tuple[str, ...] = ("a", "b", "c")) -> Any:
+    builder = StateGraph(State)
+    previous = START
+    for name in names:
+
+        def node(state: State, name: str = name) -> dict[str, Any]:
+            if hook is not None:
+                hook(name)
+            return {"log": [name]}
+
+        builder.add_node(name, node)
+        builder.add_edge(previous, name)
+        previous = name
+    builder.add_edge(previous, END)
+    return builder.compile(checkpointer=saver)
+
+
+def thread(thread_id: str, **extra: Any) -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread_id, **extra}}
+
+
+def test_a_second_run_on_a_busy_thread_is_rejected_or_waits() -> None:
+    saver = InMemorySaver()
+    started, go = threading.Event(), threading.Event()
+
+    def hold(name: str) -> None:
+        if name == "a" and not started.is_set():
+            started.set()
+            go.wait(5)
+
+    graph = chain(saver, hold)
+    first = threading.Thread(target=graph.invoke, args=({"log": []}, thread("busy")))
+    first.start()
+    assert started.wait(5)
+    with pytest.raises(ThreadBusyError, match="busy") as busy:
+        graph.invoke({"log": ["second"]}, thread("busy"))
+    assert busy.value.thread_id == "busy"
+    assert saver.get_run("busy").status == "running"
+
+    # "enqueue" waits for the lease, then runs on the first run's result.
+    waiting: list[Any] = []
+    second = threading.Thread(
+        target=lambda: waiting.append(
+            graph.invoke({"log": ["queued"]}, thread("busy", multitask_strategy="enqueue"))
+        )
+    )
+    second.start()
+    time.sleep(0.1)
+    assert not waiting
+    go.set()
+    first.join(5)
+    second.join(5)
+    assert waiting[0]["log"] == ["a", "b", "c", "queued", "a", "b", "c"]
+    assert saver.get_run("busy").status == "done"
+
+
+def test_enqueue_gives_up_after_its_timeout() -> None:
+    saver = InMemorySaver()
+    saver.acquire_lease("held", "someone-else", ttl=30)
+    graph = chain(saver)
+    start = time.monotonic()
+    with pytest.raises(ThreadBusyError):
+        graph.invoke({"log": []}, thread("held", multitask_strategy="enqueue", enqueue_timeout=0.3))
+    assert 0.25 < time.monotonic() - start < 3
+    with pytest.raises(ValueError, match="multitask_strategy"):
+        graph.invoke({"log": []}, thread("held", multitask_strategy="interrupt"))
+
+
+def test_the_run_registry_records_how_runs_end() -> None:
+    saver = InMemorySaver()
+    graph = chain(saver)
+    graph.invoke({"log": []}, thread("done"))
+    assert saver.get_run("done").status == "done"
+
+    def fail(name: str) -> None:
+        if name == "b":
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        chain(saver, fail).invoke({"log": []}, thread("failed"))
+    run = saver.get_run("failed")
+    assert (run.status, run.error) == ("error", "RuntimeError: boom")
+
+    def ask(state: State) -> dict[str, Any]:
+        return {"log": [interrupt("ok?")]}
+
+    builder = StateGraph(State)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    paused = builder.compile(checkpointer=saver)
+    paused.invoke({"log": []}, thread("paused"))
+    assert saver.get_run("paused").status == "interrupted"
+    paused.invoke(Command(resume="yes"), thread("paused"))
+    assert saver.get_run("paused").status == "done"
+    paused.update_state(thread("paused"), {"log": ["note"]})
+    assert saver.get_run("paused").status == "done"  # an update keeps the record it found
+
+    for _ in graph.stream({"log": []}, thread("closed")):
+        break  # the caller stops reading: the run is cancelled, and the thread is free
+    assert saver.get_run("closed").status == "cancelled"
+    assert graph.invoke(None, thread("closed"))["log"] == ["a", "b", "c"]
+    assert saver.list_incomplete() == []
+
+
+def test_a_run_that_lost_its_thread_stops_and_writes_nothing() -> None:
+    saver = InMemorySaver()
+
+    def delete_meanwhile(name: str) -> None:
+        if name == "b":
+            saver.delete_thread("gone")
+
+    with pytest.raises(LeaseLostError, match="deleted"):
+        chain(saver, delete_meanwhile).invoke({"log": []}, thread("gone"))
+    assert saver.get_tuple(thread("gone")) is None  # not resurrected
+    assert saver.get_run("gone").status == "deleted"
+
+
+def test_update_state_waits_for_no_one() -> None:
+    saver = InMemorySaver()
+    graph = chain(saver)
+    graph.invoke({"log": []}, thread("t"))
+    saver.acquire_lease("t", "a-live-run", ttl=30)
+    with pytest.raises(ThreadBusyError):
+        graph.update_state(thread("t"), {"log": ["x"]})
+
+
+def _crash(saver: InMemorySaver, thread_id: str, graph: Any, input: Any) -> None:
+    """Run until node ``b`` and stop as a killed process would: the lease is never let go."""
+
+    class Killed(BaseException):
+        pass
+
+    real = saver.release_lease
+    saver.release_lease = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Killed):
+            graph.invoke(input, thread(thread_id))
+    finally:
+        saver.release_lease = real  # type: ignore[method-assign]
+
+
+def test_recover_runs_on_the_runs_that_died() -> None:
+    saver = InMemorySaver()
+    saver.lease_ttl = 0.2
+    ran: list[str] = []
+    crash_at: set[str] = {"b"}
+
+    def hook(name: str) -> None:
+        if name in crash_at:
+            crash_at.discard(name)
+            raise KeyboardInterrupt  # stands in for the process dying inside b
+        ran.append(name)
+
+    graph = chain(saver, hook)
+    real = saver.release_lease
+    saver.release_lease = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        graph.invoke({"log": []}, thread("died"), durability="sync")
+    saver.release_lease = real  # type: ignore[method-assign]
+    # A run that died before its first save: recovery starts it again with its input.
+    saver.acquire_lease("died-early", "dead-run", ttl=0.1, input={"log": ["early"]})
+
+    assert graph.recover().resumed == []  # leases still live: maybe still running elsewhere
+    time.sleep(0.3)
+    incomplete = {run.thread_id: run for run in saver.list_incomplete()}
+    assert set(incomplete) == {"died", "died-early"}
+    report = graph.recover()
+    assert sorted(report.resumed) == ["died", "died-early"] and not report.failed
+    assert graph.get_state(thread("died")).values["log"] == ["a", "b", "c"]
+    assert ran == ["a", "b", "c", "a", "b", "c"]  # a ran once for "died", b and c once each
+    assert graph.get_state(thread("died-early")).values["log"] == ["early", "a", "b", "c"]
+    assert saver.get_run("died").status == "done"
+    assert saver.list_incomplete() == []
+
+
+def test_recover_gives_up_after_max_attempts() -> None:
+    saver = InMemorySaver()
+    for attempt in range(3):
+        lease = saver.acquire_lease("doomed", f"run-{attempt}", ttl=0.05)
+        assert lease.attempts == attempt + 1
+        time.sleep(0.1)
+    graph = chain(saver)
+    report = graph.recover(max_attempts=3)
+    assert report.abandoned == ["doomed"] and "1 abandoned" in str(report)
+    run = saver.get_run("doomed")
+    assert run.status == "abandoned" and "3 attempt" in (run.error or "")
+    assert saver.list_incomplete() == []
+    with pytest.raises(ValueError, match="max_attempts"):
+        graph.recover(max_attempts=0)
+
+
+def test_retention_on_completion() -> None:
+    deleting = InMemorySaver(retention=Retention(delete_on_completion=True))
+    chain(deleting).invoke({"log": []}, thread("t"))
+    assert deleting.get_tuple(thread("t")) is None
+
+    keeping = InMemorySaver(retention=Retention(keep_last=2))
+    chain(keeping).invoke({"log": []}, thread("t"))
+    assert len(list(keeping.list(thread("t")))) == 2
+    assert keeping.storage_report("t").checkpoints == 2
+    with pytest.raises(ValueError, match="keep_last"):
+        Retention(keep_last=0)
+
+
+async def test_async_runs_hold_renew_and_release() -> None:
+    saver = InMemorySaver()
+    saver.lease_ttl = 0.3
+
+    async def slow(state: State) -> dict[str, Any]:
+        await asyncio.sleep(0.5)  # longer than the ttl: the heartbeat keeps the lease
+        return {"log": ["slow"]}
+
+    builder = StateGraph(State)
+    builder.add_node("slow", slow)
+    builder.add_edge(START, "slow")
+    graph = builder.compile(checkpointer=saver)
+    running = asyncio.ensure_future(graph.ainvoke({"log": []}, thread("async")))
+    await asyncio.sleep(0.4)
+    with pytest.raises(ThreadBusyError):
+        await graph.ainvoke({"log": []}, thread("async"))
+    assert (await running)["log"] == ["slow"]
+    assert (await saver.aget_run("async")).status == "done"
+    assert await graph.arecover() is not None
+
+
+def test_sync_runs_renew_their_lease_while_a_node_is_slow() -> None:
+    saver = InMemorySaver()
+    saver.lease_ttl = 0.3
+    graph = chain(saver, lambda name: time.sleep(0.5) if name == "a" else None)
+    worker = threading.Thread(target=graph.invoke, args=({"log": []}, thread("slow")))
+    worker.start()
+    time.sleep(0.45)
+    with pytest.raises(ThreadBusyError):
+        saver.acquire_lease("slow", "intruder", ttl=1)
+    worker.join(5)
+    assert saver.get_run("slow").status == "done"
