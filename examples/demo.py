@@ -2,9 +2,10 @@
 
 `make demo` runs this file. It starts a worker process that runs a five-step pipeline on a
 SQLite checkpoint file; the worker is killed (SIGKILL, no clean-up) inside the third step. A
-second, fresh worker process resumes the same thread with `invoke(None, config)`. Every step
-records its side effect in a ledger file, so the output shows which steps ran in which process:
-the two steps that finished before the crash are not run again.
+second, fresh worker process finds the dead run in the saver's run registry once its lease has
+run out, and recovers it with `graph.recover()` (which resumes it like `invoke(None, config)`).
+Every step records its side effect in a ledger file, so the output shows which steps ran in
+which process: the two steps that finished before the crash are not run again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, TypedDict
 
@@ -23,6 +25,7 @@ from stepgraph.graph import END, START, StateGraph
 
 STEPS = ["fetch", "clean", "analyse", "summarise", "publish"]
 CRASH_IN = "analyse"
+LEASE_SECONDS = 1.0  # how long a dead worker keeps the thread (the default is 30 s)
 
 
 class State(TypedDict):
@@ -55,18 +58,26 @@ def worker(db_path: str, ledger_path: str, mode: str) -> None:
     ledger = Path(ledger_path)
     config = {"configurable": {"thread_id": "report-42"}}
     with SqliteSaver.from_conn_string(db_path) as saver:
+        saver.lease_ttl = LEASE_SECONDS
         graph = build(ledger, crash=(mode == "first"), saver=saver)
         if mode == "first":
             graph.invoke({"document": "raw", "done": []}, config, durability="sync")
-        else:
-            state = graph.get_state(config)
-            print(
-                f"  [pid {os.getpid()}] found thread at step {state.metadata['step']}, "
-                f"next: {list(state.next)}; resuming with invoke(None, config)",
-                flush=True,
-            )
-            result = graph.invoke(None, config, durability="sync")
-            print(f"  [pid {os.getpid()}] finished: {result['document']}", flush=True)
+            return
+        # The dead worker's lease runs out after LEASE_SECONDS; until then the run might still
+        # be alive somewhere, so it is not listed as incomplete.
+        while not (dead := saver.list_incomplete()):
+            time.sleep(0.1)
+        state = graph.get_state(config)
+        print(
+            f"  [pid {os.getpid()}] run registry: thread {dead[0].thread_id!r} died while "
+            f"running (attempt {dead[0].attempts}); checkpoint at step "
+            f"{state.metadata['step']}, next: {list(state.next)}",
+            flush=True,
+        )
+        print(f"  [pid {os.getpid()}] recovering with graph.recover()", flush=True)
+        report = graph.recover()
+        result = graph.get_state(config).values
+        print(f"  [pid {os.getpid()}] {report}; finished: {result['document']}", flush=True)
 
 
 def main() -> int:
@@ -83,7 +94,7 @@ def main() -> int:
         code = run("first")
         print(f"Run 1 ended with exit status {code} (killed by signal {-code})\n")
 
-        print("Run 2: a new process resumes the same thread from the checkpoint file")
+        print("Run 2: a new process recovers the dead run from the checkpoint file")
         if run("resume") != 0:
             print("resume failed")
             return 1
