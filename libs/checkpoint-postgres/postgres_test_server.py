@@ -28,6 +28,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 import pytest
@@ -84,8 +85,8 @@ def _container() -> Iterator[str]:
         yield container.get_connection_url()
 
 
-@contextlib.contextmanager
-def _embedded() -> Iterator[str]:
+def import_pgserver() -> Any:
+    """The ``pgserver`` package (PostgreSQL binaries on PyPI), installed when first needed."""
     try:
         import pgserver
     except ImportError:
@@ -95,7 +96,12 @@ def _embedded() -> Iterator[str]:
             capture_output=True,
         )
         import pgserver
+    return pgserver
 
+
+@contextlib.contextmanager
+def _embedded() -> Iterator[str]:
+    pgserver = import_pgserver()
     with tempfile.TemporaryDirectory(prefix="stepgraph-pg-") as data_dir:
         server = pgserver.get_server(data_dir, cleanup_mode="stop")
         try:

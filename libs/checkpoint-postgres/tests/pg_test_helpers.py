@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from postgres_test_server import import_pgserver
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import Trace
 
@@ -220,4 +221,6 @@ def _server_bindir() -> str | None:
         ).stdout.strip()
         if os.path.exists(os.path.join(bindir, "pg_ctl")):
             return bindir
-    return None
+    # As the test server fixture's last resort: the binaries shipped on PyPI by pgserver.
+    bundled = os.path.join(os.path.dirname(import_pgserver().__file__), "pginstall", "bin")
+    return bundled if os.path.exists(os.path.join(bundled, "pg_ctl")) else None
