@@ -24,6 +24,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The long fault-injection and chaos suites: every write index x kill boundary x durability mode x
+# backend (sync and async API) in tests/test_faults.py, and STEPGRAPH_CHAOS_SECONDS (default 120)
+# of random worker kills and terminated connections in tests/test_chaos.py.
+chaos: install
+	STEPGRAPH_CHAOS=1 $(BIN)/python -m pytest -q tests/test_faults.py tests/test_chaos.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check libs tests bench examples

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from stepgraph.checkpoint.base import RunInfo
 from stepgraph.config import RunnableConfig, merge_configs
 from stepgraph.errors import ThreadBusyError
+from stepgraph.types import Durability
 
 if TYPE_CHECKING:
     from stepgraph.pregel.main import Pregel
@@ -66,6 +67,7 @@ def recover(
     max_attempts: int = 3,
     limit: int | None = None,
     config: RunnableConfig | None = None,
+    durability: Durability | None = None,
 ) -> RecoveryReport:
     _check(max_attempts)
     saver = graph._saver()
@@ -81,7 +83,7 @@ def recover(
             saved = saver.get_tuple(
                 {"configurable": {"thread_id": run.thread_id, "checkpoint_ns": ""}}
             )
-            graph.invoke(run.input if saved is None else None, run_config)
+            graph.invoke(run.input if saved is None else None, run_config, durability=durability)
             report.resumed.append(run.thread_id)
         except ThreadBusyError:
             report.busy.append(run.thread_id)
@@ -96,6 +98,7 @@ async def arecover(
     max_attempts: int = 3,
     limit: int | None = None,
     config: RunnableConfig | None = None,
+    durability: Durability | None = None,
 ) -> RecoveryReport:
     _check(max_attempts)
     saver = graph._saver()
@@ -113,7 +116,9 @@ async def arecover(
             saved = await saver.aget_tuple(
                 {"configurable": {"thread_id": run.thread_id, "checkpoint_ns": ""}}
             )
-            await graph.ainvoke(run.input if saved is None else None, run_config)
+            await graph.ainvoke(
+                run.input if saved is None else None, run_config, durability=durability
+            )
             report.resumed.append(run.thread_id)
         except ThreadBusyError:
             report.busy.append(run.thread_id)

@@ -461,11 +461,15 @@ class Pregel:
         max_attempts: int = 3,
         limit: int | None = None,
         config: RunnableConfig | None = None,
+        durability: Durability | None = None,
     ) -> RecoveryReport:
         """Run on every thread whose run died mid-way (``checkpointer.list_incomplete()``),
         from its last checkpoint; give up on (mark ``abandoned``) those already started
-        ``max_attempts`` times. ``config`` is merged into each run's config."""
-        return _recovery.recover(self, max_attempts=max_attempts, limit=limit, config=config)
+        ``max_attempts`` times. ``config`` is merged into each run's config; ``durability``
+        is the recovered runs' mode (the registry does not keep the dead run's)."""
+        return _recovery.recover(
+            self, max_attempts=max_attempts, limit=limit, config=config, durability=durability
+        )
 
     async def arecover(
         self,
@@ -473,8 +477,11 @@ class Pregel:
         max_attempts: int = 3,
         limit: int | None = None,
         config: RunnableConfig | None = None,
+        durability: Durability | None = None,
     ) -> RecoveryReport:
-        return await _recovery.arecover(self, max_attempts=max_attempts, limit=limit, config=config)
+        return await _recovery.arecover(
+            self, max_attempts=max_attempts, limit=limit, config=config, durability=durability
+        )
 
     def stream(
         self,
