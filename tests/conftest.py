@@ -20,6 +20,8 @@ import pytest
 # A real server and a fresh schema per test (see postgres_test_server's docstring).
 from postgres_test_server import postgres_server, postgres_uri  # noqa: F401
 
+from stepgraph._twins import drive
+
 DURABILITIES = ("sync", "async", "exit")
 
 Scenario = Callable[..., Coroutine[Any, Any, Any]]
@@ -55,16 +57,6 @@ def load_saver_class(name: str) -> type:
             f"backend {name!r}: cannot import {spec.module}.{spec.cls}: {exc!r}",
             pytrace=False,
         )
-
-
-def drive(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine that never suspends (a scenario over the sync API) without a loop."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    coroutine.close()
-    raise RuntimeError("a scenario over the sync API awaited something that suspends")
 
 
 class Graph:

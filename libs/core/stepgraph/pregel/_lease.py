@@ -96,32 +96,37 @@ async def _atake(
         return await saver.aacquire_lease(thread_id, owner, ttl=ttl, input=None)
 
 
-def _next_wait(busy: ThreadBusyError, delay: float, deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise busy
-    if busy.expires_in is not None:
-        delay = min(delay, max(busy.expires_in, _POLL_FIRST))
-    return min(delay, left)
+class _Waiting:
+    """The run's policy when its thread is busy: how long to wait before trying again, or
+    the ``ThreadBusyError`` to raise."""
+
+    def __init__(self, config: RunnableConfig) -> None:
+        self.strategy, timeout = policy(config)
+        self.deadline = time.monotonic() + timeout
+        self.delay = _POLL_FIRST
+
+    def after(self, busy: ThreadBusyError) -> float:
+        left = self.deadline - time.monotonic()
+        if self.strategy == "reject" or left <= 0:
+            raise busy
+        wait = min(self.delay, left)
+        if busy.expires_in is not None:  # no point polling long before the lease runs out
+            wait = min(wait, max(busy.expires_in, _POLL_FIRST))
+        self.delay = min(self.delay * 2, _POLL_MAX)
+        return wait
 
 
 def acquire(saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any) -> Holding:
     """Take the lease of ``config``'s thread for run ``owner``, as the run's policy says."""
-    strategy, timeout = policy(config)
+    waiting = _Waiting(config)
     thread_id = str(config["configurable"]["thread_id"])
-    ttl = saver.lease_ttl
-    deadline = time.monotonic() + timeout
-    delay = _POLL_FIRST
     while True:
         try:
-            lease = _take(saver, thread_id, owner, ttl, input)
+            lease = _take(saver, thread_id, owner, saver.lease_ttl, input)
             break
         except ThreadBusyError as busy:
-            if strategy == "reject":
-                raise
-            time.sleep(_next_wait(busy, delay, deadline))
-            delay = min(delay * 2, _POLL_MAX)
-    holding = Holding(saver, lease, ttl)
+            time.sleep(waiting.after(busy))
+    holding = Holding(saver, lease, saver.lease_ttl)
     _KEEPER.add(holding)
     return holding
 
@@ -130,21 +135,15 @@ async def aacquire(
     saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any
 ) -> tuple[Holding, asyncio.Task[None]]:
     """``acquire`` for async runs: also returns the task that renews the lease."""
-    strategy, timeout = policy(config)
+    waiting = _Waiting(config)
     thread_id = str(config["configurable"]["thread_id"])
-    ttl = saver.lease_ttl
-    deadline = time.monotonic() + timeout
-    delay = _POLL_FIRST
     while True:
         try:
-            lease = await _atake(saver, thread_id, owner, ttl, input)
+            lease = await _atake(saver, thread_id, owner, saver.lease_ttl, input)
             break
         except ThreadBusyError as busy:
-            if strategy == "reject":
-                raise
-            await asyncio.sleep(_next_wait(busy, delay, deadline))
-            delay = min(delay * 2, _POLL_MAX)
-    holding = Holding(saver, lease, ttl)
+            await asyncio.sleep(waiting.after(busy))
+    holding = Holding(saver, lease, saver.lease_ttl)
     return holding, asyncio.ensure_future(_heartbeat(holding))
 
 

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from stepgraph._twins import call, drive
 from stepgraph.checkpoint.base import RunInfo
 from stepgraph.config import RunnableConfig, merge_configs
 from stepgraph.errors import ThreadBusyError
@@ -45,11 +46,6 @@ class RecoveryReport:
         )
 
 
-def _check(max_attempts: int) -> None:
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
-
-
 def _config(graph: Pregel, run: RunInfo, config: RunnableConfig | None) -> RunnableConfig:
     merged = merge_configs(graph.config, config, {"configurable": {"thread_id": run.thread_id}})
     merged["configurable"]["multitask_strategy"] = "reject"
@@ -57,8 +53,45 @@ def _config(graph: Pregel, run: RunInfo, config: RunnableConfig | None) -> Runna
     return merged
 
 
-def _abandon_reason(run: RunInfo) -> str:
+def _gave_up(run: RunInfo) -> str:
     return f"recovery gave up: {run.attempts} attempt(s) started and none finished"
+
+
+async def _recover(
+    graph: Pregel,
+    max_attempts: int,
+    limit: int | None,
+    config: RunnableConfig | None,
+    durability: Durability | None,
+    use_async: bool,
+) -> RecoveryReport:
+    """One recovery pass, over the sync or the async API (``stepgraph._twins``)."""
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
+    saver = graph._saver()
+    report = RecoveryReport()
+    for run in await call(saver, "list_incomplete", use_async, limit=limit):
+        try:
+            if run.attempts >= max_attempts:
+                owner = str(uuid.uuid4())
+                lease = await call(
+                    saver, "acquire_lease", use_async, run.thread_id, owner, ttl=saver.lease_ttl
+                )
+                await call(saver, "release_lease", use_async, lease, "abandoned", _gave_up(run))
+                report.abandoned.append(run.thread_id)
+                continue
+            root = {"configurable": {"thread_id": run.thread_id, "checkpoint_ns": ""}}
+            saved = await call(saver, "get_tuple", use_async, root)
+            # A run that died before its first save starts again from the input it was given.
+            input = run.input if saved is None else None
+            run_config = _config(graph, run, config)
+            await call(graph, "invoke", use_async, input, run_config, durability=durability)
+            report.resumed.append(run.thread_id)
+        except ThreadBusyError:
+            report.busy.append(run.thread_id)
+        except Exception as error:
+            report.failed[run.thread_id] = f"{type(error).__name__}: {error}"
+    return report
 
 
 def recover(
@@ -69,27 +102,7 @@ def recover(
     config: RunnableConfig | None = None,
     durability: Durability | None = None,
 ) -> RecoveryReport:
-    _check(max_attempts)
-    saver = graph._saver()
-    report = RecoveryReport()
-    for run in saver.list_incomplete(limit=limit):
-        run_config = _config(graph, run, config)
-        try:
-            if run.attempts >= max_attempts:
-                lease = saver.acquire_lease(run.thread_id, str(uuid.uuid4()), ttl=saver.lease_ttl)
-                saver.release_lease(lease, "abandoned", _abandon_reason(run))
-                report.abandoned.append(run.thread_id)
-                continue
-            saved = saver.get_tuple(
-                {"configurable": {"thread_id": run.thread_id, "checkpoint_ns": ""}}
-            )
-            graph.invoke(run.input if saved is None else None, run_config, durability=durability)
-            report.resumed.append(run.thread_id)
-        except ThreadBusyError:
-            report.busy.append(run.thread_id)
-        except Exception as error:
-            report.failed[run.thread_id] = f"{type(error).__name__}: {error}"
-    return report
+    return drive(_recover(graph, max_attempts, limit, config, durability, use_async=False))
 
 
 async def arecover(
@@ -100,28 +113,4 @@ async def arecover(
     config: RunnableConfig | None = None,
     durability: Durability | None = None,
 ) -> RecoveryReport:
-    _check(max_attempts)
-    saver = graph._saver()
-    report = RecoveryReport()
-    for run in await saver.alist_incomplete(limit=limit):
-        run_config = _config(graph, run, config)
-        try:
-            if run.attempts >= max_attempts:
-                lease = await saver.aacquire_lease(
-                    run.thread_id, str(uuid.uuid4()), ttl=saver.lease_ttl
-                )
-                await saver.arelease_lease(lease, "abandoned", _abandon_reason(run))
-                report.abandoned.append(run.thread_id)
-                continue
-            saved = await saver.aget_tuple(
-                {"configurable": {"thread_id": run.thread_id, "checkpoint_ns": ""}}
-            )
-            await graph.ainvoke(
-                run.input if saved is None else None, run_config, durability=durability
-            )
-            report.resumed.append(run.thread_id)
-        except ThreadBusyError:
-            report.busy.append(run.thread_id)
-        except Exception as error:
-            report.failed[run.thread_id] = f"{type(error).__name__}: {error}"
-    return report
+    return await _recover(graph, max_attempts, limit, config, durability, use_async=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from stepgraph._twins import call, drive
 from stepgraph.checkpoint.base import (
     BaseCheckpointSaver,
     ChannelVersions,
@@ -29,16 +30,6 @@ from stepgraph.config import RunnableConfig
 __all__ = ["SaverApi", "drive"]
 
 T = TypeVar("T")
-
-
-def drive(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends (a scenario over the sync API) to its result."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    coroutine.close()
-    raise RuntimeError("a scenario over the sync API awaited something that suspends")
 
 
 class SaverApi:
@@ -145,9 +136,7 @@ class SaverApi:
 
     async def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """The saver method ``name`` (or its async twin ``a<name>``), called and awaited."""
-        if self.use_async:
-            return await getattr(self.saver, f"a{name}")(*args, **kwargs)
-        return getattr(self.saver, name)(*args, **kwargs)
+        return await call(self.saver, name, self.use_async, *args, **kwargs)
 
     async def sleep(self, seconds: float) -> None:
         if self.use_async:
