@@ -399,6 +399,28 @@ WHERE {{where}}
 ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
 LIMIT %b
 """
+# A thread's checkpoints across its namespaces, newest first: each namespace's newest rows (a
+# primary-key range read each, found by a skip scan over the thread's namespaces), merged.
+# Sorting all of the thread's rows instead would make the newest page of a long thread cost
+# as much as the thread is long.
+_SELECT_THREAD_CHECKPOINTS = f"""
+WITH RECURSIVE ns (name) AS (
+    (SELECT checkpoint_ns FROM stepgraph_checkpoints WHERE thread_id = %b
+        ORDER BY checkpoint_ns LIMIT 1)
+    UNION ALL
+    SELECT (SELECT c.checkpoint_ns FROM stepgraph_checkpoints AS c
+        WHERE c.thread_id = %b AND c.checkpoint_ns > ns.name ORDER BY c.checkpoint_ns LIMIT 1)
+    FROM ns WHERE ns.name IS NOT NULL
+)
+SELECT {_CHECKPOINT_COLUMNS} FROM ns CROSS JOIN LATERAL (
+    SELECT {_CHECKPOINT_COLUMNS} FROM stepgraph_checkpoints
+    WHERE checkpoint_ns = ns.name AND {{where}}
+    ORDER BY checkpoint_id DESC
+    LIMIT %b
+) AS c
+ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
+LIMIT %b
+"""
 # The value rows and pending writes of a page of checkpoints, in one statement: each key list
 # arrives as arrays, and every key is one primary-key probe. A value key names a span of
 # versions of its channel: the version alone for a whole value, ``chain_start`` up to it for
@@ -447,19 +469,11 @@ def _checkpoint_row(fields: Sequence[Any]) -> CheckpointRow:
 
 
 def _load_page(
-    serde: SerializerProtocol,
-    where: str,
-    params: Sequence[Any],
-    limit: int,
-    filter: dict[str, Any] | None = None,
+    serde: SerializerProtocol, found: Sequence[Sequence[Any]], filter: dict[str, Any] | None = None
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
-    """Up to ``limit`` checkpoints matching ``where`` (then ``filter``), newest first: the
-    rows SQL found and the tuples of those that match.
-
-    Two round trips: the checkpoint rows, then their value rows and writes (which rows to fetch
-    is only known once the checkpoints are decoded).
-    """
-    found = yield Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, limit), fetch=True)
+    """The checkpoint rows SQL ``found`` (newest first) and the tuples of those that match
+    ``filter``, with their value rows and writes: one more round trip (which rows to fetch is
+    only known once the checkpoints are decoded)."""
     rows = [_checkpoint_row(fields) for fields in found]
     candidates = page_candidates(serde, rows, filter)
     if not candidates:
@@ -510,7 +524,8 @@ def get_tuple(serde: SerializerProtocol, config: RunnableConfig) -> Plan[Checkpo
     if checkpoint_id := get_checkpoint_id(config):
         where += " AND checkpoint_id = %b"
         params.append(encode(checkpoint_id))
-    _, found = yield from _load_page(serde, where, params, 1)
+    rows = yield Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, 1), fetch=True)
+    _, found = yield from _load_page(serde, rows)
     return found[0] if found else None
 
 
@@ -554,7 +569,14 @@ def list_page(
                 )
             )
     where = " AND ".join(conditions) or "TRUE"
-    return (yield from _load_page(serde, where, params, query.size, query.filter))
+    if query.thread_id is not None and query.checkpoint_ns is None:
+        thread = encode(query.thread_id)
+        sql = _SELECT_THREAD_CHECKPOINTS.format(where=where)
+        found = yield Statement(sql, (thread, thread, *params, query.size, query.size), fetch=True)
+    else:
+        sql = _SELECT_CHECKPOINTS.format(where=where)
+        found = yield Statement(sql, (*params, query.size), fetch=True)
+    return (yield from _load_page(serde, found, query.filter))
 
 
 # -- thread management ------------------------------------------------------------------------
