@@ -334,7 +334,7 @@ def test_release_records_how_the_run_ended(saver: SqliteSaver) -> None:
     with pytest.raises(LeaseLostError):
         saver.renew_lease(renewed, ttl=60)
     with pytest.raises(ValueError):
-        saver.release_lease(renewed, "running")
+        saver.release_lease(renewed, "started")
     assert not saver.conn.in_transaction
 
 

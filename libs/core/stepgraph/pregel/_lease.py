@@ -19,9 +19,12 @@ import heapq
 import itertools
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from stepgraph._twins import call, drive
 from stepgraph.checkpoint.base import BaseCheckpointSaver, Lease, RunStatus
+from stepgraph.checkpoint.base.runs import RECOVER_EPOCH_KEY
 from stepgraph.config import RunnableConfig
 from stepgraph.errors import LeaseLostError, SerializationError, ThreadBusyError
 
@@ -78,22 +81,20 @@ class Holding:
             pass
 
 
-def _take(saver: BaseCheckpointSaver, thread_id: str, owner: str, ttl: float, input: Any) -> Lease:
+async def _take(
+    saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any, use_async: bool
+) -> Lease:
+    configurable = config["configurable"]
+    thread_id = str(configurable["thread_id"])
+    options = {"ttl": saver.lease_ttl, "expect_epoch": configurable.get(RECOVER_EPOCH_KEY)}
     try:
-        return saver.acquire_lease(thread_id, owner, ttl=ttl, input=input)
+        return await call(
+            saver, "acquire_lease", use_async, thread_id, owner, **options, input=input
+        )
     except SerializationError:
         # The input is kept only so recovery can restart a run that saved nothing: an input
         # the serializer refuses is not a reason to refuse the run.
-        return saver.acquire_lease(thread_id, owner, ttl=ttl, input=None)
-
-
-async def _atake(
-    saver: BaseCheckpointSaver, thread_id: str, owner: str, ttl: float, input: Any
-) -> Lease:
-    try:
-        return await saver.aacquire_lease(thread_id, owner, ttl=ttl, input=input)
-    except SerializationError:
-        return await saver.aacquire_lease(thread_id, owner, ttl=ttl, input=None)
+        return await call(saver, "acquire_lease", use_async, thread_id, owner, **options)
 
 
 class _Waiting:
@@ -119,10 +120,9 @@ class _Waiting:
 def acquire(saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any) -> Holding:
     """Take the lease of ``config``'s thread for run ``owner``, as the run's policy says."""
     waiting = _Waiting(config)
-    thread_id = str(config["configurable"]["thread_id"])
     while True:
         try:
-            lease = _take(saver, thread_id, owner, saver.lease_ttl, input)
+            lease = drive(_take(saver, config, owner, input, use_async=False))
             break
         except ThreadBusyError as busy:
             time.sleep(waiting.after(busy))
@@ -136,13 +136,20 @@ async def aacquire(
 ) -> tuple[Holding, asyncio.Task[None]]:
     """``acquire`` for async runs: also returns the task that renews the lease."""
     waiting = _Waiting(config)
-    thread_id = str(config["configurable"]["thread_id"])
     while True:
+        taking = asyncio.ensure_future(_take(saver, config, owner, input, use_async=True))
         try:
-            lease = await _atake(saver, thread_id, owner, saver.lease_ttl, input)
+            # Shielded: a caller cancelled meanwhile must not leave a lease taken in its name
+            # (it would look like a run that died, and recovery would run it).
+            lease = await asyncio.shield(taking)
             break
         except ThreadBusyError as busy:
             await asyncio.sleep(waiting.after(busy))
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                taken = await taking
+                await saver.arelease_lease(taken, "cancelled", "CancelledError")
+            raise
     holding = Holding(saver, lease, saver.lease_ttl)
     return holding, asyncio.ensure_future(_heartbeat(holding))
 
@@ -178,7 +185,11 @@ def outcome(error: BaseException | None, paused: bool) -> tuple[RunStatus, str |
 
 
 class _Keeper:
-    """One daemon thread that renews the leases of every sync run in the process."""
+    """One daemon thread that schedules the renewals of every sync run's lease in the process.
+
+    The renewals themselves run on a few pool threads: one stuck on a busy database (SQLite's
+    busy timeout, an exhausted pool) must not hold back the others past their expiry.
+    """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
@@ -186,6 +197,7 @@ class _Keeper:
         self._held: set[int] = set()
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._renewers = ThreadPoolExecutor(4, thread_name_prefix="stepgraph-lease-renew")
 
     def add(self, holding: Holding) -> None:
         with self._changed:
@@ -213,10 +225,14 @@ class _Keeper:
                         holding = heapq.heappop(self._heap)[2]
                         break
                     self._changed.wait(wait)
-            holding.renew()
-            with self._changed:
-                if id(holding) in self._held and holding.lost is None:
-                    heapq.heappush(self._heap, (holding.due, next(self._order), holding))
+            self._renewers.submit(self._renew, holding)
+
+    def _renew(self, holding: Holding) -> None:
+        holding.renew()
+        with self._changed:  # due again only once this renewal is done: never two at once
+            if id(holding) in self._held and holding.lost is None:
+                heapq.heappush(self._heap, (holding.due, next(self._order), holding))
+                self._changed.notify()
 
 
 _KEEPER = _Keeper()

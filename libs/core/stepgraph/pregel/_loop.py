@@ -192,6 +192,8 @@ class RunLoop:
         """Checkpoint id of the running step of each enclosing graph, by namespace."""
         self.fence: int | None = None
         """The epoch of the run's lease on its thread, carried by every save (fencing)."""
+        self.holding: Any = None
+        """The root run's lease (``_lease.Holding``): a run stops when a renewal found it lost."""
         self.user_metadata = get_checkpoint_metadata(config, {}) if checkpointer else {}
         run_id = config.get("run_id")
         if run_id is not None and checkpointer is not None:

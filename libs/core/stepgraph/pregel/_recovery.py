@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from stepgraph._twins import call, drive
 from stepgraph.checkpoint.base import RunInfo
+from stepgraph.checkpoint.base.runs import RECOVER_EPOCH_KEY
 from stepgraph.config import RunnableConfig, merge_configs
 from stepgraph.errors import ThreadBusyError
 from stepgraph.types import Durability
@@ -49,6 +50,9 @@ class RecoveryReport:
 def _config(graph: Pregel, run: RunInfo, config: RunnableConfig | None) -> RunnableConfig:
     merged = merge_configs(graph.config, config, {"configurable": {"thread_id": run.thread_id}})
     merged["configurable"]["multitask_strategy"] = "reject"
+    # Take the thread over only from the dead run listed: not from a run that another worker
+    # recovered meanwhile (it may be paused for a human now).
+    merged["configurable"][RECOVER_EPOCH_KEY] = run.epoch
     merged["configurable"].pop("checkpoint_id", None)
     return merged
 
@@ -75,15 +79,23 @@ async def _recover(
             if run.attempts >= max_attempts:
                 owner = str(uuid.uuid4())
                 lease = await call(
-                    saver, "acquire_lease", use_async, run.thread_id, owner, ttl=saver.lease_ttl
+                    saver,
+                    "acquire_lease",
+                    use_async,
+                    run.thread_id,
+                    owner,
+                    ttl=saver.lease_ttl,
+                    expect_epoch=run.epoch,
                 )
                 await call(saver, "release_lease", use_async, lease, "abandoned", _gave_up(run))
                 report.abandoned.append(run.thread_id)
                 continue
             root = {"configurable": {"thread_id": run.thread_id, "checkpoint_ns": ""}}
             saved = await call(saver, "get_tuple", use_async, root)
-            # A run that died before its first save starts again from the input it was given.
-            input = run.input if saved is None else None
+            head = None if saved is None else saved.config["configurable"]["checkpoint_id"]
+            # A run that died before its first save (the head is where it was when the run
+            # started) starts again from its input; one that saved steps goes on from them.
+            input = run.input if head == run.head else None
             run_config = _config(graph, run, config)
             await call(graph, "invoke", use_async, input, run_config, durability=durability)
             report.resumed.append(run.thread_id)

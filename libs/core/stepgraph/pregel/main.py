@@ -202,6 +202,7 @@ class Pregel:
         loop.resume_map = parent.resume
         loop.forward_to = outer.forward_to
         loop.parents = {**outer.parents, outer.namespace: outer.checkpoint_id}
+        loop.fence, loop.holding = outer.fence, outer.holding  # the root run's lease covers it
         # Under a per-task namespace a saved checkpoint can only be an earlier attempt of this
         # very task; a shared one (checkpointer=True) is continued only when the parent resumes.
         loop.continues_saved = self.checkpointer is not True or outer.resuming
@@ -252,8 +253,8 @@ class Pregel:
                     break
                 loop.emit_task_starts(tasks)
                 run_step(tasks, on_done, loop.config.get("max_concurrency"))
-                if holding is not None and holding.lost is not None:
-                    raise holding.lost  # another run owns the thread now: stop working
+                if loop.holding is not None and loop.holding.lost is not None:
+                    raise loop.holding.lost  # another run owns the thread now: stop working
                 paused = _paused(tasks)
                 if paused is not None:
                     loop.stop_for_interrupts(paused)
@@ -367,8 +368,8 @@ class Pregel:
                 else:
                     await step
                 await finish_calls()
-                if holding is not None and holding.lost is not None:
-                    raise holding.lost
+                if loop.holding is not None and loop.holding.lost is not None:
+                    raise loop.holding.lost
                 paused = _paused(tasks)
                 if paused is not None:
                     loop.stop_for_interrupts(paused)
@@ -415,8 +416,8 @@ class Pregel:
         saver = loop.checkpointer
         if saver is None or loop.parent_task is not None:
             return None
-        holding = _lease.acquire(saver, loop.config, _owner(loop.config), input)
-        loop.fence = holding.epoch
+        holding = _lease.acquire(saver, loop.config, _owner(), input)
+        loop.fence, loop.holding = holding.epoch, holding
         return holding
 
     async def _ahold(
@@ -425,8 +426,8 @@ class Pregel:
         saver = loop.checkpointer
         if saver is None or loop.parent_task is not None:
             return None, None
-        holding, beat = await _lease.aacquire(saver, loop.config, _owner(loop.config), input)
-        loop.fence = holding.epoch
+        holding, beat = await _lease.aacquire(saver, loop.config, _owner(), input)
+        loop.fence, loop.holding = holding.epoch, holding
         return holding, beat
 
     def _let_go(
@@ -856,7 +857,7 @@ class Pregel:
         # An update writes the thread like a run does: it takes the lease, so it cannot fork
         # the history under a running graph, and leaves the run record as it found it.
         before = saver.get_run(lookup["configurable"]["thread_id"])
-        holding = _lease.acquire(saver, lookup, _owner(lookup), None)
+        holding = _lease.acquire(saver, lookup, _owner(), None)
         try:
             saved = saver.get_tuple(lookup)
             loop, save = self._update(config, saved, values, as_node, holding.epoch)
@@ -871,7 +872,7 @@ class Pregel:
         saver = self._saver()
         lookup = self._lookup_config(config)
         before = await saver.aget_run(lookup["configurable"]["thread_id"])
-        holding, beat = await _lease.aacquire(saver, lookup, _owner(lookup), None)
+        holding, beat = await _lease.aacquire(saver, lookup, _owner(), None)
         try:
             saved = await saver.aget_tuple(lookup)
             loop, save = self._update(config, saved, values, as_node, holding.epoch)
@@ -888,14 +889,16 @@ class Pregel:
         return copy
 
 
-def _owner(config: RunnableConfig) -> str:
-    """The run's name as its lease's owner: the caller's ``run_id``, or a new one."""
-    return str(config.get("run_id") or uuid.uuid4())
+def _owner() -> str:
+    """A new name for a run's lease, every time. Not the caller's ``run_id``: two invocations
+    given the same one would otherwise count as one holder and share a fencing token."""
+    return str(uuid.uuid4())
 
 
 def _status_kept(before: RunInfo | None) -> tuple[RunStatus, str | None]:
-    """The run record an ``update_state`` leaves: the one it found, if a run had finished."""
-    if before is not None and before.status in FINISHED:
+    """The run record an ``update_state`` leaves: the status it found (a run that died stays
+    incomplete, for recovery to find)."""
+    if before is not None and (before.status in FINISHED or before.status == "running"):
         return before.status, before.error
     return "done", None
 

@@ -261,3 +261,109 @@ def test_sync_runs_renew_their_lease_while_a_node_is_slow() -> None:
         saver.acquire_lease("slow", "intruder", ttl=1)
     worker.join(5)
     assert saver.get_run("slow").status == "done"
+
+
+def test_two_runs_given_one_run_id_still_exclude_each_other() -> None:
+    saver = InMemorySaver()
+    started, go = threading.Event(), threading.Event()
+
+    def hold(name: str) -> None:
+        if name == "a" and not started.is_set():
+            started.set()
+            go.wait(5)
+
+    graph = chain(saver, hold)
+    config = {"configurable": {"thread_id": "same"}, "run_id": "caller-run"}
+    first = threading.Thread(target=graph.invoke, args=({"log": []}, config))
+    first.start()
+    assert started.wait(5)
+    with pytest.raises(ThreadBusyError):
+        graph.invoke({"log": []}, config)
+    go.set()
+    first.join(5)
+    assert len(list(saver.list(thread("same")))) == 5  # one chain: input + 3 steps + start
+
+
+def test_subgraph_writes_carry_the_root_runs_fence() -> None:
+    saver = InMemorySaver()
+    inner = StateGraph(State)
+
+    def steal(state: State) -> dict[str, Any]:
+        # Another run takes the thread over while the subgraph runs (as after a long pause).
+        run = saver.get_run("sub")
+        assert run is not None
+        saver._runs["sub"] = saver._runs["sub"]._replace(expires_at=0.0)
+        saver.acquire_lease("sub", "intruder", ttl=30)
+        return {"log": ["stolen"]}
+
+    inner.add_node("steal", steal)
+    inner.add_node("after", lambda state: {"log": ["after"]})
+    inner.add_edge(START, "steal")
+    inner.add_edge("steal", "after")
+    outer = StateGraph(State)
+    outer.add_node("sub", inner.compile())
+    outer.add_edge(START, "sub")
+    graph = outer.compile(checkpointer=saver)
+    with pytest.raises(LeaseLostError):
+        graph.invoke({"log": []}, thread("sub"), durability="sync")
+    namespaces = {t.config["configurable"]["checkpoint_ns"] for t in saver.list(thread("sub"))}
+    written = [t for t in saver.list(thread("sub")) if t.config["configurable"]["checkpoint_ns"]]
+    assert all(t.metadata["step"] < 1 for t in written), namespaces  # nothing after the steal
+
+
+def test_recovery_restarts_a_run_that_saved_nothing_on_a_thread_with_history() -> None:
+    saver = InMemorySaver()
+    graph = chain(saver)
+    graph.invoke({"log": ["turn1"]}, thread("chat"))
+    # The second turn dies before its first save (durability="exit" saves only at the end).
+    saver.acquire_lease("chat", "dead-run", ttl=0.05, input={"log": ["turn2"]})
+    time.sleep(0.1)
+    assert graph.recover().resumed == ["chat"]
+    log = graph.get_state(thread("chat")).values["log"]
+    assert log == ["turn1", "a", "b", "c", "turn2", "a", "b", "c"]
+
+
+def test_a_run_recovered_elsewhere_meanwhile_is_not_run_again() -> None:
+    saver = InMemorySaver()
+    ran: list[str] = []
+    graph = chain(saver, ran.append)
+    saver.acquire_lease("dead", "dead-run", ttl=0.05, input={"log": []})
+    time.sleep(0.1)
+    listed = saver.list_incomplete()
+    assert [run.thread_id for run in listed] == ["dead"]
+    graph.recover()  # another worker recovers it first
+    assert ran == ["a", "b", "c"]
+    saver.list_incomplete = lambda **kwargs: listed  # type: ignore[method-assign]
+    report = graph.recover()  # a worker still holding the stale list
+    assert report.busy == ["dead"] and ran == ["a", "b", "c"]
+
+
+def test_update_state_on_a_dead_run_leaves_it_for_recovery() -> None:
+    saver = InMemorySaver()
+    graph = chain(saver)
+    graph.invoke({"log": []}, thread("t"))
+    saver.acquire_lease("t", "dead-run", ttl=0.05)
+    time.sleep(0.1)
+    graph.update_state(thread("t"), {"log": ["fixed by hand"]})
+    run = saver.get_run("t")
+    assert (run.status, run.attempts) == ("running", 1)
+    assert [r.thread_id for r in saver.list_incomplete()] == ["t"]
+
+
+async def test_a_run_cancelled_while_taking_its_lease_leaves_none() -> None:
+    saver = InMemorySaver()
+    real = saver.acquire_lease
+
+    def slow_acquire(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    saver.acquire_lease = slow_acquire  # type: ignore[method-assign]
+    saver.async_inline = False  # the async twin runs it in a thread, as a database saver does
+    graph = chain(saver)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(graph.ainvoke({"log": []}, thread("c")), timeout=0.05)
+    await asyncio.sleep(0.3)
+    run = saver.get_run("c")
+    assert run is not None and run.status == "cancelled" and run.expires_at is None
+    assert saver.list_incomplete() == []

@@ -800,7 +800,7 @@ def prune(
 
 _RUN_COLUMNS = (
     "thread_id, epoch, owner, expires_at, status, attempts, updated_at, error, input_type,"
-    " input_blob"
+    " input_blob, head"
 )
 # Taking the lease is one statement, so racing runs serialize on the row (or, for a new thread,
 # on its primary key) and exactly one wins. Its rules are ``storage.runs.take_lease``'s: the
@@ -812,8 +812,14 @@ _RUN_COLUMNS = (
 _ACQUIRE = f"""
 INSERT INTO stepgraph_thread_runs AS r ({_RUN_COLUMNS})
 SELECT %(thread_id)b::bytea, 1, %(owner)b::bytea, clock.now + %(ttl)b::double precision,
-    'running', 1, clock.now, NULL, %(input_type)b::text, %(input_blob)b::bytea
+    'running', 1, clock.now, NULL, %(input_type)b::text, %(input_blob)b::bytea,
+    (SELECT checkpoint_id FROM stepgraph_checkpoints
+        WHERE thread_id = %(thread_id)b::bytea AND checkpoint_ns = ''::bytea
+        ORDER BY checkpoint_id DESC LIMIT 1)
 FROM (SELECT {_NOW} AS now) AS clock
+-- Recovery takes over an existing row (the ON CONFLICT branch) or nothing.
+WHERE %(expect)b::bigint IS NULL
+    OR EXISTS (SELECT FROM stepgraph_thread_runs WHERE thread_id = %(thread_id)b::bytea)
 ON CONFLICT (thread_id) DO UPDATE SET
     epoch = CASE WHEN r.expires_at > excluded.updated_at THEN r.epoch ELSE r.epoch + 1 END,
     owner = excluded.owner,
@@ -826,8 +832,14 @@ ON CONFLICT (thread_id) DO UPDATE SET
     input_type = CASE WHEN r.expires_at > excluded.updated_at THEN r.input_type
         ELSE excluded.input_type END,
     input_blob = CASE WHEN r.expires_at > excluded.updated_at THEN r.input_blob
-        ELSE excluded.input_blob END
-WHERE r.expires_at IS NULL OR r.expires_at <= excluded.updated_at OR r.owner = excluded.owner
+        ELSE excluded.input_blob END,
+    head = CASE WHEN r.expires_at > excluded.updated_at THEN r.head ELSE excluded.head END
+WHERE (r.expires_at > excluded.updated_at AND r.owner = excluded.owner)  -- a retried call
+    OR CASE WHEN %(expect)b::bigint IS NULL
+        THEN r.expires_at IS NULL OR r.expires_at <= excluded.updated_at
+        -- recovery: only from the dead run it listed (storage.runs.take_lease)
+        ELSE r.epoch = %(expect)b::bigint AND r.status = 'running'
+            AND (r.expires_at IS NULL OR r.expires_at <= excluded.updated_at) END
 RETURNING r.epoch, r.expires_at, r.attempts
 """
 _HOLDER = f"""
@@ -847,6 +859,12 @@ SET expires_at = NULL, status = %(status)b::text, updated_at = {_NOW}, error = %
     input_type = NULL, input_blob = NULL
 WHERE thread_id = %(thread_id)b::bytea AND epoch = %(epoch)b::bigint AND owner = %(owner)b::bytea
 """
+# Handed back unfinished (storage.runs.released): incomplete again, this take not counted.
+_HAND_BACK = f"""
+UPDATE stepgraph_thread_runs
+SET expires_at = NULL, attempts = greatest(attempts - 1, 1), updated_at = {_NOW}
+WHERE thread_id = %(thread_id)b::bytea AND epoch = %(epoch)b::bigint AND owner = %(owner)b::bytea
+"""
 _GET_RUN = f"SELECT {_RUN_COLUMNS} FROM stepgraph_thread_runs WHERE thread_id = %b::bytea"
 # The runs that died: 'running' with the lease run out (``storage.runs.is_incomplete``).
 _LIST_INCOMPLETE = f"""
@@ -859,7 +877,9 @@ _BUSY_RETRIES = 5
 
 
 def _run_row(fields: Sequence[Any]) -> RunRow:
-    thread_id, epoch, owner, expires_at, status, attempts, updated_at, error, itype, blob = fields
+    thread_id, epoch, owner, expires_at, status, attempts, updated_at, error, itype, blob, head = (
+        fields
+    )
     return RunRow(
         decode(thread_id),
         epoch,
@@ -871,6 +891,7 @@ def _run_row(fields: Sequence[Any]) -> RunRow:
         error,
         itype,
         None if blob is None else bytes(blob),
+        _decode_optional(head),
     )
 
 
@@ -882,7 +903,12 @@ def _text(text: str | None) -> str | None:
 
 
 def acquire_lease(
-    serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+    serde: SerializerProtocol,
+    thread_id: str,
+    owner: str,
+    ttl: float,
+    input: Any,
+    expect_epoch: int | None,
 ) -> Callable[[], Plan[Lease]]:
     """Run with ``Scope.STATEMENT``: one statement, and one more to name the holder when the
     thread is busy. The input is serialized here, before a connection is taken."""
@@ -896,6 +922,7 @@ def acquire_lease(
         "ttl": ttl,
         "input_type": input_type,
         "input_blob": input_blob,
+        "expect": expect_epoch,
     }
 
     def plan() -> Plan[Lease]:
@@ -904,6 +931,8 @@ def acquire_lease(
             if taken:
                 epoch, expires_at, attempts = taken[0]
                 return Lease(thread_id, owner, epoch, expires_at, attempts)
+            if expect_epoch is not None:  # the dead run is gone: recovered, or finished
+                raise ThreadBusyError(thread_id, None, None)
             found = yield Statement(_HOLDER, (params["thread_id"],), fetch=True)
             if found:
                 holder, expires_at, now = found[0]
@@ -945,7 +974,10 @@ def release_lease(lease: Lease, status: RunStatus, error: str | None) -> Plan[No
         "status": status,
         "error": _text(error),
     }
-    yield Statement(_RELEASE, params)
+    if status == "running":
+        yield Statement(_HAND_BACK, params)
+    else:
+        yield Statement(_RELEASE, params)
 
 
 def get_run(serde: SerializerProtocol, thread_id: str) -> Plan[RunInfo | None]:
@@ -1151,7 +1183,9 @@ class PostgresPlans:
         return None if plan is None else Job(plan, Scope.STATEMENT)
 
     def delete_threads(self, thread_ids: Sequence[str]) -> Job[None, Scope]:
-        return Job(functools.partial(delete_threads, thread_ids), Scope.STATEMENT)
+        # The tombstones and the deletion commit together: committed apart, a run could take
+        # the thread between them and have what it then writes deleted.
+        return Job(functools.partial(delete_threads, thread_ids), Scope.TRANSACTION)
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> Job[None, Scope]:
         plan = functools.partial(copy_thread, source_thread_id, target_thread_id)
@@ -1176,9 +1210,16 @@ class PostgresPlans:
     # -- ownership and the run registry ----------------------------------------------------
 
     def acquire_lease(
-        self, serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+        self,
+        serde: SerializerProtocol,
+        thread_id: str,
+        owner: str,
+        ttl: float,
+        input: Any,
+        expect_epoch: int | None,
     ) -> Job[Lease, Scope]:
-        return Job(acquire_lease(serde, thread_id, owner, ttl, input), Scope.STATEMENT)
+        plan = acquire_lease(serde, thread_id, owner, ttl, input, expect_epoch)
+        return Job(plan, Scope.STATEMENT)
 
     def renew_lease(self, lease: Lease, ttl: float) -> Job[Lease, Scope]:
         return Job(functools.partial(renew_lease, lease, ttl), Scope.STATEMENT)

@@ -108,7 +108,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at double precision NOT NULL,
             error text,
             input_type text,
-            input_blob bytea
+            input_blob bytea,
+            head bytea
         )
         """,
         # list_incomplete: 'running' rows, oldest first (few: only runs in flight or dead).

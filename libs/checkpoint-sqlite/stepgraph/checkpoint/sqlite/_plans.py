@@ -622,7 +622,8 @@ _UPSERT_RUN = (
 _SELECT_RUN = f"SELECT {_RUN_COLUMNS} FROM thread_runs WHERE thread_id = ?"
 # The index's range of expired 'running' rows (``is_incomplete`` still decides).
 _SELECT_INCOMPLETE = (
-    f"SELECT {_RUN_COLUMNS} FROM thread_runs WHERE status = 'running' AND expires_at <= ?"
+    f"SELECT {_RUN_COLUMNS} FROM thread_runs"
+    " WHERE status = 'running' AND (expires_at IS NULL OR expires_at <= ?)"
     " ORDER BY updated_at, thread_id LIMIT ?"
 )
 
@@ -637,14 +638,27 @@ def _select_run(thread_id: str) -> Plan[RunRow | None]:
 # after the lock is taken: waiting for the lock must not shorten a lease.
 
 
+_SELECT_HEAD = (
+    "SELECT max(checkpoint_id) FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ''"
+)
+
+
 def acquire_lease(
-    serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+    serde: SerializerProtocol,
+    thread_id: str,
+    owner: str,
+    ttl: float,
+    input: Any,
+    expect_epoch: int | None,
 ) -> Plan[Lease]:
     thread_id = str(thread_id)
     stored = encode_input(serde, input)  # serialized before the write lock is taken
     yield BEGIN_WRITE
     row = yield from _select_run(thread_id)
-    taken = take_lease(row, thread_id, owner, ttl, time.time(), stored)  # or ThreadBusyError
+    head = yield Statement(_SELECT_HEAD, (thread_id,))
+    taken = take_lease(  # or ThreadBusyError
+        row, thread_id, owner, ttl, time.time(), stored, head[0][0], expect_epoch
+    )
     yield Statement(_UPSERT_RUN, taken)
     yield COMMIT
     return lease_of(taken)
@@ -783,9 +797,16 @@ class SqlitePlans:
         return Job(plan, None)
 
     def acquire_lease(
-        self, serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+        self,
+        serde: SerializerProtocol,
+        thread_id: str,
+        owner: str,
+        ttl: float,
+        input: Any,
+        expect_epoch: int | None,
     ) -> Job[Lease, None]:
-        return Job(functools.partial(acquire_lease, serde, thread_id, owner, ttl, input), None)
+        plan = functools.partial(acquire_lease, serde, thread_id, owner, ttl, input, expect_epoch)
+        return Job(plan, None)
 
     def renew_lease(self, lease: Lease, ttl: float) -> Job[Lease, None]:
         return Job(functools.partial(renew_lease, lease, ttl), None)

@@ -93,7 +93,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at REAL NOT NULL,
             error TEXT,
             input_type TEXT,
-            input_blob BLOB
+            input_blob BLOB,
+            head TEXT
         ) WITHOUT ROWID
         """,
         # list_incomplete: the 'running' rows whose lease ran out, a range of this index.

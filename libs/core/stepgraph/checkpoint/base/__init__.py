@@ -408,17 +408,33 @@ class BaseCheckpointSaver(ABC):
     # -- ownership and the run registry (``stepgraph.checkpoint.base.runs``) ----------------
 
     @abstractmethod
-    def acquire_lease(self, thread_id: str, owner: str, *, ttl: float, input: Any = None) -> Lease:
+    def acquire_lease(
+        self,
+        thread_id: str,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> Lease:
         """Take the thread for run ``owner`` for ``ttl`` seconds, or raise ``ThreadBusyError``.
 
         Free (no lease, or an expired one, or a finished/deleted run): the epoch is bumped,
-        the status becomes ``running`` and ``input`` is kept with it. ``attempts`` becomes 1,
-        or one more than before if the previous run's status was still ``running`` (it died).
+        the status becomes ``running``, ``input`` and the thread's latest root checkpoint id
+        (``RunInfo.head``) are kept with it. ``attempts`` becomes 1, or one more than before
+        if the previous run's status was still ``running`` (it died). With ``expect_epoch``
+        the thread is taken only from a dead run at that epoch (recovery's take-over).
         """
 
     @abstractmethod
     async def aacquire_lease(
-        self, thread_id: str, owner: str, *, ttl: float, input: Any = None
+        self,
+        thread_id: str,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
     ) -> Lease: ...
 
     @abstractmethod
@@ -580,9 +596,17 @@ class AsyncFromSyncSaver(BaseCheckpointSaver):
         )
 
     async def aacquire_lease(
-        self, thread_id: str, owner: str, *, ttl: float, input: Any = None
+        self,
+        thread_id: str,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
     ) -> Lease:
-        return await self._call(self.acquire_lease, thread_id, owner, ttl=ttl, input=input)
+        return await self._call(
+            self.acquire_lease, thread_id, owner, ttl=ttl, input=input, expect_epoch=expect_epoch
+        )
 
     async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         return await self._call(self.renew_lease, lease, ttl=ttl)
@@ -705,8 +729,18 @@ class SyncFromAsyncSaver(BaseCheckpointSaver):
             self.aprune(thread_ids, strategy=strategy, keep_last=keep_last, older_than=older_than)
         )
 
-    def acquire_lease(self, thread_id: str, owner: str, *, ttl: float, input: Any = None) -> Lease:
-        return self._wait(self.aacquire_lease(thread_id, owner, ttl=ttl, input=input))
+    def acquire_lease(
+        self,
+        thread_id: str,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> Lease:
+        return self._wait(
+            self.aacquire_lease(thread_id, owner, ttl=ttl, input=input, expect_epoch=expect_epoch)
+        )
 
     def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         return self._wait(self.arenew_lease(lease, ttl=ttl))

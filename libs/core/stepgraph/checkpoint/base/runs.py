@@ -22,6 +22,7 @@ from stepgraph.config import RunnableConfig
 __all__ = [
     "FINISHED",
     "LEASE_EPOCH_KEY",
+    "RECOVER_EPOCH_KEY",
     "Lease",
     "Retention",
     "RunInfo",
@@ -50,7 +51,7 @@ class Lease(NamedTuple):
 
     thread_id: str
     owner: str
-    """The run id of the holder."""
+    """A name the run took the lease under (new for every run)."""
     epoch: int
     """Bumped by every take-over and by ``delete_thread``; writes carry it as a fencing token."""
     expires_at: float
@@ -65,6 +66,10 @@ class RunInfo:
     """What the saver knows of the last run on a thread."""
 
     thread_id: str
+    epoch: int
+    """The lease's epoch: recovery takes the thread over only at this epoch (``expect_epoch``)."""
+    head: str | None
+    """The thread's latest root checkpoint id when the run started (None: it had none)."""
     run_id: str | None
     status: RunStatus
     attempts: int
@@ -109,6 +114,11 @@ class Retention:
             raise ValueError(f"Retention.keep_last must be at least 1, not {self.keep_last}")
         if self.ttl is not None and self.ttl <= timedelta(0):
             raise ValueError(f"Retention.ttl must be positive, not {self.ttl}")
+
+
+RECOVER_EPOCH_KEY = "__recover_epoch__"
+"""Key of a run's ``configurable`` set by recovery: the epoch of the dead run it takes over
+(``acquire_lease(expect_epoch=...)``), so two workers never both recover one run."""
 
 
 def fence_of(config: RunnableConfig) -> int | None:

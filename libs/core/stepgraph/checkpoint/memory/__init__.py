@@ -416,12 +416,28 @@ class InMemorySaver(AsyncFromSyncSaver):
 
     # -- ownership and the run registry ------------------------------------------------------
 
-    def acquire_lease(self, thread_id: str, owner: str, *, ttl: float, input: Any = None) -> Lease:
+    def acquire_lease(
+        self,
+        thread_id: str,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> Lease:
         thread_id = str(thread_id)
         stored = runs.encode_input(self.serde, input)
         with self._lock:
+            head = self._checkpoints.get(thread_id, {}).get("")
             row = runs.take_lease(
-                self._runs.get(thread_id), thread_id, owner, ttl, time.time(), stored
+                self._runs.get(thread_id),
+                thread_id,
+                owner,
+                ttl,
+                time.time(),
+                stored,
+                head=head.latest or None if head is not None else None,
+                expect_epoch=expect_epoch,
             )
             self._runs[thread_id] = row
         return runs.lease_of(row)

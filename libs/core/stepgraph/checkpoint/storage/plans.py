@@ -155,7 +155,13 @@ class SaverPlans(Protocol[S_co]):
     # ownership and the run registry (``stepgraph.checkpoint.storage.runs``)
 
     def acquire_lease(
-        self, serde: SerializerProtocol, thread_id: str, owner: str, ttl: float, input: Any
+        self,
+        serde: SerializerProtocol,
+        thread_id: str,
+        owner: str,
+        ttl: float,
+        input: Any,
+        expect_epoch: int | None,
     ) -> Job[Lease, S_co]: ...
 
     def renew_lease(self, lease: Lease, ttl: float) -> Job[Lease, S_co]: ...
@@ -267,8 +273,17 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
 
     # -- ownership and the run registry ------------------------------------------------------
 
-    def acquire_lease(self, thread_id: str, owner: str, *, ttl: float, input: Any = None) -> Lease:
-        return self._run(self.plans.acquire_lease(self.serde, thread_id, owner, ttl, input))
+    def acquire_lease(
+        self,
+        thread_id: str,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> Lease:
+        job = self.plans.acquire_lease(self.serde, thread_id, owner, ttl, input, expect_epoch)
+        return self._run(job)
 
     def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         return self._run(self.plans.renew_lease(lease, ttl))
@@ -381,9 +396,16 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
     # -- ownership and the run registry ------------------------------------------------------
 
     async def aacquire_lease(
-        self, thread_id: str, owner: str, *, ttl: float, input: Any = None
+        self,
+        thread_id: str,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
     ) -> Lease:
-        return await self._run(self.plans.acquire_lease(self.serde, thread_id, owner, ttl, input))
+        job = self.plans.acquire_lease(self.serde, thread_id, owner, ttl, input, expect_epoch)
+        return await self._run(job)
 
     async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         return await self._run(self.plans.renew_lease(lease, ttl))

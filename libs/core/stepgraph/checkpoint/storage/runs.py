@@ -33,8 +33,9 @@ __all__ = [
     "take_lease",
 ]
 
-RELEASE_STATUSES = FINISHED
-"""Statuses a run may end with (``release_lease``)."""
+RELEASE_STATUSES = FINISHED | {"running"}
+"""Statuses a lease may be let go with (``release_lease``): how the run ended, or
+``"running"``: handed back unfinished (``update_state`` on a thread whose run died)."""
 
 
 class RunRow(NamedTuple):
@@ -52,6 +53,9 @@ class RunRow(NamedTuple):
     error: str | None = None
     input_type: str | None = None
     input_blob: bytes | None = None
+    head: str | None = None
+    """The thread's latest root-namespace checkpoint id when the run took the lease: recovery
+    tells a run that saved nothing (the head is unchanged) from one that saved some steps."""
 
 
 def check_ttl(ttl: float) -> float:
@@ -67,7 +71,9 @@ def check_limit(limit: int | None) -> None:
 
 def check_release_status(status: str) -> None:
     if status not in RELEASE_STATUSES:
-        raise ValueError(f"A run ends with one of {sorted(RELEASE_STATUSES)}, not {status!r}")
+        raise ValueError(
+            f"A lease is let go with one of {sorted(RELEASE_STATUSES)}, not {status!r}"
+        )
 
 
 def encode_input(serde: SerializerProtocol, value: Any) -> tuple[str | None, bytes | None]:
@@ -89,13 +95,24 @@ def take_lease(
     ttl: float,
     now: float,
     input: tuple[str | None, bytes | None] = (None, None),
+    head: str | None = None,
+    expect_epoch: int | None = None,
 ) -> RunRow:
-    """The row after run ``owner`` takes the thread at ``now``, or ``ThreadBusyError``."""
+    """The row after run ``owner`` takes the thread at ``now``, or ``ThreadBusyError``.
+
+    ``head`` is the thread's latest root checkpoint id now. With ``expect_epoch`` (recovery)
+    the thread is taken only from the dead run recovery listed: still ``running``, lease run
+    out, at that epoch; otherwise someone else got to it first (``ThreadBusyError``)."""
     check_key("thread_id", thread_id)
     check_ttl(ttl)
-    if row is not None and row.expires_at is not None and row.expires_at > now:
-        if row.owner == owner:  # taken already (a retried call): extend it, same epoch
-            return row._replace(expires_at=now + ttl, updated_at=now)
+    live = row is not None and row.expires_at is not None and row.expires_at > now
+    if live and row is not None and row.owner == owner:
+        # Taken already: a call retried after its connection dropped. Same epoch.
+        return row._replace(expires_at=now + ttl, updated_at=now)
+    if expect_epoch is not None:
+        if row is None or row.epoch != expect_epoch or not is_incomplete(row, now):
+            raise ThreadBusyError(thread_id, row.owner if row else None, None)
+    elif live and row is not None and row.expires_at is not None:
         raise ThreadBusyError(thread_id, row.owner, row.expires_at - now)
     died = row is not None and row.status == "running"
     return RunRow(
@@ -108,6 +125,7 @@ def take_lease(
         now,
         None,
         *input,
+        head,
     )
 
 
@@ -154,6 +172,8 @@ def released(
     check_release_status(status)
     if row is None or row.epoch != lease.epoch or row.owner != lease.owner:
         return None
+    if status == "running":  # handed back unfinished: incomplete again, this take not counted
+        return row._replace(expires_at=None, attempts=max(row.attempts - 1, 1), updated_at=now)
     return row._replace(
         expires_at=None,
         status=status,
@@ -174,6 +194,8 @@ def deleted(row: RunRow | None, thread_id: str, now: float) -> RunRow:
 def run_info(serde: SerializerProtocol, row: RunRow) -> RunInfo:
     return RunInfo(
         thread_id=row.thread_id,
+        epoch=row.epoch,
+        head=row.head,
         run_id=row.owner,
         status=row.status,  # type: ignore[arg-type]
         attempts=row.attempts,

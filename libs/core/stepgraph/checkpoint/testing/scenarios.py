@@ -1009,14 +1009,52 @@ async def incomplete_runs_are_listed(api: SaverApi) -> None:
     assert (run.status, run.error, run.input) == ("error", "it failed again", None)
 
 
+async def recovery_takes_over_only_the_dead_run(api: SaverApi) -> None:
+    """``expect_epoch`` takes a thread only from the dead run at that epoch; the run record
+    keeps the thread's head checkpoint from when the run started; a lease handed back
+    ``running`` leaves the run incomplete, that take not counted."""
+    history = History(api, new_id("recover"))
+    first = await history.step({"n": 1})
+    lease = await api.call("acquire_lease", history.thread_id, "run-a", ttl=0.2, input=[1])
+    run = await api.call("get_run", history.thread_id)
+    assert (run.epoch, run.head) == (lease.epoch, checkpoint_id_of(first))
+    with pytest.raises(ThreadBusyError):  # still alive
+        await api.call(
+            "acquire_lease", history.thread_id, "rec-1", ttl=30, expect_epoch=lease.epoch
+        )
+    await api.sleep(0.4)
+    with pytest.raises(ThreadBusyError):  # dead, but not at that epoch
+        await api.call(
+            "acquire_lease", history.thread_id, "rec-1", ttl=30, expect_epoch=lease.epoch + 7
+        )
+    taken = await api.call(
+        "acquire_lease", history.thread_id, "rec-1", ttl=30, expect_epoch=lease.epoch
+    )
+    assert taken.attempts == 2
+    await api.call("release_lease", taken, "running")  # handed back unfinished
+    run = await api.call("get_run", history.thread_id)
+    assert (run.status, run.attempts, run.expires_at) == ("running", 1, None)
+    assert history.thread_id in {r.thread_id for r in await api.call("list_incomplete")}
+    again = await api.call(
+        "acquire_lease", history.thread_id, "rec-2", ttl=30, expect_epoch=run.epoch
+    )
+    await api.call("release_lease", again, "done")
+    with pytest.raises(ThreadBusyError):  # finished now: nothing to recover
+        await api.call(
+            "acquire_lease", history.thread_id, "rec-3", ttl=30, expect_epoch=again.epoch
+        )
+    with pytest.raises(ThreadBusyError):  # never leased
+        await api.call("acquire_lease", new_id("none"), "rec-4", ttl=30, expect_epoch=1)
+
+
 async def lease_arguments_are_checked(api: SaverApi) -> None:
     thread_id = new_id("lease-args")
     for ttl in (0, -1.0):
         with pytest.raises(ValueError, match="ttl"):
             await api.call("acquire_lease", thread_id, "run-a", ttl=ttl)
     lease = await api.call("acquire_lease", thread_id, "run-a", ttl=30)
-    with pytest.raises(ValueError, match="running"):
-        await api.call("release_lease", lease, "running")
+    with pytest.raises(ValueError, match="let go"):
+        await api.call("release_lease", lease, "paused-ish")
     with pytest.raises(ValueError, match="thread_id"):
         await api.call("acquire_lease", "x" * 100_000, "run-a", ttl=30)
     with pytest.raises(ValueError, match="limit"):
@@ -1099,6 +1137,7 @@ SCENARIOS: list[Scenario] = [
     expired_lease_is_taken_over_and_fenced,
     writes_after_delete_thread_are_refused,
     incomplete_runs_are_listed,
+    recovery_takes_over_only_the_dead_run,
     lease_arguments_are_checked,
     storage_report_counts_a_thread,
     sweep_deletes_idle_threads,
