@@ -67,14 +67,18 @@ class _Tally:
 TALLY = _Tally()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _print_summary() -> Iterator[None]:
+@pytest.fixture(scope="module", autouse=True)
+def _print_summary(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if TALLY.cases:
-        print(
-            f"\nbad-input: {TALLY.cases} cases, {len(TALLY.backends)} backends, "
-            f"{TALLY.checks} invariant checks"
-        )
+        # Past pytest's output capture, so that make test's -q run shows the counts.
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(
+                f"\nbad-input: {TALLY.cases} cases, {len(TALLY.backends)} backends, "
+                f"{TALLY.checks} invariant checks",
+                flush=True,
+            )
 
 
 def checked() -> None:
