@@ -360,7 +360,7 @@ def main_sync(spec: dict, work: Path) -> Any:
                 if deadline_passed(started):
                     sys.exit("fault_program: the crashed run never showed up as incomplete")
                 time.sleep(0.02)
-            report = graph.recover(durability=spec["durability"])
+            report = graph.recover()  # repeats the run's own durability
             return {
                 "report": report_of(report),
                 "state": graph.get_state(thread_config(spec)).values,
@@ -382,7 +382,7 @@ async def main_async(spec: dict, work: Path) -> Any:
                 if deadline_passed(started):
                     sys.exit("fault_program: the crashed run never showed up as incomplete")
                 await asyncio.sleep(0.02)
-            report = await graph.arecover(durability=spec["durability"])
+            report = await graph.arecover()
             state = (await graph.aget_state(thread_config(spec))).values
             return {"report": report_of(report), "state": state}
         return await graph.ainvoke(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stepgraph._twins import call, drive
 from stepgraph.checkpoint.base import RunInfo
@@ -67,6 +67,7 @@ async def _recover(
     limit: int | None,
     config: RunnableConfig | None,
     durability: Durability | None,
+    context: Any,
     use_async: bool,
 ) -> RecoveryReport:
     """One recovery pass, over the sync or the async API (``stepgraph._twins``)."""
@@ -93,11 +94,22 @@ async def _recover(
             root = {"configurable": {"thread_id": run.thread_id, "checkpoint_ns": ""}}
             saved = await call(saver, "get_tuple", use_async, root)
             head = None if saved is None else saved.config["configurable"]["checkpoint_id"]
+            request = run.input if isinstance(run.input, dict) else {}
             # A run that died before its first save (the head is where it was when the run
             # started) starts again from its input; one that saved steps goes on from them.
-            input = run.input if head == run.head else None
-            run_config = _config(graph, run, config)
-            await call(graph, "invoke", use_async, input, run_config, durability=durability)
+            # Either way with the call's own durability and breakpoints.
+            input = request.get("input") if head == run.head else None
+            await call(
+                graph,
+                "invoke",
+                use_async,
+                input,
+                _config(graph, run, config),
+                durability=durability or request.get("durability"),
+                interrupt_before=request.get("interrupt_before"),
+                interrupt_after=request.get("interrupt_after"),
+                context=context,
+            )
             report.resumed.append(run.thread_id)
         except ThreadBusyError:
             report.busy.append(run.thread_id)
@@ -113,8 +125,9 @@ def recover(
     limit: int | None = None,
     config: RunnableConfig | None = None,
     durability: Durability | None = None,
+    context: Any = None,
 ) -> RecoveryReport:
-    return drive(_recover(graph, max_attempts, limit, config, durability, use_async=False))
+    return drive(_recover(graph, max_attempts, limit, config, durability, context, use_async=False))
 
 
 async def arecover(
@@ -124,5 +137,6 @@ async def arecover(
     limit: int | None = None,
     config: RunnableConfig | None = None,
     durability: Durability | None = None,
+    context: Any = None,
 ) -> RecoveryReport:
-    return await _recover(graph, max_attempts, limit, config, durability, use_async=True)
+    return await _recover(graph, max_attempts, limit, config, durability, context, use_async=True)

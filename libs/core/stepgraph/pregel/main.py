@@ -416,7 +416,7 @@ class Pregel:
         saver = loop.checkpointer
         if saver is None or loop.parent_task is not None:
             return None
-        holding = _lease.acquire(saver, loop.config, _owner(), input)
+        holding = _lease.acquire(saver, loop.config, _owner(), _request(self, loop, input))
         loop.fence, loop.holding = holding.epoch, holding
         return holding
 
@@ -426,7 +426,8 @@ class Pregel:
         saver = loop.checkpointer
         if saver is None or loop.parent_task is not None:
             return None, None
-        holding, beat = await _lease.aacquire(saver, loop.config, _owner(), input)
+        request = _request(self, loop, input)
+        holding, beat = await _lease.aacquire(saver, loop.config, _owner(), request)
         loop.fence, loop.holding = holding.epoch, holding
         return holding, beat
 
@@ -463,13 +464,20 @@ class Pregel:
         limit: int | None = None,
         config: RunnableConfig | None = None,
         durability: Durability | None = None,
+        context: Any = None,
     ) -> RecoveryReport:
         """Run on every thread whose run died mid-way (``checkpointer.list_incomplete()``),
         from its last checkpoint; give up on (mark ``abandoned``) those already started
-        ``max_attempts`` times. ``config`` is merged into each run's config; ``durability``
-        is the recovered runs' mode (the registry does not keep the dead run's)."""
+        ``max_attempts`` times. A recovered run repeats its call's durability and breakpoints;
+        ``config`` is merged into each run's config; ``durability`` overrides the kept mode;
+        ``context`` is the recovered runs' runtime context (the registry does not keep it)."""
         return _recovery.recover(
-            self, max_attempts=max_attempts, limit=limit, config=config, durability=durability
+            self,
+            max_attempts=max_attempts,
+            limit=limit,
+            config=config,
+            durability=durability,
+            context=context,
         )
 
     async def arecover(
@@ -479,9 +487,15 @@ class Pregel:
         limit: int | None = None,
         config: RunnableConfig | None = None,
         durability: Durability | None = None,
+        context: Any = None,
     ) -> RecoveryReport:
         return await _recovery.arecover(
-            self, max_attempts=max_attempts, limit=limit, config=config, durability=durability
+            self,
+            max_attempts=max_attempts,
+            limit=limit,
+            config=config,
+            durability=durability,
+            context=context,
         )
 
     def stream(
@@ -887,6 +901,22 @@ class Pregel:
         copy.__dict__.update(self.__dict__)
         copy.config = merge_configs(self.config, config, kwargs)  # type: ignore[arg-type]
         return copy
+
+
+def _request(graph: Pregel, loop: RunLoop, input: Any) -> dict[str, Any] | None:
+    """What the run registry keeps of a run's call, for recovery to repeat it: the input and
+    the call's own durability and breakpoints (a recovered run must still stop for a human).
+    None when there is nothing beyond the defaults to keep."""
+    request: dict[str, Any] = {}
+    if input is not None:
+        request["input"] = input
+    if loop.durability != "async":
+        request["durability"] = loop.durability
+    if loop.interrupt_before != graph.interrupt_before_nodes:
+        request["interrupt_before"] = list(loop.interrupt_before)
+    if loop.interrupt_after != graph.interrupt_after_nodes:
+        request["interrupt_after"] = list(loop.interrupt_after)
+    return request or None
 
 
 def _owner() -> str:

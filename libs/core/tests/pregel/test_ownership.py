@@ -185,7 +185,7 @@ def test_recover_runs_on_the_runs_that_died() -> None:
         graph.invoke({"log": []}, thread("died"), durability="sync")
     saver.release_lease = real  # type: ignore[method-assign]
     # A run that died before its first save: recovery starts it again with its input.
-    saver.acquire_lease("died-early", "dead-run", ttl=0.1, input={"log": ["early"]})
+    saver.acquire_lease("died-early", "dead-run", ttl=0.1, input={"input": {"log": ["early"]}})
 
     assert graph.recover().resumed == []  # leases still live: maybe still running elsewhere
     time.sleep(0.3)
@@ -316,7 +316,7 @@ def test_recovery_restarts_a_run_that_saved_nothing_on_a_thread_with_history() -
     graph = chain(saver)
     graph.invoke({"log": ["turn1"]}, thread("chat"))
     # The second turn dies before its first save (durability="exit" saves only at the end).
-    saver.acquire_lease("chat", "dead-run", ttl=0.05, input={"log": ["turn2"]})
+    saver.acquire_lease("chat", "dead-run", ttl=0.05, input={"input": {"log": ["turn2"]}})
     time.sleep(0.1)
     assert graph.recover().resumed == ["chat"]
     log = graph.get_state(thread("chat")).values["log"]
@@ -327,7 +327,7 @@ def test_a_run_recovered_elsewhere_meanwhile_is_not_run_again() -> None:
     saver = InMemorySaver()
     ran: list[str] = []
     graph = chain(saver, ran.append)
-    saver.acquire_lease("dead", "dead-run", ttl=0.05, input={"log": []})
+    saver.acquire_lease("dead", "dead-run", ttl=0.05, input={"input": {"log": []}})
     time.sleep(0.1)
     listed = saver.list_incomplete()
     assert [run.thread_id for run in listed] == ["dead"]
@@ -367,3 +367,29 @@ async def test_a_run_cancelled_while_taking_its_lease_leaves_none() -> None:
     run = saver.get_run("c")
     assert run is not None and run.status == "cancelled" and run.expires_at is None
     assert saver.list_incomplete() == []
+
+
+def test_recovery_repeats_the_calls_breakpoints_and_durability() -> None:
+    saver = InMemorySaver()
+    saver.lease_ttl = 0.1
+    ran: list[str] = []
+
+    def hook(name: str) -> None:
+        if name == "a" and "a" not in ran:
+            ran.append(name)
+            raise KeyboardInterrupt  # dies inside a, before a's first save in "exit" mode
+        ran.append(name)
+
+    graph = chain(saver, hook)
+    real = saver.release_lease
+    saver.release_lease = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        graph.invoke({"log": []}, thread("gate"), durability="exit", interrupt_before=["c"])
+    saver.release_lease = real  # type: ignore[method-assign]
+    request = saver.get_run("gate").input
+    assert request == {"input": {"log": []}, "durability": "exit", "interrupt_before": ["c"]}
+    time.sleep(0.2)
+    assert graph.recover().resumed == ["gate"]
+    state = graph.get_state(thread("gate"))
+    assert state.next == ("c",) and ran == ["a", "a", "b"]  # stopped for the human again
+    assert saver.get_run("gate").status == "interrupted"

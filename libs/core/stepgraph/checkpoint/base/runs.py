@@ -79,7 +79,9 @@ class RunInfo:
     """Unix time of the last change to this record."""
     error: str | None = None
     input: Any = None
-    """The run's input, kept so that recovery can start a run again that saved nothing."""
+    """What the run was started with, kept until it ends. For graph runs, what recovery
+    repeats: ``{"input": ..., "durability": ..., "interrupt_before": [...],
+    "interrupt_after": [...]}`` (keys only where the call set them)."""
 
 
 @dataclass(frozen=True, slots=True)
