@@ -13,6 +13,7 @@ __all__ = [
     "InvalidUpdateError",
     "LeaseLostError",
     "ParentCommand",
+    "RunIncompleteError",
     "SerializationError",
     "ThreadBusyError",
     "UnknownTypeError",
@@ -97,3 +98,17 @@ class LeaseLostError(RuntimeError):
         super().__init__(f"Write to thread {thread_id!r} refused: {reason}")
         self.thread_id = thread_id
         self.reason = reason
+
+
+class RunIncompleteError(RuntimeError):
+    """``update_state`` on a thread whose last run died while running: recover the run first
+    (``graph.recover()``), so that what it had saved and what it was asked to do are kept."""
+
+    def __init__(self, thread_id: str, run_id: str | None) -> None:
+        super().__init__(
+            f"Thread {thread_id!r}: its last run ({run_id!r}) died while running and has not "
+            "been recovered. Run graph.recover() first; updating the state now would take the "
+            "thread from the dead run and lose what recovery needs."
+        )
+        self.thread_id = thread_id
+        self.run_id = run_id

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -132,9 +133,14 @@ def acquire(saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, inpu
 
 
 async def aacquire(
-    saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any
+    saver: BaseCheckpointSaver,
+    config: RunnableConfig,
+    owner: str,
+    input: Any,
+    on_cancel: tuple[RunStatus, str | None] = ("cancelled", "CancelledError"),
 ) -> tuple[Holding, asyncio.Task[None]]:
-    """``acquire`` for async runs: also returns the task that renews the lease."""
+    """``acquire`` for async runs: also returns the task that renews the lease. Cancelled
+    while the lease is being taken, the lease is let go with ``on_cancel`` once taken."""
     waiting = _Waiting(config)
     while True:
         taking = asyncio.ensure_future(_take(saver, config, owner, input, use_async=True))
@@ -146,12 +152,24 @@ async def aacquire(
         except ThreadBusyError as busy:
             await asyncio.sleep(waiting.after(busy))
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                taken = await taking
-                await saver.arelease_lease(taken, "cancelled", "CancelledError")
+            # Let go from a callback, not here: a second cancellation must not stop it.
+            taking.add_done_callback(lambda done: _let_go_when_taken(saver, done, on_cancel))
             raise
     holding = Holding(saver, lease, saver.lease_ttl)
     return holding, asyncio.ensure_future(_heartbeat(holding))
+
+
+_LETTING_GO: set[asyncio.Future[None]] = set()  # keeps those release tasks alive until done
+
+
+def _let_go_when_taken(
+    saver: BaseCheckpointSaver, taking: asyncio.Future[Lease], outcome: tuple[RunStatus, Any]
+) -> None:
+    if taking.cancelled() or taking.exception() is not None:
+        return  # nothing was taken
+    letting_go = asyncio.ensure_future(saver.arelease_lease(taking.result(), *outcome))
+    _LETTING_GO.add(letting_go)
+    letting_go.add_done_callback(_LETTING_GO.discard)
 
 
 async def _heartbeat(holding: Holding) -> None:
@@ -225,7 +243,10 @@ class _Keeper:
                         holding = heapq.heappop(self._heap)[2]
                         break
                     self._changed.wait(wait)
-            self._renewers.submit(self._renew, holding)
+            try:
+                self._renewers.submit(self._renew, holding)
+            except RuntimeError:  # the interpreter is shutting down: no new pool threads
+                self._renew(holding)
 
     def _renew(self, holding: Holding) -> None:
         holding.renew()
@@ -234,5 +255,11 @@ class _Keeper:
                 heapq.heappush(self._heap, (holding.due, next(self._order), holding))
                 self._changed.notify()
 
+    def forget_all(self) -> None:
+        """In a forked child: the parent's leases are not the child's to renew, and the
+        parent's keeper and pool threads do not exist here."""
+        self.__init__()  # type: ignore[misc]
+
 
 _KEEPER = _Keeper()
+os.register_at_fork(after_in_child=_KEEPER.forget_all)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -15,7 +16,12 @@ from stepgraph.checkpoint.base import CheckpointTuple, RunInfo, RunStatus, TaskW
 from stepgraph.checkpoint.base.runs import FINISHED
 from stepgraph.config import RunnableConfig, ensure_thread_id, merge_configs
 from stepgraph.constants import END, PULL, START, TASKS, branch_channel
-from stepgraph.errors import GraphInterrupt, InvalidUpdateError, LeaseLostError
+from stepgraph.errors import (
+    GraphInterrupt,
+    InvalidUpdateError,
+    LeaseLostError,
+    RunIncompleteError,
+)
 from stepgraph.pregel import _lease, _recovery
 from stepgraph.pregel._algo import PregelNode, Task, Writes
 from stepgraph.pregel._durability import AsyncWriter, Persistence, SyncWriter, _asave, _save
@@ -867,32 +873,35 @@ class Pregel:
         """Write ``values`` as if node ``as_node`` had returned them: a ``source="update"``
         checkpoint whose next nodes are those that follow ``as_node``."""
         saver = self._saver()
-        lookup = self._lookup_config(config)
-        # An update writes the thread like a run does: it takes the lease, so it cannot fork
-        # the history under a running graph, and leaves the run record as it found it.
+        lookup = _update_config(self._lookup_config(config))
         before = saver.get_run(lookup["configurable"]["thread_id"])
+        _check_updatable(before)
         holding = _lease.acquire(saver, lookup, _owner(), None)
         try:
+            _check_took_from_live_or_finished(holding, before)
             saved = saver.get_tuple(lookup)
             loop, save = self._update(config, saved, values, as_node, holding.epoch)
             _save(saver, save)
         finally:
-            _lease.release(holding, *_status_kept(before))
+            _lease.release(holding, *_status_kept(before, holding))
         return loop.checkpoint_config()
 
     async def aupdate_state(
         self, config: RunnableConfig, values: Any, as_node: str | None = None
     ) -> RunnableConfig:
         saver = self._saver()
-        lookup = self._lookup_config(config)
+        lookup = _update_config(self._lookup_config(config))
         before = await saver.aget_run(lookup["configurable"]["thread_id"])
-        holding, beat = await _lease.aacquire(saver, lookup, _owner(), None)
+        _check_updatable(before)
+        kept = _status_kept(before, None)
+        holding, beat = await _lease.aacquire(saver, lookup, _owner(), None, on_cancel=kept)
         try:
+            _check_took_from_live_or_finished(holding, before)
             saved = await saver.aget_tuple(lookup)
             loop, save = self._update(config, saved, values, as_node, holding.epoch)
             await _asave(saver, save)
         finally:
-            await _lease.arelease(holding, beat, *_status_kept(before))
+            await _lease.arelease(holding, beat, *_status_kept(before, holding))
         return loop.checkpoint_config()
 
     def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Pregel:
@@ -925,10 +934,36 @@ def _owner() -> str:
     return str(uuid.uuid4())
 
 
-def _status_kept(before: RunInfo | None) -> tuple[RunStatus, str | None]:
-    """The run record an ``update_state`` leaves: the status it found (a run that died stays
-    incomplete, for recovery to find)."""
-    if before is not None and (before.status in FINISHED or before.status == "running"):
+def _update_config(lookup: RunnableConfig) -> RunnableConfig:
+    """An update never waits for a run: a thread a run holds is busy (``ThreadBusyError``)."""
+    return {**lookup, "configurable": {**lookup["configurable"], "multitask_strategy": "reject"}}
+
+
+def _check_updatable(before: RunInfo | None) -> None:
+    """Refuse to update a thread whose last run died (its lease ran out while ``running``):
+    taking it would overwrite what recovery needs (the run's request, its head)."""
+    if before is None or before.status != "running":
+        return
+    if before.expires_at is not None and before.expires_at > time.time():
+        return  # alive: taking the lease says so (ThreadBusyError)
+    raise RunIncompleteError(before.thread_id, before.run_id)
+
+
+def _check_took_from_live_or_finished(holding: _lease.Holding, before: RunInfo | None) -> None:
+    """The lease was taken from a run that died after ``before`` was read (more than one
+    attempt counted): give the thread back to recovery and refuse the update."""
+    if holding.lease.attempts > 1:
+        raise RunIncompleteError(holding.lease.thread_id, before.run_id if before else None)
+
+
+def _status_kept(
+    before: RunInfo | None, holding: _lease.Holding | None
+) -> tuple[RunStatus, str | None]:
+    """The run record an ``update_state`` leaves: the status it found. A lease that turned out
+    to be taken from a dead run is handed back unfinished, for recovery."""
+    if holding is not None and holding.lease.attempts > 1:
+        return "running", None
+    if before is not None and before.status in FINISHED:
         return before.status, before.error
     return "done", None
 

@@ -16,7 +16,7 @@ import pytest
 
 from stepgraph.checkpoint.base import Retention
 from stepgraph.checkpoint.memory import InMemorySaver
-from stepgraph.errors import LeaseLostError, ThreadBusyError
+from stepgraph.errors import LeaseLostError, RunIncompleteError, ThreadBusyError
 from stepgraph.graph import END, START, StateGraph
 from stepgraph.types import Command, interrupt
 
@@ -338,16 +338,45 @@ def test_a_run_recovered_elsewhere_meanwhile_is_not_run_again() -> None:
     assert report.busy == ["dead"] and ran == ["a", "b", "c"]
 
 
-def test_update_state_on_a_dead_run_leaves_it_for_recovery() -> None:
+def test_update_state_on_a_dead_run_is_refused_and_leaves_it_for_recovery() -> None:
     saver = InMemorySaver()
     graph = chain(saver)
     graph.invoke({"log": []}, thread("t"))
-    saver.acquire_lease("t", "dead-run", ttl=0.05)
+    saver.acquire_lease("t", "dead-run", ttl=0.05, input={"interrupt_before": ["c"]})
     time.sleep(0.1)
-    graph.update_state(thread("t"), {"log": ["fixed by hand"]})
+    with pytest.raises(RunIncompleteError, match="recover"):
+        graph.update_state(thread("t"), {"log": ["fixed by hand"]})
     run = saver.get_run("t")
-    assert (run.status, run.attempts) == ("running", 1)
+    assert (run.status, run.attempts, run.input) == ("running", 1, {"interrupt_before": ["c"]})
     assert [r.thread_id for r in saver.list_incomplete()] == ["t"]
+    # Even asked to wait, an update never waits for (nor takes over) a run.
+    saver.acquire_lease("u", "live-run", ttl=30)
+    with pytest.raises(ThreadBusyError):
+        graph.update_state(thread("u", multitask_strategy="enqueue"), {"log": ["x"]})
+
+
+async def test_aupdate_state_cancelled_while_taking_the_lease_keeps_the_record() -> None:
+    saver = InMemorySaver()
+    graph = chain(saver)
+    await graph.ainvoke({"log": []}, thread("p"))
+    real = saver.acquire_lease
+
+    def slow_acquire(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    saver.acquire_lease = slow_acquire  # type: ignore[method-assign]
+    saver.async_inline = False
+    task = asyncio.ensure_future(graph.aupdate_state(thread("p"), {"log": ["x"]}))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.01)
+    task.cancel()  # a second cancellation must not leak the lease either
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.4)
+    run = saver.get_run("p")
+    assert run is not None and (run.status, run.expires_at) == ("done", None)
 
 
 async def test_a_run_cancelled_while_taking_its_lease_leaves_none() -> None:

@@ -598,7 +598,8 @@ DELETE FROM stepgraph_checkpoint_writes WHERE thread_id = ANY(%(thread_ids)b::by
 # thread_id order, so concurrent deletes of overlapping threads cannot deadlock.
 _TOMBSTONE_SET = """
 epoch = r.epoch + 1, owner = NULL, expires_at = NULL, status = 'deleted', attempts = 0,
-    updated_at = excluded.updated_at, error = NULL, input_type = NULL, input_blob = NULL
+    updated_at = excluded.updated_at, error = NULL, input_type = NULL, input_blob = NULL,
+    head = NULL
 """
 _TOMBSTONES = f"""
 INSERT INTO stepgraph_thread_runs AS r (thread_id, epoch, owner, expires_at, status, attempts,
