@@ -10,6 +10,7 @@ not move or steps backwards.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from uuid import UUID
@@ -21,7 +22,23 @@ _GREGORIAN_OFFSET = 0x01B21DD213814000
 
 _lock = threading.Lock()
 _last_timestamp = 0
-_node = int.from_bytes(os.urandom(6), "big") | 0x010000000000  # random node, multicast bit set
+# The random bits come from a generator seeded once from the OS, not from os.urandom per id:
+# on virtual machines urandom is a system call of ~10 µs, a sixth of a saved step's cost. The
+# ids need to be unique, not unpredictable. A forked child reseeds and takes a node of its own,
+# so parent and child never share a sequence.
+_random = random.Random()
+_node = 0
+
+
+def _reseed() -> None:
+    global _node
+    _random.seed()
+    _node = _random.getrandbits(48) | 0x010000000000  # random node, multicast bit set
+
+
+_reseed()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed)
 
 
 def uuid6() -> UUID:
@@ -32,7 +49,7 @@ def uuid6() -> UUID:
         if timestamp <= _last_timestamp:
             timestamp = _last_timestamp + 1
         _last_timestamp = timestamp
-    clock_seq = int.from_bytes(os.urandom(2), "big") & 0x3FFF
+    clock_seq = _random.getrandbits(14)
     time_high_and_mid = (timestamp >> 12) & 0xFFFF_FFFF_FFFF
     time_low = timestamp & 0x0FFF
     value = (time_high_and_mid << 80) | (0x6 << 76) | (time_low << 64)
