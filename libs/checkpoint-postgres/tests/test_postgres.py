@@ -320,6 +320,24 @@ def test_prepared_statements_get_generic_plans(postgres_uri: str) -> None:
         assert found is not None and found[0] != "force_generic_plan"
 
 
+def test_step_statement_is_planned_once_on_any_connection(postgres_uri: str) -> None:
+    # A caller's own connection keeps the server's plan_cache_mode (auto): the statements
+    # must still earn a generic plan there, or every step is planned again.
+    with psycopg.connect(postgres_uri, autocommit=True) as conn:
+        saver = PostgresSaver(conn)
+        saver.setup()
+        run_steps(saver, thread("t"), 20)
+        rows = conn.execute(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%%INSERT INTO stepgraph_checkpoints %%'"
+        ).fetchall()
+        assert rows, "the step statement was never prepared"
+        for statement, generic, custom in rows:
+            assert custom <= 5, (statement[:80], generic, custom)  # the first five are custom
+            if generic + custom > 5:
+                assert generic > 0
+
+
 def test_one_connection_shared_by_threads(postgres_uri: str) -> None:
     with psycopg.connect(postgres_uri) as conn:
         saver = PostgresSaver(conn)

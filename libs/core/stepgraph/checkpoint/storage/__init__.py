@@ -164,6 +164,9 @@ class CheckpointRows(NamedTuple):
     values: list[ValueRow]
     writes: list[WriteRow]
     """For ``put_step``: the writes of the step's tasks, saved against the parent checkpoint."""
+    metadata: CheckpointMetadata
+    """The metadata as stored (merged with the config's, ``get_checkpoint_metadata``), for
+    savers that keep a ``metadata_json`` copy of it."""
 
 
 class CheckpointKey(Protocol):
@@ -282,15 +285,17 @@ def checkpoint_rows(
     check_key("thread_id", thread_id)
     check_key("checkpoint_ns", checkpoint_ns)
     check_key("checkpoint_id", checkpoint_id)
-    for channel in checkpoint["channel_versions"]:
+    if self_contained:
+        new_versions = checkpoint["channel_versions"]
+        deltas = False
+    # Only value rows have a channel in their key; the other channels are names inside the
+    # checkpoint blob (and were checked when their values were stored).
+    for channel in new_versions:
         check_key("channel", channel)
     where = _Where(thread_id, checkpoint_ns, checkpoint_id)
 
     blob = {key: value for key, value in checkpoint.items() if key not in _NOT_IN_BLOB}
     channel_values = checkpoint["channel_values"]
-    if self_contained:
-        new_versions = checkpoint["channel_versions"]
-        deltas = False
     inlined: Collection[str] = ()
     if inline:
         versions = checkpoint["channel_versions"]
@@ -348,7 +353,7 @@ def checkpoint_rows(
             type_, data = where.dumps(serde, value, part)
             values.append(ValueRow(thread_id, checkpoint_ns, channel, version, type_, data))
 
-    return CheckpointRows(row, values, task_write_rows(serde, config, writes))
+    return CheckpointRows(row, values, task_write_rows(serde, config, writes), merged)
 
 
 def _is_small(value: Any) -> bool:
