@@ -21,6 +21,8 @@ from psycopg.rows import dict_row, tuple_row
 
 from stepgraph.checkpoint.base import TaskWrites
 from stepgraph.checkpoint.postgres import PostgresSaver
+from stepgraph.checkpoint.postgres._arrays import ByteaArray, Int2Array, Int4Array, TextArray
+from stepgraph.checkpoint.postgres._plans import cursor_of
 from stepgraph.checkpoint.postgres._schema import SCHEMA_VERSION
 from stepgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
@@ -336,6 +338,32 @@ def test_step_statement_is_planned_once_on_any_connection(postgres_uri: str) -> 
             assert custom <= 5, (statement[:80], generic, custom)  # the first five are custom
             if generic + custom > 5:
                 assert generic > 0
+
+
+@pytest.mark.parametrize(
+    ("column", "cast", "items"),
+    [
+        (ByteaArray, "bytea[]", [b"a", b"", None, b"\x00\xff" * 3000]),
+        (TextArray, "text[]", ["msgpack", None, "é€😀", ""]),
+        (Int4Array, "integer[]", [0, -1, 2**31 - 1, -(2**31)]),
+        (Int2Array, "smallint[]", [0, 1, -(2**15), 2**15 - 1]),
+        (ByteaArray, "bytea[]", []),
+        (Int2Array, "smallint[]", []),
+    ],
+)
+def test_array_columns_reach_the_server_exactly(
+    postgres_uri: str, column: type, cast: str, items: list[Any]
+) -> None:
+    with psycopg.connect(postgres_uri, autocommit=True) as conn:
+        cursor = cursor_of(conn)
+        cursor.execute(
+            f"SELECT %b::{cast}, cardinality(%b::{cast}), array_ndims(%b::{cast})",
+            [column(items)] * 3,
+        )
+        found, length, dimensions = cursor.fetchone()
+        assert [bytes(item) if isinstance(item, memoryview) else item for item in found] == items
+        assert length == len(items)
+        assert dimensions == (1 if items else None)
 
 
 def test_one_connection_shared_by_threads(postgres_uri: str) -> None:

@@ -39,6 +39,8 @@ from stepgraph.checkpoint.base import (
     get_thread_id,
 )
 from stepgraph.checkpoint.base.runs import fence_of
+from stepgraph.checkpoint.postgres import _arrays
+from stepgraph.checkpoint.postgres._arrays import ByteaArray, Int2Array, Int4Array, TextArray
 from stepgraph.checkpoint.postgres._schema import (
     CREATE_MIGRATIONS_TABLE,
     MIGRATIONS,
@@ -270,12 +272,12 @@ def _writes_params(
         "thread_id": encode(thread_id),
         "checkpoint_ns": encode(checkpoint_ns),
         "writes_checkpoint_id": None if checkpoint_id is None else encode(checkpoint_id),
-        "write_task_ids": [encode(row.task_id) for row in rows],
-        "write_idxs": [row.idx for row in rows],
-        "write_channels": [encode(row.channel) for row in rows],
-        "write_types": [row.type for row in rows],
-        "write_values": [row.value for row in rows],
-        "write_task_paths": [encode(row.task_path) for row in rows],
+        "write_task_ids": ByteaArray([encode(row.task_id) for row in rows]),
+        "write_idxs": Int4Array([row.idx for row in rows]),
+        "write_channels": ByteaArray([encode(row.channel) for row in rows]),
+        "write_types": TextArray([row.type for row in rows]),
+        "write_values": ByteaArray([row.value for row in rows]),
+        "write_task_paths": ByteaArray([encode(row.task_path) for row in rows]),
     }
 
 
@@ -348,12 +350,12 @@ def _put_statement(
         metadata_type=row.metadata_type,
         metadata=row.metadata,
         metadata_json=shadow,
-        value_channels=[encode(value.channel) for value in rows.values],
-        value_versions=[encode(value.version) for value in rows.values],
-        value_types=[value.type for value in rows.values],
-        value_values=[value.value for value in rows.values],
-        value_kinds=[value.kind for value in rows.values],
-        value_bases=[_encode_optional(value.base_version) for value in rows.values],
+        value_channels=ByteaArray([encode(value.channel) for value in rows.values]),
+        value_versions=ByteaArray([encode(value.version) for value in rows.values]),
+        value_types=TextArray([value.type for value in rows.values]),
+        value_values=ByteaArray([value.value for value in rows.values]),
+        value_kinds=Int2Array([value.kind for value in rows.values]),
+        value_bases=ByteaArray([_encode_optional(value.base_version) for value in rows.values]),
     )
     if fence is None:
         return Statement(_PUT_STEP, params, fetch=True)
@@ -1092,6 +1094,7 @@ def cursor_of(conn: Any) -> Any:
     cursor = conn.__dict__.get(_CURSOR)
     if cursor is None or cursor.closed:
         cursor = conn.__dict__[_CURSOR] = conn.cursor(binary=True, row_factory=tuple_row)
+        _arrays.register(cursor.adapters)
     return cursor
 
 
