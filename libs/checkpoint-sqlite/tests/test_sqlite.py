@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from stepgraph.checkpoint.base import (
     TaskWrites,
     empty_checkpoint,
 )
-from stepgraph.checkpoint.sqlite import SqliteSaver
+from stepgraph.checkpoint.sqlite import SqliteSaver, _plans
 from stepgraph.checkpoint.sqlite._schema import SCHEMA_VERSION
 from stepgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from stepgraph.checkpoint.storage import CorruptCheckpointError
@@ -109,22 +111,149 @@ def test_small_scalars_travel_in_the_checkpoint_row(saver: SqliteSaver) -> None:
     }
 
 
-def test_reads_use_the_primary_keys(saver: SqliteSaver) -> None:
+# The unique keys of the rowid tables (schema version 4) and the writes' primary key.
+CHECKPOINTS_KEY = "INDEX sqlite_autoindex_checkpoints_1"
+VALUES_KEY = "INDEX sqlite_autoindex_checkpoint_values_1"
+# A full scan of a table (by its name or an alias the statements give it).
+TABLE_SCAN = re.compile(
+    r"\bSCAN (checkpoints|checkpoint_values|checkpoint_writes|thread_runs|[bcrvw])\b"
+)
+
+
+def _plan(saver: SqliteSaver, sql: str) -> str:
+    return " | ".join(row[3] for row in saver.conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+
+
+def test_the_unique_keys_keep_one_row_per_key(saver: SqliteSaver) -> None:
+    """``checkpoints`` and ``checkpoint_values`` are rowid tables whose former primary keys are
+    UNIQUE constraints: a checkpoint saved again replaces its row, a (channel, version) saved
+    again keeps its first value, and copying a thread twice adds no rows."""
+    config, checkpoint = step(saver, thread("t"), {"doc": "first " * 50})
+    for table in ("checkpoints", "checkpoint_values"):
+        sql = saver.conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,))
+        assert "WITHOUT ROWID" not in sql.fetchone()[0]
+        origins = {row[3] for row in saver.conn.execute(f"PRAGMA index_list({table})")}
+        assert "u" in origins and "pk" not in origins
+    again = Checkpoint(**checkpoint)  # the same id and version, another value and metadata
+    again["channel_values"] = {"doc": "second " * 50}
+    versions = dict(checkpoint["channel_versions"])
+    saver.put(thread("t"), again, {"source": "update", "step": 7}, versions)
+
+    assert (count(saver, "checkpoints"), count(saver, "checkpoint_values")) == (1, 1)
+    found = saver.get_tuple(config)
+    assert found is not None
+    assert found.metadata["source"] == "update"  # the checkpoint row was replaced
+    assert found.checkpoint["channel_values"] == {"doc": "first " * 50}  # the value was not
+    saver.put_writes(config, [("doc", "w")], "task")
+    for _ in range(2):
+        saver.copy_thread("t", "u")
+    rows = saver.conn.execute(
+        "SELECT (SELECT count(*) FROM checkpoints), (SELECT count(*) FROM checkpoint_values),"
+        " (SELECT count(*) FROM checkpoint_writes)"
+    ).fetchone()
+    assert rows == (2, 2, 2)
+
+
+ROWS = 200
+
+
+@pytest.mark.parametrize("table", ["checkpoints", "checkpoint_values"])
+def test_rows_of_one_and_a_half_kilobytes_share_pages(tmp_path: Path, table: str) -> None:
+    """An index b-tree (a WITHOUT ROWID table, schema versions 1-3) keeps at most 1,002 bytes
+    of a row on a 4 KiB page and moves the rest to an overflow page of its own: ROWS rows of
+    1.5 kB took more than ROWS pages. A rowid table keeps such rows whole on its leaves, two or
+    more to a page, so the whole file stays under ROWS pages (about ROWS / 2 + index pages)."""
+    with SqliteSaver.from_conn_string(tmp_path / "db.sqlite") as saver:
+        config, previous = thread("t"), None
+        for number in range(ROWS):
+            if table == "checkpoints":  # short strings are stored in the checkpoint row
+                updates = {f"f{i:02}": f"{number:04}.{i:02} " + "x" * 52 for i in range(15)}
+            else:
+                updates = {"doc": f"{number:04} " + "d" * 1500}
+            config, previous = step(saver, config, updates, previous=previous)
+        size = "length(checkpoint)" if table == "checkpoints" else "length(value)"
+        found = saver.conn.execute(f"SELECT count(*), min({size}) FROM {table}").fetchone()
+        assert found[0] == ROWS and 1400 <= found[1] <= 1700, found
+        assert saver.conn.execute("PRAGMA page_size").fetchone() == (4096,)
+        saver.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = saver.conn.execute("PRAGMA page_count").fetchone()[0]
+        assert pages < ROWS, pages
+        try:  # where SQLite has the dbstat table: not one overflow page
+            overflow = saver.conn.execute(
+                "SELECT count(*) FROM dbstat WHERE name = ? AND pagetype = 'overflow'", (table,)
+            ).fetchone()[0]
+        except sqlite3.OperationalError:  # built without SQLITE_ENABLE_DBSTAT_VTAB
+            return
+        assert overflow == 0
+
+
+def test_reads_use_the_keys(saver: SqliteSaver) -> None:
     """Latest, by id and list(limit) are index range reads, whatever the thread's length."""
-    step(saver, thread("t"), {"a": 1})
+    config, _ = step(saver, thread("t"), {"a": 1})
     statements: list[str] = []
     saver.conn.set_trace_callback(statements.append)
     saver.get_tuple(thread("t"))
+    saver.get_tuple(config)
     saver.list(thread("t"), limit=10).__next__()
     saver.conn.set_trace_callback(None)
 
-    selects = [sql for sql in statements if sql.lstrip().startswith("SELECT")]
-    assert selects
+    selects = [sql for sql in statements if "FROM checkpoints" in sql]
+    assert len(selects) == 3
     for sql in selects:
-        plan = " | ".join(row[3] for row in saver.conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        plan = _plan(saver, sql)
         assert "SCAN checkpoint" not in plan, plan
         assert "TEMP B-TREE" not in plan, plan
-        assert "USING PRIMARY KEY" in plan, plan
+        assert f"SEARCH checkpoints USING {CHECKPOINTS_KEY} (thread_id=? AND" in plan, plan
+
+
+def test_no_statement_of_a_step_or_a_read_scans_a_table(saver: SqliteSaver) -> None:
+    """Saving steps (value rows, appended items, writes) and reading them back (values by key
+    and appended-items chains by version range) search every table by its key."""
+    config: RunnableConfig = thread("t")
+    previous: Checkpoint | None = None
+    saver.setup()
+    statements: list[str] = []
+    saver.conn.set_trace_callback(statements.append)
+    for number in range(12):
+        checkpoint = empty_checkpoint()
+        if previous is not None:
+            checkpoint["channel_values"] = dict(previous["channel_values"])
+            checkpoint["channel_versions"] = dict(previous["channel_versions"])
+        base = checkpoint["channel_versions"].get("items")
+        items = [*checkpoint["channel_values"].get("items", []), f"item {number}"]
+        new_versions = {
+            "items": saver.get_next_version(base),
+            "doc": saver.get_next_version(checkpoint["channel_versions"].get("doc")),
+        }
+        checkpoint["channel_values"] |= {"items": items, "doc": "d" * 2000 + str(number)}
+        checkpoint["channel_versions"] |= new_versions
+        if base is not None:
+            checkpoint["channel_appends"] = {"items": (base, items[-1:])}
+        writes = [TaskWrites("task", [("items", [number])])] if previous else []
+        config = saver.put_step(config, writes, checkpoint, {"source": "loop"}, new_versions)
+        previous = checkpoint
+    saver.get_tuple(thread("t"))
+    saver.get_tuple(config)
+    list(saver.list(thread("t"), limit=3))
+    list(saver.list({"configurable": {"thread_id": "t"}}, limit=3))
+    saver.conn.set_trace_callback(None)
+
+    assert count(saver, "checkpoint_values") > 12  # whole values and appended items
+    latest = saver.get_tuple(config)
+    assert latest is not None and latest.checkpoint["channel_values"]["items"] == [
+        f"item {number}" for number in range(12)
+    ]
+    queries = [sql for sql in statements if sql.split()[0] in ("SELECT", "WITH", "INSERT")]
+    plans = {sql: _plan(saver, sql) for sql in queries}
+    for sql, plan in plans.items():
+        assert not TABLE_SCAN.search(plan), (sql, plan)
+    joined = " | ".join(plans.values())
+    value = "thread_id=? AND checkpoint_ns=? AND channel=? AND version"
+    # The value reads: exact keys, then each chain as one range of the unique key.
+    assert f"SEARCH v USING {VALUES_KEY} ({value}=?)" in joined
+    assert f"SEARCH v USING {VALUES_KEY} ({value}>? AND version<?)" in joined
+    # An appended-items row looks up its base's chain start by key.
+    assert f"SEARCH b USING {VALUES_KEY} ({value}=?)" in joined
 
 
 def test_listing_a_thread_reads_each_namespace_by_range(saver: SqliteSaver) -> None:
@@ -146,9 +275,9 @@ def test_listing_a_thread_reads_each_namespace_by_range(saver: SqliteSaver) -> N
     assert ids == every[:5]
     selects = [sql for sql in statements if "FROM checkpoints" in sql]
     page = next(sql for sql in selects if "ORDER BY checkpoint_id DESC LIMIT" in sql)
-    plan = " | ".join(row[3] for row in saver.conn.execute(f"EXPLAIN QUERY PLAN {page}"))
+    plan = _plan(saver, page)
     assert "SCAN checkpoints" not in plan, plan
-    assert plan.count("USING PRIMARY KEY") == 3, plan
+    assert plan.count(f"SEARCH checkpoints USING {CHECKPOINTS_KEY}") == 3, plan
 
 
 def test_listing_a_thread_of_many_namespaces_sorts_them_together(saver: SqliteSaver) -> None:
@@ -374,8 +503,8 @@ def test_corrupted_checkpoint_blob_is_reported(saver: SqliteSaver) -> None:
 # -- schema, migrations, fixture ------------------------------------------------------------------
 
 
-def _load_fixture_module() -> Any:
-    spec = importlib.util.spec_from_file_location("make_schema_v1", FIXTURES / "make_schema_v1.py")
+def _load_fixture_module(name: str = "make_schema_v1") -> Any:
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -415,6 +544,250 @@ def test_fixture_database_of_the_first_format_stays_readable(tmp_path: Path) -> 
         assert len(list(old.list({"configurable": {"thread_id": fixture.THREAD}}))) == 2
         versions = old.conn.execute("SELECT version FROM checkpoint_migrations").fetchall()
         assert versions == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
+
+
+STORED_TABLES = ("checkpoints", "checkpoint_values", "checkpoint_writes", "thread_runs")
+
+
+def _stored_rows(path: Path, columns: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Every row of the saver's tables as stored, sorted: ``{table: (columns, rows)}``. With
+    ``columns``, only those tables and columns (what an older file had)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        if columns is None:
+            tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+            columns = {
+                table: [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+                for table in STORED_TABLES
+                if table in tables
+            }
+        return {
+            table: (
+                names,
+                sorted(conn.execute(f"SELECT {', '.join(names)} FROM {table}"), key=repr),
+            )
+            for table, names in columns.items()
+        }
+    finally:
+        conn.close()
+
+
+def _schema(path: Path) -> dict[str, str | None]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT name, sql FROM sqlite_master"))
+    finally:
+        conn.close()
+
+
+def _assert_rowid_layout(path: Path) -> None:
+    """Schema version 4: rowid checkpoints and values with their keys as UNIQUE constraints,
+    the run_id index back, nothing left of the rebuild."""
+    schema = _schema(path)
+    for table, key in (
+        ("checkpoints", "UNIQUE (thread_id, checkpoint_ns, checkpoint_id)"),
+        ("checkpoint_values", "UNIQUE (thread_id, checkpoint_ns, channel, version)"),
+    ):
+        sql = schema[table]
+        assert sql is not None and key in sql and "WITHOUT ROWID" not in sql, sql
+        assert f"sqlite_autoindex_{table}_1" in schema
+    assert schema["checkpoints_by_run"] == (
+        "CREATE INDEX checkpoints_by_run ON checkpoints (run_id) WHERE run_id IS NOT NULL"
+    )
+    assert not [name for name in schema if name.startswith("new_")]
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        versions = conn.execute("SELECT version FROM checkpoint_migrations").fetchall()
+        assert versions == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_fixture_databases_upgrade_row_for_row(tmp_path: Path, version: int) -> None:
+    """A database of every released format gets rowid checkpoints and values (schema version
+    4) with every stored row unchanged, and reads back as the history current code writes:
+    state, history, pending writes, appended items, the run registry."""
+    fixture = _load_fixture_module(f"make_schema_v{version}")
+    copy = tmp_path / f"schema_v{version}.sqlite"
+    shutil.copyfile(FIXTURES / f"schema_v{version}.sqlite", copy)
+    before = _stored_rows(copy)
+    assert "WITHOUT ROWID" in str(_schema(copy)["checkpoints"])  # the fixture is the old layout
+
+    with (
+        SqliteSaver.from_conn_string(copy) as old,
+        SqliteSaver.from_conn_string(tmp_path / "fresh.sqlite") as fresh,
+    ):
+        fixture.write_history(fresh)
+        assert _everything(old) == _everything(fresh)
+        v1 = _load_fixture_module()
+        latest = old.get_tuple(thread(v1.THREAD))
+        assert latest is not None and latest.checkpoint["channel_values"] == {
+            "messages": ["hi", "yo"]
+        }
+        middle = old.get_tuple(latest.parent_config)  # type: ignore[arg-type]
+        assert middle is not None and middle.pending_writes == [("task-b", "__error__", "boom")]
+        if version >= 2:
+            v2 = _load_fixture_module("make_schema_v2")
+            appended = old.get_tuple(thread(v2.APPENDS_THREAD))
+            assert appended is not None
+            assert appended.checkpoint["channel_values"]["items"] == list(range(19))
+        if version >= 3:
+            large = old.get_tuple(thread(fixture.LARGE_THREAD))
+            assert large is not None
+            assert large.checkpoint["channel_values"]["document"] == "e" * 3000
+            parent = old.get_tuple(large.parent_config)  # type: ignore[arg-type]
+            assert parent is not None
+            assert parent.pending_writes == [("task-large", "document", "e" * 2000)]
+            for thread_id in (fixture.RUNS_THREAD, fixture.DEAD_THREAD, fixture.DELETED_THREAD):
+                stored, written = old.get_run(thread_id), fresh.get_run(thread_id)
+                assert stored is not None and written is not None
+                untimed = replace(stored, expires_at=written.expires_at, updated_at=0.0)
+                assert untimed == replace(written, updated_at=0.0)
+            dead = [info.thread_id for info in old.list_incomplete()]
+            assert dead == [fixture.DEAD_THREAD]
+
+    _assert_rowid_layout(copy)
+    assert _stored_rows(copy, {table: names for table, (names, _) in before.items()}) == before
+
+
+def _crash_at(path: Path, statement: str) -> None:
+    """Migrate ``path`` in another process that dies (``os._exit``, no cleanup) as it starts
+    ``statement``. A one-page cache makes it spill the migration's pages to the WAL first."""
+    code = (
+        "import os, sys\n"
+        "from stepgraph.checkpoint.sqlite import SqliteSaver\n"
+        "with SqliteSaver.from_conn_string(sys.argv[1]) as saver:\n"
+        "    saver.conn.execute('PRAGMA cache_size = 1')\n"
+        "    saver.conn.set_trace_callback(\n"
+        "        lambda sql: sql.strip().startswith(sys.argv[2]) and os._exit(3))\n"
+        "    saver.setup()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path), statement], capture_output=True, timeout=60
+    )
+    assert done.returncode == 3, done.stderr
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP TABLE checkpoints",
+        "ALTER TABLE new_checkpoint_values RENAME",
+        "INSERT INTO checkpoint_migrations",
+    ],
+)
+def test_a_crash_during_the_migration_leaves_the_old_format(tmp_path: Path, statement: str) -> None:
+    """setup() runs the migration in one transaction: a process dying part-way leaves the
+    third format with every row, and the next setup() migrates it."""
+    copy = tmp_path / "schema_v3.sqlite"
+    shutil.copyfile(FIXTURES / "schema_v3.sqlite", copy)
+    before = _stored_rows(copy)
+    schema = _schema(copy)
+
+    _crash_at(copy, statement)
+    assert copy.with_name(copy.name + "-wal").stat().st_size > 0  # it wrote, uncommitted
+    assert _schema(copy) == schema
+    assert _stored_rows(copy) == before
+
+    with SqliteSaver.from_conn_string(copy) as saver:
+        saver.setup()
+    _assert_rowid_layout(copy)
+    assert _stored_rows(copy, {table: names for table, (names, _) in before.items()}) == before
+
+
+def test_views_and_triggers_of_the_user_survive_the_migration(tmp_path: Path) -> None:
+    """A view or trigger of the user's that names the rebuilt tables neither stops the
+    migration (SQLite checks every view when a table is renamed, and the old table is gone
+    by then) nor breaks: it names the new tables."""
+    copy = tmp_path / "schema_v3.sqlite"
+    shutil.copyfile(FIXTURES / "schema_v3.sqlite", copy)
+    conn = sqlite3.connect(copy, isolation_level=None)
+    conn.execute("CREATE TABLE audit (n INTEGER)")
+    conn.execute(
+        "CREATE VIEW per_thread AS SELECT c.thread_id, count(DISTINCT c.checkpoint_id) AS n,"
+        " count(DISTINCT v.version) AS m FROM checkpoints AS c"
+        " LEFT JOIN checkpoint_values AS v USING (thread_id) GROUP BY 1"
+    )
+    conn.execute(
+        "CREATE TRIGGER count_writes AFTER INSERT ON checkpoint_writes"
+        " BEGIN INSERT INTO audit SELECT count(*) FROM checkpoints; END"
+    )
+    per_thread = conn.execute("SELECT * FROM per_thread ORDER BY 1").fetchall()
+    conn.close()
+
+    with SqliteSaver.from_conn_string(copy) as saver:
+        saver.setup()
+        assert saver.conn.execute("PRAGMA legacy_alter_table").fetchone() == (0,)
+        assert saver.conn.execute("SELECT * FROM per_thread ORDER BY 1").fetchall() == per_thread
+        latest = saver.get_tuple(thread(_load_fixture_module().THREAD))
+        assert latest is not None
+        saver.put_writes(latest.config, [("messages", "more")], "task-c")
+        assert saver.conn.execute("SELECT n FROM audit").fetchall() == [
+            (count(saver, "checkpoints"),)
+        ]
+    _assert_rowid_layout(copy)
+
+
+def test_concurrent_setups_migrate_once(tmp_path: Path) -> None:
+    """Processes that open an old file together: each setup() waits for the write lock, the
+    first migrates, the others find version 4; every process then reads the same history."""
+    copy = tmp_path / "schema_v3.sqlite"
+    shutil.copyfile(FIXTURES / "schema_v3.sqlite", copy)
+    before = _stored_rows(copy)
+    code = (
+        "import sys\n"
+        "from stepgraph.checkpoint.sqlite import SqliteSaver\n"
+        "with SqliteSaver.from_conn_string(sys.argv[1]) as saver:\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.readline()\n"
+        "    saver.setup()\n"
+        "    print(len(list(saver.list(None))), flush=True)\n"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(copy)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for process in processes:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    listed = []
+    for process in processes:
+        output, errors = process.communicate(timeout=120)
+        assert process.returncode == 0, errors
+        listed.append(int(output))
+    assert listed == [len(before["checkpoints"][1])] * 4
+    _assert_rowid_layout(copy)
+    assert _stored_rows(copy) == before
+
+
+def test_a_saver_opened_before_the_upgrade_keeps_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection set up in the third format keeps writing and reading once another one
+    upgraded the file: SQLite prepares its statements again for the rebuilt tables."""
+    path = tmp_path / "db.sqlite"
+    monkeypatch.setattr(_plans, "SCHEMA_VERSION", 3)
+    with SqliteSaver.from_conn_string(path) as before:
+        config, checkpoint = step(before, thread("t"), {"doc": "a" * 2000})
+        monkeypatch.setattr(_plans, "SCHEMA_VERSION", SCHEMA_VERSION)
+        with SqliteSaver.from_conn_string(path) as after:
+            after.setup()
+            _assert_rowid_layout(path)
+            config, checkpoint = step(before, config, {"doc": "b" * 2000}, previous=checkpoint)
+            step(after, config, {"doc": "c" * 2000}, previous=checkpoint)
+        docs = [found.checkpoint["channel_values"]["doc"] for found in before.list(thread("t"))]
+        assert docs == ["c" * 2000, "b" * 2000, "a" * 2000]
 
 
 def test_setup_is_idempotent_and_implicit(tmp_path: Path) -> None:

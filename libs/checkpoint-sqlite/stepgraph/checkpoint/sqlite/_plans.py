@@ -30,7 +30,6 @@ from stepgraph.checkpoint.base import (
     StorageReport,
     TaskWrites,
     get_checkpoint_id,
-    get_checkpoint_metadata,
     get_checkpoint_ns,
     get_thread_id,
 )
@@ -222,9 +221,10 @@ def put_step(
         deltas=True,
         inline=True,
     )
-    shadow = _to_json(metadata_json(get_checkpoint_metadata(config, metadata)))
+    first = rows()
+    shadow = _to_json(metadata_json(first.metadata))
     self_contained = functools.partial(rows, self_contained=True)
-    return (yield from _store(rows(), shadow, self_contained, fence_of(config)))
+    return (yield from _store(first, shadow, self_contained, fence_of(config)))
 
 
 def put_writes(
@@ -253,8 +253,8 @@ WHERE {{where}}
 ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
 LIMIT ?
 """
-# A thread's namespaces, one primary-key seek each (a "skip scan"), at most one more than
-# _SPLIT_NAMESPACES so the caller can tell "too many".
+# A thread's namespaces, one seek of the checkpoints' key each (a "skip scan"), at most one
+# more than _SPLIT_NAMESPACES so the caller can tell "too many".
 _SELECT_NAMESPACES = """
 WITH RECURSIVE ns(name) AS (
     SELECT (SELECT min(checkpoint_ns) FROM checkpoints WHERE thread_id = ?1)
@@ -264,7 +264,7 @@ WITH RECURSIVE ns(name) AS (
 )
 SELECT name FROM ns WHERE name IS NOT NULL
 """
-# Listing a thread across namespaces merges each namespace's newest rows (a primary-key range
+# Listing a thread across namespaces merges each namespace's newest rows (a range of the key
 # read each), instead of sorting all of the thread's rows: reading the newest page of a long
 # thread costs the same as of a short one. Above this many namespaces one sort is cheaper.
 _SPLIT_NAMESPACES = 16
@@ -292,10 +292,10 @@ _KEYS_PER_STATEMENT = 512
 def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
     """The value rows and pending writes named by lists of keys, in one statement.
 
-    Each key list is the outer loop of a CROSS JOIN, so every key is one primary-key seek.
+    Each key list is the outer loop of a CROSS JOIN, so every key is one seek of the table's key.
     A value key names a span of versions of its channel: the version alone for a whole value,
     ``chain_start`` up to it for appended items, so the rows that make up a value come in the
-    same statement, as one primary-key range (spans of several keys that start alike are
+    same statement, as one range of the key (spans of several keys that start alike are
     merged). A span may hold rows of forked branches too: ``storage.load_tuple`` follows base
     versions and ignores them. The first column tells value rows (0) from write rows (1).
     """

@@ -1,8 +1,8 @@
 """The database schema, as an append-only list of migrations.
 
 Never edit a released migration: add a new one. Every row written by an older version stays
-readable by newer ones (``tests/fixtures/schema_v1.sqlite`` and ``schema_v2.sqlite`` are
-databases in the first and second formats).
+readable by newer ones (``tests/fixtures/schema_v1.sqlite``, ``schema_v2.sqlite`` and
+``schema_v3.sqlite`` are databases in the first three formats).
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 SYNCHRONOUS_LEVELS: tuple[str, ...] = get_args(Synchronous)
 
 # Tables are WITHOUT ROWID so each row lives in one b-tree ordered by its primary key: one
-# b-tree insert per row, and "latest checkpoint of a thread" is a seek to the end of a key range.
+# b-tree insert per row, and a key range is read with no second lookup. Except, since migration
+# 4, ``checkpoints`` and ``checkpoint_values``: in such an (index) b-tree a row over about a
+# quarter of a page (1,002 bytes of 4 KiB) spills to an overflow page of its own, and their rows
+# are often 1-4 kB (a checkpoint blob, a message list). Rowid tables keep rows that size whole
+# on their leaf pages, the key in a UNIQUE index.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         # One row per checkpoint, in ``storage.CheckpointRow`` column order. ``checkpoint`` and
@@ -99,6 +103,74 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         # list_incomplete: the 'running' rows whose lease ran out, a range of this index.
         "CREATE INDEX thread_runs_by_status ON thread_runs (status, expires_at)",
+    ),
+    (
+        # ``checkpoints`` and ``checkpoint_values`` as rowid tables (see above): same columns in
+        # the same order, the former primary key a UNIQUE constraint (the same key for INSERT OR
+        # REPLACE / OR IGNORE and the same range reads). SQLite's rebuild: new table, copy,
+        # drop, rename. setup() runs every pending migration in its one BEGIN IMMEDIATE
+        # transaction, so a crash leaves the old tables and a concurrent setup() waits, then
+        # finds version 4 and does nothing.
+        """
+        CREATE TABLE new_checkpoints (
+            thread_id TEXT NOT NULL,
+            checkpoint_ns TEXT NOT NULL,
+            checkpoint_id TEXT NOT NULL,
+            parent_checkpoint_id TEXT,
+            ts TEXT NOT NULL,
+            run_id TEXT,
+            checkpoint_type TEXT NOT NULL,
+            checkpoint BLOB NOT NULL,
+            metadata_type TEXT NOT NULL,
+            metadata BLOB NOT NULL,
+            metadata_json TEXT NOT NULL,
+            UNIQUE (thread_id, checkpoint_ns, checkpoint_id)
+        )
+        """,
+        # In key order, so rowids follow the key and the unique index is built by appending.
+        """
+        INSERT INTO new_checkpoints (thread_id, checkpoint_ns, checkpoint_id,
+            parent_checkpoint_id, ts, run_id, checkpoint_type, checkpoint, metadata_type,
+            metadata, metadata_json)
+        SELECT thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, ts, run_id,
+            checkpoint_type, checkpoint, metadata_type, metadata, metadata_json
+        FROM checkpoints
+        ORDER BY thread_id, checkpoint_ns, checkpoint_id
+        """,
+        "DROP TABLE checkpoints",  # and its index checkpoints_by_run
+        # Legacy mode renames without first checking every view and trigger: one of the
+        # user's that names ``checkpoints`` would fail the check (the table is gone for now),
+        # and names it again once the rename is done.
+        "PRAGMA legacy_alter_table = ON",
+        "ALTER TABLE new_checkpoints RENAME TO checkpoints",
+        "PRAGMA legacy_alter_table = OFF",
+        "CREATE INDEX checkpoints_by_run ON checkpoints (run_id) WHERE run_id IS NOT NULL",
+        """
+        CREATE TABLE new_checkpoint_values (
+            thread_id TEXT NOT NULL,
+            checkpoint_ns TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            version TEXT NOT NULL,
+            type TEXT,
+            value BLOB,
+            kind INTEGER NOT NULL DEFAULT 0,
+            base_version TEXT,
+            chain_start TEXT,
+            UNIQUE (thread_id, checkpoint_ns, channel, version)
+        )
+        """,
+        """
+        INSERT INTO new_checkpoint_values (thread_id, checkpoint_ns, channel, version, type,
+            value, kind, base_version, chain_start)
+        SELECT thread_id, checkpoint_ns, channel, version, type, value, kind, base_version,
+            chain_start
+        FROM checkpoint_values
+        ORDER BY thread_id, checkpoint_ns, channel, version
+        """,
+        "DROP TABLE checkpoint_values",
+        "PRAGMA legacy_alter_table = ON",
+        "ALTER TABLE new_checkpoint_values RENAME TO checkpoint_values",
+        "PRAGMA legacy_alter_table = OFF",
     ),
 )
 
