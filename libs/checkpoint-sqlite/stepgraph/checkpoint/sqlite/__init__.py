@@ -18,9 +18,10 @@ from stepgraph.checkpoint.base import Retention
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.sqlite import _plans
 from stepgraph.checkpoint.sqlite._schema import Synchronous
+from stepgraph.checkpoint.sqlite._wal import WalCheckpoints
 from stepgraph.checkpoint.storage.plans import Job, Plan, PlanSaver, Statement, run_steps
 
-__all__ = ["SqliteSaver", "Synchronous", "run_plan"]
+__all__ = ["SqliteSaver", "Synchronous", "run_job", "run_plan", "setup_connection"]
 
 T = TypeVar("T")
 
@@ -76,6 +77,22 @@ _CLOSES = frozenset({_plans.COMMIT.sql, _JOINED[_plans.COMMIT.sql]})
 _ROLLBACK_SAVEPOINT = f"ROLLBACK TO {_SAVEPOINT}"
 
 
+def run_job(conn: sqlite3.Connection, plan: Plan[T], wal: WalCheckpoints | None) -> T:
+    """``run_plan``, then the saver's WAL checkpointing (``_wal``), in ``conn``'s thread."""
+    result = run_plan(conn, plan)
+    if wal is not None:
+        wal.after_job(conn)
+    return result
+
+
+def setup_connection(
+    conn: sqlite3.Connection, synchronous: str, busy_timeout: float
+) -> WalCheckpoints | None:
+    """Set ``conn``'s pragmas, bring the schema up to date, and take over its checkpoints."""
+    run_plan(conn, _plans.setup(synchronous, busy_timeout))
+    return WalCheckpoints.take_over(conn, busy_timeout)
+
+
 def _retry_when_locked(conn: sqlite3.Connection, statement: Statement) -> list[Any]:
     deadline = time.monotonic() + statement.retry_when_locked
     while True:
@@ -126,6 +143,7 @@ class SqliteSaver(PlanSaver[None]):
         self.busy_timeout = busy_timeout
         self.lock = threading.Lock()
         self.is_setup = False
+        self.wal: WalCheckpoints | None = None
 
     @classmethod
     @contextmanager
@@ -160,11 +178,11 @@ class SqliteSaver(PlanSaver[None]):
             self._setup()
 
     def _setup(self) -> None:
-        run_plan(self.conn, _plans.setup(self.synchronous, self.busy_timeout))
+        self.wal = setup_connection(self.conn, self.synchronous, self.busy_timeout)
         self.is_setup = True
 
     def _run(self, job: Job[T, None]) -> T:
         with self.lock:
             if not self.is_setup:
                 self._setup()
-            return run_plan(self.conn, job.make())
+            return run_job(self.conn, job.make(), self.wal)

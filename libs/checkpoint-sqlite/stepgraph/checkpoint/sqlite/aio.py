@@ -16,8 +16,9 @@ import aiosqlite
 
 from stepgraph.checkpoint.base import Retention
 from stepgraph.checkpoint.serde.base import SerializerProtocol
-from stepgraph.checkpoint.sqlite import _plans, run_plan
+from stepgraph.checkpoint.sqlite import _plans, run_job, run_plan, setup_connection
 from stepgraph.checkpoint.sqlite._schema import Synchronous
+from stepgraph.checkpoint.sqlite._wal import WalCheckpoints
 from stepgraph.checkpoint.storage.plans import AsyncPlanSaver, Job, Plan
 
 __all__ = ["AsyncSqliteSaver", "arun_plan"]
@@ -69,6 +70,7 @@ class AsyncSqliteSaver(AsyncPlanSaver[None]):
         self.lock = asyncio.Lock()
         self.loop = asyncio.get_running_loop()
         self.is_setup = False
+        self.wal: WalCheckpoints | None = None
 
     @classmethod
     @asynccontextmanager
@@ -100,7 +102,9 @@ class AsyncSqliteSaver(AsyncPlanSaver[None]):
             await self._setup()
 
     async def _setup(self) -> None:
-        await arun_plan(self.conn, _plans.setup(self.synchronous, self.busy_timeout))
+        self.wal = await self.conn._execute(
+            setup_connection, self.conn._conn, self.synchronous, self.busy_timeout
+        )
         self.is_setup = True
 
     async def _run(self, job: Job[T, None]) -> T:
@@ -108,4 +112,4 @@ class AsyncSqliteSaver(AsyncPlanSaver[None]):
             async with self.lock:
                 if not self.is_setup:
                     await self._setup()
-        return await arun_plan(self.conn, job.make())
+        return await self.conn._execute(run_job, self.conn._conn, job.make(), self.wal)
