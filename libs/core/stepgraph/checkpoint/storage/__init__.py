@@ -839,14 +839,23 @@ def metadata_filter_json(filter: Mapping[str, Any]) -> dict[str, Any]:
     return document
 
 
+# Integers a float holds exactly: _json_number returns them unchanged.
+_EXACT_INT = 1 << 53
+
+
 def _json_copy(value: Any, *, for_filter: bool) -> Any:
-    if value is None or isinstance(value, bool):
+    kind = type(value)  # exact types first: this runs for every saved step's metadata
+    if kind is str:
+        return _json_str(value)
+    if kind is int and -_EXACT_INT <= value <= _EXACT_INT:
+        return value
+    if value is None or kind is bool:
         return value
     if isinstance(value, str):
         return _json_str(value)
     if isinstance(value, numbers.Number):
         return _json_number(value)
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, Mapping):
         copy = {}
         for key, item in value.items():
             if isinstance(key, str):
@@ -866,6 +875,8 @@ def _json_copy(value: Any, *, for_filter: bool) -> Any:
 
 
 def _json_str(text: str) -> str:
+    if type(text) is str and text.isascii():  # the common case: kept unless it holds a NUL
+        return text if "\x00" not in text else _MARK + text.encode().hex()
     text = text[:]  # a str subclass (StrEnum) compares as its plain value
     if "\x00" in text or text.startswith(_MARK) or not _is_utf8(text):
         return _MARK + text.encode("utf-8", "surrogatepass").hex()
