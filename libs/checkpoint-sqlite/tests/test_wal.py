@@ -114,3 +114,24 @@ def test_a_pass_running_at_fork_does_not_stop_the_childs_passes(tmp_path: Path) 
         while wal.passes == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert wal.passes == 1
+
+
+def test_a_log_emptied_by_another_connection_does_not_stretch_the_passes(tmp_path: Path) -> None:
+    # An outside TRUNCATE checkpoint makes the first pass see far fewer frames than the saver
+    # wrote; the passes must not then wait so long that the log grows well past its size.
+    import sqlite3
+
+    path = tmp_path / "truncated.sqlite"
+    with SqliteSaver.from_conn_string(path) as saver:
+        saver.setup()
+        for index in range(100):
+            saved, versions = checkpoint(index)
+            saver.put(config("t"), saved, {}, versions)
+        outside = sqlite3.connect(path)
+        outside.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        outside.close()
+        assert wal_size(path) == 0
+        for index in range(100, WRITES):
+            saved, versions = checkpoint(index)
+            saver.put(config("t"), saved, {}, versions)
+            assert wal_size(path) < BOUND, f"the log grew past {BOUND} bytes by save {index}"

@@ -27,7 +27,7 @@ __all__ = ["WalCheckpoints"]
 # SQLite's default automatic checkpoint size, in pages.
 LOG_PAGES = 1000
 # Bounds on the writes between background passes (the count adapts to the pages per write).
-MIN_WRITES, MAX_WRITES = 16, 10_000
+MIN_WRITES, MAX_WRITES = 16, 4_000
 
 
 class WalCheckpoints:
@@ -38,7 +38,8 @@ class WalCheckpoints:
         self.busy_timeout = busy_timeout
         self.passes = 0  # background passes finished (tests and diagnostics)
         self._interval = 128  # writes between passes, until the first pass measures the log
-        self._writes = 0
+        self._writes = 0  # since the last pass began
+        self._since_restart = 0  # writes since the log last started over (as far as we know)
         self._changes = -1
         self._running = False
         self._caught_up = True
@@ -64,24 +65,33 @@ class WalCheckpoints:
             return  # a read, or the caller's own transaction is still open
         self._changes = changes
         self._writes += 1
+        self._since_restart += 1
         if self._running and self._pid != os.getpid():  # forked while a pass ran
             self._running, self._pid = False, os.getpid()
         if not self._caught_up and not self._running:
             self._caught_up = True
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._since_restart = 0  # the next write starts the log over
         elif self._writes >= self._interval and not self._running:
             self._running = True
-            writes, self._writes = self._writes, 0
+            self._writes = 0
             threading.Thread(
-                target=self._copy, args=(writes,), name="stepgraph-wal-checkpoint", daemon=True
+                target=self._copy,
+                args=(self._since_restart,),
+                name="stepgraph-wal-checkpoint",
+                daemon=True,
             ).start()
 
     def _copy(self, writes: int) -> None:
         try:
             with closing(sqlite3.connect(self.path, timeout=self.busy_timeout)) as conn:
                 row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            frames = row[1] if row and row[1] > 0 else LOG_PAGES
-            self._interval = max(MIN_WRITES, min(MAX_WRITES, LOG_PAGES * writes // frames))
+            # The log's frames over the writes that made them: writes for about LOG_PAGES
+            # pages. Another connection may have emptied the log meanwhile (a TRUNCATE
+            # checkpoint), making writes look smaller than they are: grow at most twofold a pass.
+            frames = row[1] if row and row[1] > 0 else 0
+            estimate = LOG_PAGES * writes // frames if frames else 2 * self._interval
+            self._interval = max(MIN_WRITES, min(MAX_WRITES, 2 * self._interval, estimate))
         except sqlite3.Error:
             pass  # the database was busy or went away: the next pass tries again
         finally:
