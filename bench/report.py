@@ -324,6 +324,19 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         figures = f"{fmt_bytes(a / units(lg))} ÷ {fmt_bytes(b / steps)}"
         v.check(name, figures, a / b * steps / units(lg), 10, True)
 
+    def run_bytes(saver: str) -> None:
+        # The backend issues' storage target: at most a quarter of LangGraph's bytes on disk
+        # per run, on the same workload and the same kind of saver.
+        name = f"chain {saver}/sync: LangGraph ÷ stepgraph bytes/run"
+        lg, why_lg = v.outcome("langgraph", "chain", saver)
+        sg, why_sg = v.outcome("stepgraph", "chain", saver)
+        if lg is None or sg is None:
+            return v.not_run(name, why_lg or why_sg)
+        a, b = lg.get("bytes"), sg.get("bytes")
+        if not a or not b or a <= 0 or b <= 0:
+            return v.not_run(name, "storage size not measured")
+        v.check(name, f"{fmt_bytes(a)} ÷ {fmt_bytes(b)}", a / b, 4, True)
+
     def long_thread(saver: str, read: str) -> None:
         name = f"long thread {saver} {read}: stepgraph 1,000 ÷ 20 checkpoints"
         sg, why = v.outcome("stepgraph", "long_thread", saver)
@@ -346,6 +359,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         async_vs_exit(saver)
     for saver in ("SqliteSaver", "PostgresSaver"):
         wide_bytes(saver)
+        run_bytes(saver)
     for saver in ALL_SAVERS:
         for read in ("get_state", "list(limit=10)"):
             long_thread(saver, read)
