@@ -37,7 +37,7 @@ class WalCheckpoints:
         self.path = path
         self.busy_timeout = busy_timeout
         self.passes = 0  # background passes finished (tests and diagnostics)
-        self._interval = 128  # writes between passes, until the first pass measures the log
+        self._interval = MIN_WRITES  # writes between passes; grows as passes measure the log
         self._writes = 0  # since the last pass began
         self._since_restart = 0  # writes since the log last started over (as far as we know)
         self._changes = -1
@@ -87,10 +87,12 @@ class WalCheckpoints:
             with closing(sqlite3.connect(self.path, timeout=self.busy_timeout)) as conn:
                 row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             # The log's frames over the writes that made them: writes for about LOG_PAGES
-            # pages. Another connection may have emptied the log meanwhile (a TRUNCATE
-            # checkpoint), making writes look smaller than they are: grow at most twofold a pass.
+            # pages, less a fifth for the frames written while a pass runs, so the log starts
+            # over about where SQLite's own checkpoints would start it. Another connection may
+            # have emptied the log meanwhile (a TRUNCATE checkpoint), making writes look
+            # smaller than they are: the interval grows at most twofold a pass.
             frames = row[1] if row and row[1] > 0 else 0
-            estimate = LOG_PAGES * writes // frames if frames else 2 * self._interval
+            estimate = LOG_PAGES * 4 // 5 * writes // frames if frames else 2 * self._interval
             self._interval = max(MIN_WRITES, min(MAX_WRITES, 2 * self._interval, estimate))
         except sqlite3.Error:
             pass  # the database was busy or went away: the next pass tries again
