@@ -135,3 +135,34 @@ def test_a_log_emptied_by_another_connection_does_not_stretch_the_passes(tmp_pat
             saved, versions = checkpoint(index)
             saver.put(config("t"), saved, {}, versions)
             assert wal_size(path) < BOUND, f"the log grew past {BOUND} bytes by save {index}"
+
+
+def test_a_failing_checkpoint_never_fails_the_save(tmp_path: Path) -> None:
+    # The save is committed before the checkpointing runs: an error there (here: no thread
+    # can be started, as at interpreter shutdown) must not reach the caller.
+    import threading
+
+    path = tmp_path / "failing.sqlite"
+    with SqliteSaver.from_conn_string(path) as saver:
+        saver.setup()
+        assert saver.wal is not None
+        saver.wal._interval = 1
+        start = threading.Thread.start
+
+        def refuse(self: threading.Thread) -> None:
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+        threading.Thread.start = refuse  # type: ignore[method-assign]
+        try:
+            saved, versions = checkpoint(0)
+            saver.put(config("t"), saved, {}, versions)
+        finally:
+            threading.Thread.start = start  # type: ignore[method-assign]
+        latest = saver.get_tuple(config("t"))
+        assert latest is not None and latest.checkpoint["channel_values"]["count"] == 0
+        saved, versions = checkpoint(1)
+        saver.put(config("t"), saved, {}, versions)  # and later passes still run
+        deadline = time.monotonic() + 10
+        while saver.wal.passes == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert saver.wal.passes >= 1

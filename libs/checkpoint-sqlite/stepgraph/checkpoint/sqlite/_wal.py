@@ -59,7 +59,17 @@ class WalCheckpoints:
         return cls(path, busy_timeout)
 
     def after_job(self, conn: sqlite3.Connection) -> None:
-        """Call after each job on ``conn``, in the thread that uses ``conn``."""
+        """Call after each job on ``conn``, in the thread that uses ``conn``.
+
+        Never raises: the job's writes are committed by now, and a caller must not take a
+        failed checkpoint for a failed save. A checkpoint that fails is tried again later.
+        """
+        try:
+            self._after_job(conn)
+        except (sqlite3.Error, RuntimeError):  # RuntimeError: no new threads at shutdown
+            self._running = False
+
+    def _after_job(self, conn: sqlite3.Connection) -> None:
         changes = conn.total_changes
         if changes == self._changes or conn.in_transaction:
             return  # a read, or the caller's own transaction is still open
@@ -69,8 +79,8 @@ class WalCheckpoints:
         if self._running and self._pid != os.getpid():  # forked while a pass ran
             self._running, self._pid = False, os.getpid()
         if not self._caught_up and not self._running:
-            self._caught_up = True
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._caught_up = True
             self._since_restart = 0  # the next write starts the log over
         elif self._writes >= self._interval and not self._running:
             self._running = True
