@@ -158,7 +158,14 @@ async def _collect(items: Any) -> list[Any]:
 def sqlite_storage(path: str) -> tuple[int, int]:
     """Rows in all tables, and bytes on disk after folding the WAL into the database file."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # A TRUNCATE checkpoint gives up (busy) while another connection checkpoints, as the
+        # saver's background pass may be doing right now: try again until it folds the WAL,
+        # or the log would count as bytes (and a later fold as negative bytes).
+        for _ in range(200):
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if not busy:
+                break
+            time.sleep(0.01)
         tables = conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
         ).fetchall()

@@ -89,7 +89,10 @@ class WalCheckpoints:
                 target=self._copy,
                 args=(self._since_restart,),
                 name="stepgraph-wal-checkpoint",
-                daemon=True,
+                # Not a daemon: the interpreter waits for a pass (milliseconds; PASSIVE never
+                # waits for a lock) before it tears down, so no thread is left inside SQLite
+                # while it finalizes, a known way for a process to crash at exit.
+                daemon=False,
             ).start()
 
     def _copy(self, writes: int) -> None:
