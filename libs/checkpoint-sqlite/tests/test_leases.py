@@ -237,8 +237,9 @@ def test_a_fence_on_a_thread_no_run_leased_is_refused(saver: SqliteSaver) -> Non
 
 
 def test_only_fenced_writes_read_the_run_registry(saver: SqliteSaver) -> None:
-    """The fence check is one primary-key read inside the write's transaction; a write without
-    a fence runs exactly the statements it ran before leases existed."""
+    """The fence check is one primary-key read inside the write's transaction (in a put, in
+    the statement that also looks for the parent checkpoint); a write without a fence runs
+    exactly the statements it ran before leases existed."""
     saver.setup()
     lease = saver.acquire_lease("t", "run", ttl=60)
     statements: list[str] = []
@@ -255,10 +256,18 @@ def test_only_fenced_writes_read_the_run_registry(saver: SqliteSaver) -> None:
         saver.conn.set_trace_callback(None)
     assert not [sql for sql in unfenced if "thread_runs" in sql]
     reads = [sql for sql in statements if "thread_runs" in sql]
-    assert len(reads) == 2 and all(sql.startswith("SELECT epoch, status") for sql in reads)
+    assert len(reads) == 2
+    assert "EXISTS" in reads[0] and reads[1].startswith("SELECT epoch, status")
     assert [sql.split()[0] for sql in statements][:2] == ["BEGIN", "SELECT"]  # first in the tx
+    put_statements = statements[: statements.index("COMMIT")]
+    assert len([sql for sql in put_statements if sql.lstrip().startswith("SELECT")]) == 1
     plan = saver.conn.execute(f"EXPLAIN QUERY PLAN {_plans._SELECT_FENCE}", ("t",)).fetchall()
     assert "PRIMARY KEY" in str(plan) and "SCAN" not in str(plan)
+    plan = saver.conn.execute(
+        f"EXPLAIN QUERY PLAN {_plans._FENCE_AND_PARENT}", ("t", "", "c", "t")
+    ).fetchall()
+    tables = [step for *_, step in plan if "SCAN" in step and "CONSTANT" not in step]
+    assert tables == ["SCAN (subquery-2)"], plan  # the one constant row; the rest are seeks
 
 
 def test_refused_write_inside_the_callers_transaction_undoes_only_itself(tmp_path: Path) -> None:

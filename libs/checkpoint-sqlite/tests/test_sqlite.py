@@ -21,6 +21,7 @@ from stepgraph.checkpoint.base import (
     Checkpoint,
     CheckpointTuple,
     TaskWrites,
+    copy_checkpoint,
     empty_checkpoint,
 )
 from stepgraph.checkpoint.sqlite import SqliteSaver, _plans
@@ -49,19 +50,25 @@ def step(
     updates: dict[str, Any],
     metadata: dict[str, Any] | None = None,
     previous: Checkpoint | None = None,
+    seen: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[RunnableConfig, Checkpoint]:
-    """Save the checkpoint after ``previous`` with ``updates`` applied, as the executor would."""
+    """Save the checkpoint after ``previous`` with ``updates`` applied (and ``seen``: nodes'
+    new ``versions_seen``), saying what changed, as the executor would."""
     checkpoint = empty_checkpoint()
     if previous is not None:
         checkpoint["channel_values"] = dict(previous["channel_values"])
         checkpoint["channel_versions"] = dict(previous["channel_versions"])
+        checkpoint["versions_seen"] = dict(previous["versions_seen"])
     new_versions = {}
     for channel, value in updates.items():
         version = saver.get_next_version(checkpoint["channel_versions"].get(channel))
         checkpoint["channel_versions"][channel] = new_versions[channel] = version
         checkpoint["channel_values"][channel] = value
+    checkpoint["versions_seen"].update(seen or {})
+    checkpoint["versions_seen_changes"] = list(seen or ())
     stored_metadata: Any = metadata or {"source": "loop"}
     saved = saver.put(config, checkpoint, stored_metadata, new_versions)
+    del checkpoint["versions_seen_changes"]  # never read back
     return saved, checkpoint
 
 
@@ -70,6 +77,63 @@ def count(saver: SqliteSaver, table: str) -> int:
 
 
 # -- storage layout ---------------------------------------------------------------------------
+
+
+def _chain(saver: SqliteSaver, thread_id: str, steps: int) -> list[Checkpoint]:
+    """A graph-like history: each step bumps a counter and records what a node saw."""
+    config, checkpoint = step(saver, thread(thread_id), {"n": 0})
+    saved = [checkpoint]
+    for number in range(1, steps):
+        seen = {f"node{number}": {"n": checkpoint["channel_versions"]["n"]}}
+        config, checkpoint = step(saver, config, {"n": number}, previous=checkpoint, seen=seen)
+        saved.append(checkpoint)
+    return saved
+
+
+def _chain_starts(saver: SqliteSaver, thread_id: str) -> list[str | None]:
+    rows = saver.conn.execute(
+        "SELECT chain_start FROM checkpoints WHERE thread_id = ? ORDER BY checkpoint_id",
+        (thread_id,),
+    )
+    return [start for (start,) in rows]
+
+
+def test_steps_store_changes_to_their_parents_blob(saver: SqliteSaver) -> None:
+    saved = _chain(saver, "t", 6)
+    assert _chain_starts(saver, "t") == [None] + [saved[0]["id"]] * 5
+    listed = list(saver.list(thread("t")))
+    assert [found.checkpoint for found in listed] == saved[::-1]
+    middle = saver.get_tuple(
+        {"configurable": {**thread("t")["configurable"], "checkpoint_id": saved[3]["id"]}}
+    )
+    assert middle is not None and middle.checkpoint == saved[3]
+
+
+def test_a_missing_row_of_a_chain_is_named_and_other_threads_read(saver: SqliteSaver) -> None:
+    saved = _chain(saver, "broken", 4)
+    _chain(saver, "fine", 4)
+    saver.conn.execute(
+        "DELETE FROM checkpoints WHERE thread_id = 'broken' AND checkpoint_id = ?",
+        (saved[2]["id"],),
+    )
+    with pytest.raises(CorruptCheckpointError) as raised:
+        saver.get_tuple(thread("broken"))
+    message = str(raised.value)
+    assert saved[3]["id"] in message and saved[2]["id"] in message and "'broken'" in message
+    assert saver.get_tuple(thread("fine")) is not None
+
+
+def test_prune_rewrites_the_first_kept_row_whole(saver: SqliteSaver) -> None:
+    saved = _chain(saver, "t", 8)
+    saver.prune(["t"], keep_last=3)
+    # The rows after it keep their chain_start: a lower bound of the range that holds the
+    # rows they lead through, which the whole row now ends.
+    assert _chain_starts(saver, "t") == [None, saved[0]["id"], saved[0]["id"]]
+    assert [found.checkpoint for found in saver.list(thread("t"))] == saved[:4:-1]
+    saver.prune(["t"])
+    assert _chain_starts(saver, "t") == [None]
+    latest = saver.get_tuple(thread("t"))
+    assert latest is not None and latest.checkpoint == saved[-1]
 
 
 def test_unchanged_channels_are_not_written_again(saver: SqliteSaver) -> None:
@@ -652,6 +716,50 @@ def test_fixture_databases_upgrade_row_for_row(tmp_path: Path, version: int) -> 
     assert _stored_rows(copy, {table: names for table, (names, _) in before.items()}) == before
 
 
+def test_fixture_database_of_the_fourth_format_upgrades_and_chains_on(tmp_path: Path) -> None:
+    """Schema version 5 adds ``chain_start`` (NULL: every older blob is whole) and changes no
+    stored row; the database reads back as the history current code writes, and a new step
+    after a whole row of the old format is stored as changes to it."""
+    fixture = _load_fixture_module("make_schema_v4")
+    copy = tmp_path / "schema_v4.sqlite"
+    shutil.copyfile(FIXTURES / "schema_v4.sqlite", copy)
+    before = _stored_rows(copy)
+    assert "chain_start" not in before["checkpoints"][0]  # the fixture is the old layout
+
+    with (
+        SqliteSaver.from_conn_string(copy) as old,
+        SqliteSaver.from_conn_string(tmp_path / "fresh.sqlite") as fresh,
+    ):
+        fixture.write_history(fresh)
+        assert _everything(old) == _everything(fresh)
+        latest = old.get_tuple(thread(fixture.CHAIN_THREAD))
+        assert latest is not None
+        config, ids = latest.config, []
+        for number in (98, 99):  # the first new step is whole: no chain is remembered yet
+            checkpoint = copy_checkpoint(latest.checkpoint)
+            checkpoint["id"] = f"1f000000-0000-6000-8000-0000000004{number}"
+            checkpoint["channel_values"] = {"x": number}
+            checkpoint["channel_versions"] = {**checkpoint["channel_versions"], "x": f"ff.{number}"}
+            checkpoint["versions_seen_changes"] = []  # as the executor says what changed
+            config = old.put(config, checkpoint, {}, {"x": f"ff.{number}"})
+            ids.append(checkpoint["id"])
+        starts = old.conn.execute(
+            "SELECT chain_start FROM checkpoints WHERE checkpoint_id IN (?, ?) ORDER BY 1", ids
+        ).fetchall()
+        assert starts == [(None,), (ids[0],)]
+        again = old.get_tuple(config)
+        assert again is not None and again.checkpoint["channel_values"] == {"x": 99}
+        assert again.checkpoint["versions_seen"] == latest.checkpoint["versions_seen"]
+
+    names = {table: names for table, (names, _) in before.items()}
+    after = _stored_rows(copy, names)
+    assert {table: rows for table, rows in after.items() if table != "checkpoints"} == {
+        table: rows for table, rows in before.items() if table != "checkpoints"
+    }
+    assert set(before["checkpoints"][1]) <= set(after["checkpoints"][1])
+    _assert_rowid_layout(copy)
+
+
 def _crash_at(path: Path, statement: str) -> None:
     """Migrate ``path`` in another process that dies (``os._exit``, no cleanup) as it starts
     ``statement``. A one-page cache makes it spill the migration's pages to the WAL first."""
@@ -732,7 +840,7 @@ def test_views_and_triggers_of_the_user_survive_the_migration(tmp_path: Path) ->
 
 def test_concurrent_setups_migrate_once(tmp_path: Path) -> None:
     """Processes that open an old file together: each setup() waits for the write lock, the
-    first migrates, the others find version 4; every process then reads the same history."""
+    first migrates, the others find the latest version; every process then reads the same history."""
     copy = tmp_path / "schema_v3.sqlite"
     shutil.copyfile(FIXTURES / "schema_v3.sqlite", copy)
     before = _stored_rows(copy)
@@ -768,7 +876,7 @@ def test_concurrent_setups_migrate_once(tmp_path: Path) -> None:
         listed.append(int(output))
     assert listed == [len(before["checkpoints"][1])] * 4
     _assert_rowid_layout(copy)
-    assert _stored_rows(copy) == before
+    assert _stored_rows(copy, {table: names for table, (names, _) in before.items()}) == before
 
 
 def test_a_saver_opened_before_the_upgrade_keeps_working(
@@ -779,13 +887,18 @@ def test_a_saver_opened_before_the_upgrade_keeps_working(
     path = tmp_path / "db.sqlite"
     monkeypatch.setattr(_plans, "SCHEMA_VERSION", 3)
     with SqliteSaver.from_conn_string(path) as before:
-        config, checkpoint = step(before, thread("t"), {"doc": "a" * 2000})
+        before.setup()
+        for table in ("checkpoints", "checkpoint_values"):  # statements on the old tables
+            before.conn.execute(f"SELECT count(*) FROM {table}").fetchall()
         monkeypatch.setattr(_plans, "SCHEMA_VERSION", SCHEMA_VERSION)
         with SqliteSaver.from_conn_string(path) as after:
             after.setup()
             _assert_rowid_layout(path)
+            config, checkpoint = step(before, thread("t"), {"doc": "a" * 2000})
             config, checkpoint = step(before, config, {"doc": "b" * 2000}, previous=checkpoint)
             step(after, config, {"doc": "c" * 2000}, previous=checkpoint)
+        for table in ("checkpoints", "checkpoint_values"):
+            assert before.conn.execute(f"SELECT count(*) FROM {table}").fetchall() == [(3,)]
         docs = [found.checkpoint["channel_values"]["doc"] for found in before.list(thread("t"))]
         assert docs == ["c" * 2000, "b" * 2000, "a" * 2000]
 

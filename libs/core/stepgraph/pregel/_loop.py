@@ -145,6 +145,8 @@ class RunLoop:
         """Channels changed by the step that produced the current checkpoint (None: unknown)."""
         self.unsaved_channels: set[str] = set()
         """Channels changed since the last checkpoint handed to the checkpointer."""
+        self.unsaved_seen: set[str] = set()
+        """Nodes (keys of ``versions_seen``) whose entry changed since then."""
         self.appendable: frozenset[str] = (
             frozenset(k for k, ch in graph.channels.items() if ch.can_append)
             if checkpointer is not None
@@ -301,6 +303,7 @@ class RunLoop:
                 self.apply([self._pseudo_task(null_writes)], new_checkpoint=False)
             # Interrupts before/after nodes fire again only once channels change again.
             self.versions_seen[INTERRUPT] = dict(self.channel_versions)
+            self.unsaved_seen.add(INTERRUPT)
             if "values" in self.stream_modes:
                 self.emit_values()
         else:
@@ -452,6 +455,7 @@ class RunLoop:
                     if trigger in versions:
                         seen[trigger] = versions[trigger]
                 versions_seen[task.name] = seen
+                self.unsaved_seen.add(task.name)
                 for trigger in task.triggers:
                     if channels[trigger].consume():
                         updated.add(trigger)
@@ -592,6 +596,9 @@ class RunLoop:
         new_versions = {c: self.channel_versions[c] for c in self.unsaved_channels}
         self.unsaved_channels = set()
         checkpoint = self.checkpoint()
+        # new_versions and these are everything that changed since the parent checkpoint.
+        checkpoint["versions_seen_changes"] = list(self.unsaved_seen)
+        self.unsaved_seen = set()
         if appends := self._take_appends(new_versions):
             checkpoint["channel_appends"] = appends
         save = StepSave(parent, writes, checkpoint, self.metadata(), new_versions)

@@ -50,6 +50,7 @@ from stepgraph.checkpoint.postgres._schema import (
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import (
     APPENDED_ITEMS,
+    ChainHeads,
     CheckpointRow,
     CheckpointRows,
     CorruptCheckpointError,
@@ -72,6 +73,7 @@ from stepgraph.checkpoint.storage import (
     related_keys,
     runs,
     task_write_rows,
+    unchained,
 )
 from stepgraph.checkpoint.storage.plans import Job, Plan, Statement
 from stepgraph.checkpoint.storage.runs import RunRow
@@ -173,6 +175,9 @@ _UPSERT_WRITES = _UPSERT_WRITES_WHERE.format(condition="TRUE")
 # prune cannot delete it (and value rows only it names) until the step is committed. When the
 # parent is already gone, nothing is written and the statement returns false: the plan then
 # saves the checkpoint with every channel's value (``storage.checkpoint_rows(self_contained)``).
+# The same lock keeps a checkpoint blob stored as changes to its parent's (``chain_start`` set)
+# readable: prune deletes the parent only after the step committed, and then rewrites the
+# step's row whole (``storage.unchained``).
 _PUT_STEP_TEMPLATE = """
 WITH {fence}parent AS (
     SELECT FROM stepgraph_checkpoints
@@ -185,17 +190,18 @@ WITH {fence}parent AS (
 ), checkpoint AS (
     INSERT INTO stepgraph_checkpoints (thread_id, checkpoint_ns, checkpoint_id,
         parent_checkpoint_id, ts, run_id, checkpoint_type, checkpoint, metadata_type, metadata,
-        metadata_json)
+        metadata_json, chain_start)
     SELECT %(thread_id)b::bytea, %(checkpoint_ns)b::bytea, %(checkpoint_id)b::bytea,
         %(parent_checkpoint_id)b::bytea, %(ts)b::text, %(run_id)b::bytea,
         %(checkpoint_type)b::text, %(checkpoint)b::bytea, %(metadata_type)b::text,
-        %(metadata)b::bytea, %(metadata_json)b::jsonb
+        %(metadata)b::bytea, %(metadata_json)b::jsonb, %(chain_start)b::bytea
     FROM saving WHERE ok
     ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE
     SET parent_checkpoint_id = excluded.parent_checkpoint_id, ts = excluded.ts,
         run_id = excluded.run_id, checkpoint_type = excluded.checkpoint_type,
         checkpoint = excluded.checkpoint, metadata_type = excluded.metadata_type,
-        metadata = excluded.metadata, metadata_json = excluded.metadata_json
+        metadata = excluded.metadata, metadata_json = excluded.metadata_json,
+        chain_start = excluded.chain_start
 ), channel_values AS (
     INSERT INTO stepgraph_checkpoint_values (thread_id, checkpoint_ns, channel, version, type,
         value, kind, base_version, chain_start)
@@ -288,12 +294,14 @@ def put_step(
     checkpoint: Checkpoint,
     metadata: CheckpointMetadata,
     new_versions: ChannelVersions,
+    heads: ChainHeads,
 ) -> Callable[[], Plan[RunnableConfig]]:
     """The plan of ``put_step`` (and, with no writes, ``put``), returning the config of the
     saved checkpoint. Run with ``Scope.STATEMENT``: one statement, unless the parent checkpoint
     is gone (then a second one saves a self-contained checkpoint). Everything is serialized
     here, before any connection is taken. A fenced write (``fence_of(config)``) raises
-    ``LeaseLostError`` and writes nothing when its lease was lost."""
+    ``LeaseLostError`` and writes nothing when its lease was lost. ``heads`` learns of the
+    checkpoint once its statement succeeded."""
 
     def rows(self_contained: bool) -> CheckpointRows:
         return checkpoint_rows(
@@ -306,6 +314,7 @@ def put_step(
             deltas=True,
             inline=True,
             self_contained=self_contained,
+            heads=heads,
         )
 
     first = rows(False)
@@ -315,12 +324,20 @@ def put_step(
     row = first.checkpoint
     config_of_saved = checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
 
+    # Inside a caller's transaction, heads learns of a row before the caller commits: harmless,
+    # since a row of changes is only stored while its parent's row exists (require_parent), so
+    # a step after a rollback finds its parent gone and is stored whole.
     def plan() -> Plan[RunnableConfig]:
         saved = yield statement
         _check_fence(row.thread_id, fence, saved[0])
-        if not saved[0][0]:  # the parent is gone: its unchanged channels' rows may be too
-            again = yield _put_statement(rows(True), shadow, fence, require_parent=False)
+        if saved[0][0]:
+            heads.saved(first)
+        else:  # the parent is gone: its unchanged channels' rows may be too
+            whole = rows(True)
+            again = yield _put_statement(whole, shadow, fence, require_parent=False)
             _check_fence(row.thread_id, fence, again[0])
+            if again[0][0]:
+                heads.saved(whole)
         return config_of_saved
 
     return plan
@@ -350,6 +367,7 @@ def _put_statement(
         metadata_type=row.metadata_type,
         metadata=row.metadata,
         metadata_json=shadow,
+        chain_start=_encode_optional(row.chain_start),
         value_channels=ByteaArray([encode(value.channel) for value in rows.values]),
         value_versions=ByteaArray([encode(value.version) for value in rows.values]),
         value_types=TextArray([value.type for value in rows.values]),
@@ -399,19 +417,60 @@ def _encode_optional(text: str | None) -> bytes | None:
 
 _CHECKPOINT_COLUMNS = (
     "thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, ts, run_id,"
-    " checkpoint_type, checkpoint, metadata_type, metadata"
+    " checkpoint_type, checkpoint, metadata_type, metadata, chain_start"
 )
-_SELECT_CHECKPOINTS = f"""
+
+
+def _with_chains(page: str) -> str:
+    """``page`` (a SELECT of checkpoint rows, in order) followed, in the same statement, by
+    the rows its rows of changes are read with.
+
+    That is ``storage.chain_spans`` in SQL: per chain of the page, the ids from its
+    ``chain_start`` up to the newest page row in it, one primary-key range read each, so a
+    page of rows of changes costs no extra round trip, and a page of whole rows nothing at
+    all. Page rows are not sent twice, and chain rows only for their blobs (no metadata). The
+    first column tells the two apart; the page's rows keep their order.
+
+    The ORDER BY keeps the LATERAL subquery from being flattened into a join, which a generic
+    plan (it cannot see how few spans a page has) turned into a hash join over a scan of the
+    whole table. NOT IN is hashed, so dropping the page's own rows stays linear in the page
+    (up to 1024 rows)."""
+    return f"""
+WITH page AS MATERIALIZED ({page}), spans AS (
+    SELECT thread_id, checkpoint_ns, chain_start AS low,
+        (array_agg(checkpoint_id ORDER BY checkpoint_id DESC))[1] AS high  -- no max() for bytea
+    FROM page WHERE chain_start IS NOT NULL
+    GROUP BY 1, 2, 3
+)
+SELECT false AS chain, * FROM page
+UNION ALL
+SELECT true, s.thread_id, s.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id, c.ts,
+    c.run_id, c.checkpoint_type, c.checkpoint, '', ''::bytea, c.chain_start
+FROM spans AS s CROSS JOIN LATERAL (
+    SELECT checkpoint_id, parent_checkpoint_id, ts, run_id, checkpoint_type, checkpoint,
+        chain_start
+    FROM stepgraph_checkpoints
+    WHERE thread_id = s.thread_id AND checkpoint_ns = s.checkpoint_ns
+        AND checkpoint_id >= s.low AND checkpoint_id < s.high
+    ORDER BY checkpoint_id
+) AS c
+WHERE (s.thread_id, s.checkpoint_ns, c.checkpoint_id)
+    NOT IN (SELECT thread_id, checkpoint_ns, checkpoint_id FROM page)
+ORDER BY chain, checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
+"""
+
+
+_SELECT_CHECKPOINTS = _with_chains(f"""
 SELECT {_CHECKPOINT_COLUMNS} FROM stepgraph_checkpoints
 WHERE {{where}}
 ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
 LIMIT %b
-"""
+""")
 # A thread's checkpoints across its namespaces, newest first: each namespace's newest rows (a
 # primary-key range read each, found by a skip scan over the thread's namespaces), merged.
 # Sorting all of the thread's rows instead would make the newest page of a long thread cost
 # as much as the thread is long.
-_SELECT_THREAD_CHECKPOINTS = f"""
+_SELECT_THREAD_CHECKPOINTS = _with_chains(f"""
 WITH RECURSIVE ns (name) AS (
     (SELECT checkpoint_ns FROM stepgraph_checkpoints WHERE thread_id = %b
         ORDER BY checkpoint_ns LIMIT 1)
@@ -428,7 +487,7 @@ SELECT {_CHECKPOINT_COLUMNS} FROM ns CROSS JOIN LATERAL (
 ) AS c
 ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
 LIMIT %b
-"""
+""")
 # The value rows and pending writes of a page of checkpoints, in one statement: each key list
 # arrives as arrays, and every key is one primary-key probe. A value key names a span of
 # versions of its channel: the version alone for a whole value, ``chain_start`` up to it for
@@ -461,7 +520,7 @@ JOIN stepgraph_checkpoint_writes AS w USING (thread_id, checkpoint_ns, checkpoin
 
 
 def _checkpoint_row(fields: Sequence[Any]) -> CheckpointRow:
-    thread_id, ns, checkpoint_id, parent_id, ts, run_id, ctype, blob, mtype, meta = fields
+    thread_id, ns, checkpoint_id, parent_id, ts, run_id, ctype, blob, mtype, meta, start = fields
     return CheckpointRow(
         decode(thread_id),
         decode(ns),
@@ -473,17 +532,22 @@ def _checkpoint_row(fields: Sequence[Any]) -> CheckpointRow:
         bytes(blob),
         mtype,
         bytes(meta),
+        _decode_optional(start),
     )
 
 
 def _load_page(
     serde: SerializerProtocol, found: Sequence[Sequence[Any]], filter: dict[str, Any] | None = None
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
-    """The checkpoint rows SQL ``found`` (newest first) and the tuples of those that match
-    ``filter``, with their value rows and writes: one more round trip (which rows to fetch is
-    only known once the checkpoints are decoded)."""
-    rows = [_checkpoint_row(fields) for fields in found]
-    candidates = page_candidates(serde, rows, filter)
+    """The checkpoint rows SQL ``found`` (newest first, then the rows of their chains: see
+    ``_with_chains``) and the tuples of those that match ``filter``, with their value rows and
+    writes: one more round trip (which rows to fetch is only known once the checkpoints are
+    decoded)."""
+    rows: list[CheckpointRow] = []
+    chains: list[CheckpointRow] = []
+    for chain, *fields in found:
+        (chains if chain else rows).append(_checkpoint_row(fields))
+    candidates = page_candidates(serde, rows, filter, chains)
     if not candidates:
         return rows, []
     value_keys, checkpoint_keys = related_keys(candidates)
@@ -635,15 +699,16 @@ _COPY_THREAD = """
 WITH checkpoints AS (
     INSERT INTO stepgraph_checkpoints (thread_id, checkpoint_ns, checkpoint_id,
         parent_checkpoint_id, ts, run_id, checkpoint_type, checkpoint, metadata_type, metadata,
-        metadata_json)
+        metadata_json, chain_start)
     SELECT %(target)b::bytea, checkpoint_ns, checkpoint_id, parent_checkpoint_id, ts, run_id,
-        checkpoint_type, checkpoint, metadata_type, metadata, metadata_json
+        checkpoint_type, checkpoint, metadata_type, metadata, metadata_json, chain_start
     FROM stepgraph_checkpoints WHERE thread_id = %(source)b::bytea
     ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE
     SET parent_checkpoint_id = excluded.parent_checkpoint_id, ts = excluded.ts,
         run_id = excluded.run_id, checkpoint_type = excluded.checkpoint_type,
         checkpoint = excluded.checkpoint, metadata_type = excluded.metadata_type,
-        metadata = excluded.metadata, metadata_json = excluded.metadata_json
+        metadata = excluded.metadata, metadata_json = excluded.metadata_json,
+        chain_start = excluded.chain_start
 ), checkpoint_values AS (
     INSERT INTO stepgraph_checkpoint_values (thread_id, checkpoint_ns, channel, version, type,
         value, kind, base_version, chain_start)
@@ -697,6 +762,15 @@ WHERE (v.thread_id, v.checkpoint_ns, v.channel, v.version)
 _SELECT_THREADS = f"""
 SELECT {_CHECKPOINT_COLUMNS} FROM stepgraph_checkpoints WHERE thread_id = ANY(%b::bytea[])
 """
+# The rows of changes whose chain a deletion cut, rewritten whole (``storage.unchained``).
+_UNCHAIN = """
+UPDATE stepgraph_checkpoints AS c
+SET checkpoint_type = k.checkpoint_type, checkpoint = k.checkpoint, chain_start = NULL
+FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[], %b::text[], %b::bytea[])
+    AS k (thread_id, checkpoint_ns, checkpoint_id, checkpoint_type, checkpoint)
+WHERE (c.thread_id, c.checkpoint_ns, c.checkpoint_id)
+    = (k.thread_id, k.checkpoint_ns, k.checkpoint_id)
+"""
 
 
 _SELECT_BASES = f"""
@@ -711,7 +785,8 @@ def _delete_checkpoints(
     doomed: Callable[[list[CheckpointRow]], set[tuple[str, str]]],
 ) -> Plan[None]:
     """Delete the checkpoints ``doomed`` picks of each thread's, their writes, and the value
-    rows only they needed (``storage.deleted_values``).
+    rows only they needed (``storage.deleted_values``); rewrite whole the remaining rows of
+    changes whose chain went with them (``storage.unchained``).
 
     Run with ``Scope.TRANSACTION`` (or inside the caller's transaction). Only value rows that
     the deleted checkpoints name are candidates, so rows a concurrent ``put`` commits
@@ -720,6 +795,9 @@ def _delete_checkpoints(
     checkpoints, read after the DELETE, include it (at READ COMMITTED); if the DELETE got
     there first, the put waits, finds its parent gone and saves every value. If a checkpoint
     cannot be decoded, the error rolls everything back and nothing is deleted.
+
+    The remaining rows are the ones read after the DELETE for the same reason: a step that
+    committed first, as changes to a parent now deleted, is among them and is rewritten whole.
     """
     if not thread_ids:
         return
@@ -750,6 +828,23 @@ def _delete_checkpoints(
     for fields in remaining:
         row = _checkpoint_row(fields)
         kept.setdefault(row.thread_id, []).append(row)
+    rewritten = [
+        row
+        for thread_id, rows in deleted.items()
+        for row in unchained(serde, kept.get(thread_id, ()), rows)
+    ]
+    if rewritten:
+        thread_keys, nss, checkpoint_ids = _columns((row[:3] for row in rewritten), 3)
+        yield Statement(
+            _UNCHAIN,
+            (
+                thread_keys,
+                nss,
+                checkpoint_ids,
+                TextArray([row.checkpoint_type for row in rewritten]),
+                ByteaArray([row.checkpoint for row in rewritten]),
+            ),
+        )
     appended = yield Statement(_SELECT_BASES, (threads,), fetch=True)
     bases: dict[str, dict[ValueKey, str]] = {}
     for thread_id, ns, channel, version, base in appended:
@@ -1182,8 +1277,9 @@ class PostgresPlans:
         checkpoint: Checkpoint,
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
+        heads: ChainHeads,
     ) -> Job[RunnableConfig, Scope]:
-        plan = put_step(serde, config, writes, checkpoint, metadata, new_versions)
+        plan = put_step(serde, config, writes, checkpoint, metadata, new_versions, heads)
         return Job(plan, Scope.STATEMENT)
 
     def put_writes(

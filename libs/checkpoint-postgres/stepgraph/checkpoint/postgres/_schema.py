@@ -141,6 +141,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END $$
         """,
     ),
+    (
+        # ``storage.CheckpointRow.chain_start``: NULL for a whole checkpoint blob. Otherwise the
+        # row holds the changes since its parent's blob, and the rows that make up the whole
+        # blob are its ancestors from ``chain_start`` on: one range of the primary key
+        # (``checkpoint_id >= chain_start AND checkpoint_id < checkpoint_id``). Rows written
+        # before this migration are all whole. In DO, as the migration above.
+        """
+        DO $$ BEGIN
+            ALTER TABLE stepgraph_checkpoints ADD COLUMN chain_start bytea;
+        END $$
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -43,12 +43,14 @@ from stepgraph.checkpoint.sqlite._schema import (
 )
 from stepgraph.checkpoint.storage import (
     APPENDED_ITEMS,
+    ChainHeads,
     CheckpointRow,
     CheckpointRows,
     PageQuery,
     ValueRow,
     WriteRow,
     assemble_page,
+    chain_spans,
     check_key,
     check_prune_strategy,
     check_schema_version,
@@ -62,6 +64,7 @@ from stepgraph.checkpoint.storage import (
     prune_doomed,
     related_keys,
     task_write_rows,
+    unchained,
 )
 from stepgraph.checkpoint.storage.plans import Job, Plan, Statement
 from stepgraph.checkpoint.storage.runs import (
@@ -125,8 +128,8 @@ def setup(synchronous: str, busy_timeout: float) -> Plan[None]:
 _INSERT_CHECKPOINT = """
 INSERT OR REPLACE INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id,
     parent_checkpoint_id, ts, run_id, checkpoint_type, checkpoint, metadata_type, metadata,
-    metadata_json)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    chain_start, metadata_json)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 # Versions are unique within a namespace, so an existing row already holds this very value.
 # An appended-items row inherits the chain start of its base (or starts the chain at it); for a
@@ -164,6 +167,11 @@ _HAS_CHECKPOINT = (
 
 
 _SELECT_FENCE = "SELECT epoch, status FROM thread_runs WHERE thread_id = ?"
+# _HAS_CHECKPOINT's answer, then the run registry row's epoch and status (NULLs: no row).
+_FENCE_AND_PARENT = f"""
+SELECT ({_HAS_CHECKPOINT.removeprefix("SELECT ")}), r.epoch, r.status
+FROM (SELECT 1) LEFT JOIN thread_runs AS r ON r.thread_id = ?
+"""
 
 
 def _check_fence(thread_id: str, fence: int) -> Plan[None]:
@@ -179,23 +187,30 @@ def _store(
     shadow: str,
     self_contained: Callable[[], CheckpointRows],
     fence: int | None,
+    heads: ChainHeads,
 ) -> Plan[RunnableConfig]:
     row = rows.checkpoint
     yield BEGIN_WRITE
-    if fence is not None:
-        yield from _check_fence(row.thread_id, fence)
-    if row.parent_checkpoint_id is not None:
-        found = yield Statement(
-            _HAS_CHECKPOINT, (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id)
-        )
+    if row.parent_checkpoint_id is None:
+        if fence is not None:
+            yield from _check_fence(row.thread_id, fence)
+    else:
+        parent = (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id)
+        if fence is None:
+            found = yield Statement(_HAS_CHECKPOINT, parent)
+        else:  # one statement for both checks: this runs at every step of a leased run
+            found = yield Statement(_FENCE_AND_PARENT, (*parent, row.thread_id))
+            epoch, status = found[0][1:]
+            check_fence(row.thread_id, fence, None if epoch is None else (epoch, status))
         if not found[0][0]:  # pruned meanwhile: unchanged channels' rows may be gone with it
             rows = self_contained()
     if rows.writes:
         yield Statement(_UPSERT_WRITE, rows.writes, many=True)
     if rows.values:
         yield Statement(_INSERT_VALUE, rows.values, many=True)
-    yield Statement(_INSERT_CHECKPOINT, (*row, shadow))
+    yield Statement(_INSERT_CHECKPOINT, (*rows.checkpoint, shadow))
     yield COMMIT
+    heads.saved(rows)
     return checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
 
 
@@ -206,6 +221,7 @@ def put_step(
     checkpoint: Checkpoint,
     metadata: CheckpointMetadata,
     new_versions: ChannelVersions,
+    heads: ChainHeads,
 ) -> Plan[RunnableConfig]:
     """``put_step`` and (with no writes) ``put``: one transaction, one commit."""
     # Everything is serialized before the write lock is taken, so other writers wait only for
@@ -221,10 +237,10 @@ def put_step(
         deltas=True,
         inline=True,
     )
-    first = rows()
+    first = rows(heads=heads)
     shadow = _to_json(metadata_json(first.metadata))
     self_contained = functools.partial(rows, self_contained=True)
-    return (yield from _store(first, shadow, self_contained, fence_of(config)))
+    return (yield from _store(first, shadow, self_contained, fence_of(config), heads))
 
 
 def put_writes(
@@ -245,7 +261,7 @@ def put_writes(
 
 _CHECKPOINT_COLUMNS = (
     "thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, ts, run_id,"
-    " checkpoint_type, checkpoint, metadata_type, metadata"
+    " checkpoint_type, checkpoint, metadata_type, metadata, chain_start"
 )
 _SELECT_CHECKPOINTS = f"""
 SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints
@@ -329,6 +345,19 @@ def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
     return prefix + " UNION ALL ".join(parts)
 
 
+@functools.lru_cache(maxsize=16)
+def _select_chains_sql(spans: int) -> str:
+    """The checkpoint rows in spans ``(thread_id, checkpoint_ns, low, high)`` of the key
+    (``storage.chain_spans``): what rows of changes are read through, one range each."""
+    keys = ", ".join(["(?, ?, ?, ?)"] * spans)
+    return (
+        f"SELECT c.{_CHECKPOINT_COLUMNS.replace(', ', ', c.')}"
+        f" FROM (VALUES {keys}) AS k CROSS JOIN checkpoints AS c"
+        " WHERE c.thread_id = k.column1 AND c.checkpoint_ns = k.column2"
+        " AND c.checkpoint_id >= k.column3 AND c.checkpoint_id < k.column4"
+    )
+
+
 def _bucket(count: int) -> int:
     return count and 1 << (count - 1).bit_length()
 
@@ -372,7 +401,15 @@ def _load_page(
             split = [value for (name,) in namespaces for value in (*params, name, limit)]
             select = Statement(_select_split_sql(where, len(namespaces)), (*split, limit))
     rows = [CheckpointRow(*fields) for fields in (yield select)]
-    candidates = page_candidates(serde, rows, filter)
+    chains: list[CheckpointRow] = []
+    if spans := chain_spans(rows):
+        for start in range(0, len(spans), _KEYS_PER_STATEMENT):
+            chunk = spans[start : start + _KEYS_PER_STATEMENT]
+            sql = _select_chains_sql(_bucket(len(chunk)))
+            chains += [
+                CheckpointRow(*fields) for fields in (yield Statement(sql, _padded(chunk, 4)))
+            ]
+    candidates = page_candidates(serde, rows, filter, chains)
     related: list[Any] = []
     if candidates:
         for statement in _select_related(*related_keys(candidates)):
@@ -555,6 +592,13 @@ def _delete_checkpoints(
         deleted = [row for row in rows if (row.checkpoint_ns, row.checkpoint_id) in chosen]
         kept = [row for row in rows if (row.checkpoint_ns, row.checkpoint_id) not in chosen]
         garbage = deleted_values(serde, deleted, kept, bases)
+        if rewritten := unchained(serde, kept, deleted):  # cut chains start whole again
+            yield Statement(
+                "UPDATE checkpoints SET checkpoint_type = ?, checkpoint = ?, chain_start = NULL"
+                f" WHERE {_CHECKPOINT_KEY}",
+                [(row.checkpoint_type, row.checkpoint, *row[:3]) for row in rewritten],
+                many=True,
+            )
         keys = [(thread_id, ns, checkpoint_id) for ns, checkpoint_id in sorted(chosen)]
         yield Statement(f"DELETE FROM checkpoints WHERE {_CHECKPOINT_KEY}", keys, many=True)
         yield Statement(f"DELETE FROM checkpoint_writes WHERE {_CHECKPOINT_KEY}", keys, many=True)
@@ -765,9 +809,10 @@ class SqlitePlans:
         checkpoint: Checkpoint,
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
+        heads: ChainHeads,
     ) -> Job[RunnableConfig, None]:
         plan = functools.partial(
-            put_step, serde, config, writes, checkpoint, metadata, new_versions
+            put_step, serde, config, writes, checkpoint, metadata, new_versions, heads
         )
         return Job(plan, None)
 

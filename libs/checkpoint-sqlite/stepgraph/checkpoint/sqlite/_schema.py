@@ -1,8 +1,8 @@
 """The database schema, as an append-only list of migrations.
 
 Never edit a released migration: add a new one. Every row written by an older version stays
-readable by newer ones (``tests/fixtures/schema_v1.sqlite``, ``schema_v2.sqlite`` and
-``schema_v3.sqlite`` are databases in the first three formats).
+readable by newer ones (``tests/fixtures/schema_v1.sqlite`` to ``schema_v4.sqlite`` are
+databases in the first four formats).
 """
 
 from __future__ import annotations
@@ -171,6 +171,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "PRAGMA legacy_alter_table = ON",
         "ALTER TABLE new_checkpoint_values RENAME TO checkpoint_values",
         "PRAGMA legacy_alter_table = OFF",
+    ),
+    (
+        # A checkpoint blob may hold only the changes since its parent's
+        # (``storage.CheckpointRow.chain_start``); NULL, as in every older row, is a whole blob.
+        "ALTER TABLE checkpoints ADD COLUMN chain_start TEXT",
     ),
 )
 

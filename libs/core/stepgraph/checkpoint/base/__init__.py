@@ -113,6 +113,12 @@ class Checkpoint(TypedDict):
     the value at ``base_version`` followed by ``items``. A saver may store just the items; one
     that ignores the key stays correct by storing the whole value. Never stored itself, and
     absent from checkpoints read back."""
+    versions_seen_changes: NotRequired[list[str]]
+    """Optional, set by the executor on a checkpoint it saves: the nodes whose
+    ``versions_seen`` entry changed since the parent checkpoint (the one the save's config
+    names). Its presence also vouches that ``new_versions`` names every channel whose version
+    changed since then. A saver may store just those entries (``storage.ChainHeads``). Never
+    stored itself, and absent from checkpoints read back."""
 
 
 class CheckpointTuple(NamedTuple):

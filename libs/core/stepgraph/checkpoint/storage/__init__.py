@@ -2,7 +2,9 @@
 
 A checkpoint is stored as three kinds of row (see docs/architecture.md, "Storage model"):
 
-* one ``CheckpointRow``: the checkpoint without its channel values, plus its metadata;
+* one ``CheckpointRow``: the checkpoint without its channel values, plus its metadata. Its
+  blob is whole, or (``chain_start`` set) only what changed since its parent checkpoint's
+  blob (see ``ChainHeads``);
 * ``ValueRow``s: one per channel in ``new_versions``, keyed by ``(channel, version)``, so an
   unchanged channel costs nothing per step. A row holds the whole value (``FULL_VALUE``) or,
   for a list that only grew, the items appended to the value of an earlier version of the
@@ -17,13 +19,16 @@ are plain ``str``/``int``/``bytes``/``None``, so they can be handed to ``execute
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -51,9 +56,14 @@ from stepgraph.errors import SerializationError, UnknownTypeError
 
 __all__ = [
     "APPENDED_ITEMS",
+    "CHECK_CHAINS",
     "FULL_VALUE",
     "KEY_LIMITS",
+    "MAX_CHAIN",
     "Candidate",
+    "ChainHeads",
+    "ChainLink",
+    "ChainedBlobs",
     "CheckpointKey",
     "CheckpointRow",
     "CheckpointRows",
@@ -64,6 +74,7 @@ __all__ = [
     "ValueRow",
     "WriteRow",
     "assemble_page",
+    "chain_spans",
     "check_key",
     "check_prune_strategy",
     "check_schema_version",
@@ -86,6 +97,7 @@ __all__ = [
     "related_keys",
     "stored_versions",
     "task_write_rows",
+    "unchained",
     "write_rows",
 ]
 
@@ -108,6 +120,10 @@ class CheckpointRow(NamedTuple):
     checkpoint: bytes
     metadata_type: str
     metadata: bytes
+    chain_start: str | None = None
+    """None for a whole blob. Otherwise ``checkpoint`` holds the changes since the blob of the
+    parent checkpoint, and the rows that make up the whole blob are the row's ancestors from
+    ``chain_start`` (the id of a whole row, or of an earlier one) on: one range of the key."""
 
 
 FULL_VALUE = 0
@@ -167,6 +183,66 @@ class CheckpointRows(NamedTuple):
     metadata: CheckpointMetadata
     """The metadata as stored (merged with the config's, ``get_checkpoint_metadata``), for
     savers that keep a ``metadata_json`` copy of it."""
+    link: ChainLink
+    """What ``ChainHeads.saved`` remembers once these rows are committed."""
+
+
+class ChainLink(NamedTuple):
+    """The last checkpoint a saver stored in one namespace of a thread, as ``ChainHeads`` keeps it."""
+
+    checkpoint_id: str
+    chain_start: str
+    """The ``chain_start`` of its row, or its own id if its blob is whole."""
+    depth: int
+    """How many rows of changes lead from the whole blob at the chain's start to it."""
+    blob: dict[str, Any] | None = None
+    """Its whole blob, kept only when ``CHECK_CHAINS`` is on."""
+
+
+CHECK_CHAINS = os.environ.get("STEPGRAPH_CHECK_CHAINS") == "1"
+"""Check every row of changes against the whole blob it stands for (the test suites turn this
+on: it keeps every whole blob in ``ChainHeads``)."""
+
+MAX_CHAIN = 8
+"""At most this many rows of changes follow a whole blob: reading a checkpoint decodes at
+most ``MAX_CHAIN + 1`` rows. Reading the latest checkpoint costs more the deeper it sits in
+its chain (about one row's decoding per step of depth); 8 keeps that spread small, for about
+one whole blob (1-2 kB on the bench's chain) more per 20 steps than 16 would store."""
+
+
+class ChainHeads:
+    """The last checkpoint each (thread, namespace) saved through one saver.
+
+    A saver that can read chained blobs (``load_checkpoint`` with the rows of the chain) passes
+    this to ``checkpoint_rows``: when a checkpoint's parent is the one remembered here and the
+    executor vouches for what changed since (``Checkpoint["versions_seen_changes"]`` with
+    ``new_versions``), its row stores only the blob entries that changed. Most of a blob
+    (``channel_versions``, ``versions_seen``) grows with the graph while a step changes a few
+    entries, so a step stores, and spends time on, O(what changed) instead of O(graph). A
+    checkpoint whose parent is not here (a fork, another process's checkpoint, the first save
+    after a restart) or that comes without the executor's word (a direct ``put``) is whole.
+
+    Thread-safe, and bounded: the least recently saved namespaces are forgotten first. Only
+    committed rows may be remembered (``saved``); a row is never changed once stored, except
+    by ``prune`` and friends, which rewrite a row as its whole blob (the same checkpoint).
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._links: OrderedDict[tuple[str, str], ChainLink] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, thread_id: str, checkpoint_ns: str) -> ChainLink | None:
+        return self._links.get((thread_id, checkpoint_ns))
+
+    def saved(self, rows: CheckpointRows) -> None:
+        """Remember the checkpoint of ``rows``, once committed."""
+        key = (rows.checkpoint.thread_id, rows.checkpoint.checkpoint_ns)
+        with self._lock:
+            self._links[key] = rows.link
+            self._links.move_to_end(key)
+            if len(self._links) > self._size:
+                self._links.popitem(last=False)
 
 
 class CheckpointKey(Protocol):
@@ -194,8 +270,9 @@ class CorruptCheckpointError(SerializationError):
 
 
 # Checkpoint keys kept out of the serialized blob: values have their own rows, id and ts are
-# columns of the checkpoint row, channel_appends only says how to write the value rows.
-_NOT_IN_BLOB = frozenset({"channel_values", "id", "ts", "channel_appends"})
+# columns of the checkpoint row, channel_appends and versions_seen_changes only say how to write
+# the rows.
+_NOT_IN_BLOB = frozenset({"channel_values", "id", "ts", "channel_appends", "versions_seen_changes"})
 # Blob keys of the small channel values stored in the checkpoint row and of the channels that
 # have a version but no value (``inline=True``).
 _INLINE = "inline_values"
@@ -253,6 +330,7 @@ def checkpoint_rows(
     deltas: bool = False,
     inline: bool = False,
     self_contained: bool = False,
+    heads: ChainHeads | None = None,
 ) -> CheckpointRows:
     """The rows of ``put(config, checkpoint, metadata, new_versions)``.
 
@@ -278,6 +356,11 @@ def checkpoint_rows(
     to 64 characters: trigger channels, counters, flags) travel in the checkpoint row itself,
     in every checkpoint that holds them, instead of a value row per change, and so does the
     list of emptied channels (cleared triggers): a step writes fewer rows, reading fetches fewer.
+
+    ``heads``: the saver reads chained blobs (see ``ChainHeads``). When the parent checkpoint
+    is the one ``heads`` remembers for this namespace, the row's blob holds only what changed
+    since the parent's (``CheckpointRow.chain_start``). Call ``heads.saved(rows)`` once the
+    rows are committed. ``self_contained`` rows are always whole.
     """
     thread_id = get_thread_id(config)
     checkpoint_ns = get_checkpoint_ns(config)
@@ -296,17 +379,38 @@ def checkpoint_rows(
 
     blob = {key: value for key, value in checkpoint.items() if key not in _NOT_IN_BLOB}
     channel_values = checkpoint["channel_values"]
-    inlined: Collection[str] = ()
-    if inline:
-        versions = checkpoint["channel_versions"]
+    versions = checkpoint["channel_versions"]
+    parent_id = get_checkpoint_id(config)
+    link = ChainLink(checkpoint_id, checkpoint_id, 0)
+    stored: Any = None
+    parent = None
+    seen_changes = checkpoint.get("versions_seen_changes")
+    if heads is not None and seen_changes is not None and not self_contained and parent_id:
+        parent = heads.get(thread_id, checkpoint_ns)
+        # Ids grow along a chain, so its rows are one range of the key from chain_start.
+        if (
+            parent is not None
+            and parent.checkpoint_id == parent_id
+            and parent.depth < MAX_CHAIN
+            and checkpoint_id > parent_id
+        ):
+            stored = _step_changes(blob, checkpoint, new_versions, seen_changes, inline)
+            if stored is not None:
+                link = ChainLink(checkpoint_id, parent.chain_start, parent.depth + 1)
+    if inline and (stored is None or CHECK_CHAINS):  # the whole blob: O(channels) work
         small = {c: v for c, v in channel_values.items() if c in versions and _is_small(v)}
         empty = [c for c in versions if c not in channel_values]
         if small:
             blob[_INLINE] = small
         if empty:
             blob[_EMPTY] = empty
-        inlined = {*small, *empty}
-    checkpoint_type, checkpoint_bytes = where.dumps(serde, blob, "the checkpoint")
+    if stored is None:
+        stored = blob
+    elif CHECK_CHAINS and parent is not None and parent.blob is not None:
+        _check_changes(parent.blob, stored, blob, where)
+    if CHECK_CHAINS and heads is not None:
+        link = link._replace(blob=_copy_blob(blob))
+    checkpoint_type, checkpoint_bytes = where.dumps(serde, stored, "the checkpoint")
     merged = get_checkpoint_metadata(config, metadata)
     metadata_type, metadata_bytes = where.dumps(serde, merged, "the metadata")
     run_id = merged.get("run_id")
@@ -314,19 +418,25 @@ def checkpoint_rows(
         thread_id,
         checkpoint_ns,
         checkpoint_id,
-        get_checkpoint_id(config),
+        parent_id,
         checkpoint["ts"],
         None if run_id is None else str(run_id),
         checkpoint_type,
         checkpoint_bytes,
         metadata_type,
         metadata_bytes,
+        None if link.depth == 0 else link.chain_start,
     )
 
     appends = checkpoint.get("channel_appends") if deltas else None
     values = []
     for channel, version in new_versions.items():
-        if channel in inlined:
+        # Small values and emptied channels travel in the checkpoint row (``inline``).
+        if (
+            inline
+            and channel in versions
+            and (channel not in channel_values or _is_small(channel_values[channel]))
+        ):
             continue
         if channel not in channel_values:
             values.append(ValueRow(thread_id, checkpoint_ns, channel, version, None, None))
@@ -353,7 +463,161 @@ def checkpoint_rows(
             type_, data = where.dumps(serde, value, part)
             values.append(ValueRow(thread_id, checkpoint_ns, channel, version, type_, data))
 
-    return CheckpointRows(row, values, task_write_rows(serde, config, writes), merged)
+    return CheckpointRows(row, values, task_write_rows(serde, config, writes), merged, link)
+
+
+# The blob keys a row of changes stores entry by entry (``_step_changes``).
+_CHAINED_KEYS = frozenset({"channel_versions", "versions_seen", _INLINE, _EMPTY})
+_GONE: Any = object()
+# Maps whose entries are never maps or lists: versions, small scalar values.
+_SCALAR_MAPS = frozenset({"channel_versions", _INLINE})
+
+
+def _step_changes(
+    blob: Mapping[str, Any],
+    checkpoint: Checkpoint,
+    new_versions: ChannelVersions,
+    seen_changes: Iterable[str],
+    inline: bool,
+) -> list[Any] | None:
+    """The row of changes that turns the parent's whole blob into ``blob``, from what the
+    executor says changed: the channels of ``new_versions`` and the nodes of
+    ``seen_changes``; None if the blob must be stored whole (a channel or node was removed).
+    O(what changed), whatever the size of the graph.
+
+    A row of changes is ``[set, versions, seen, small, emptied]``: top-level keys stored as
+    they are (``updated_channels`` as True when it lists exactly the changed channels), the
+    changed channels grouped by their new version (a step gives all of them one), the nodes'
+    new ``versions_seen`` entries, and with ``inline`` the changed channels' small values and
+    the emptied ones (None without ``inline``): every other changed channel has a value row.
+    """
+    versions = checkpoint["channel_versions"]
+    values = checkpoint["channel_values"]
+    by_version: dict[Any, list[str]] = {}
+    small: dict[str, Any] = {}
+    emptied: list[str] = []
+    for channel in new_versions:  # one pass: this runs at every step
+        version = versions.get(channel, _GONE)
+        if version is _GONE:
+            return None
+        group = by_version.get(version)
+        if group is None:
+            by_version[version] = [channel]
+        else:
+            group.append(channel)
+        if inline:
+            value = values.get(channel, _GONE)
+            if value is _GONE:
+                emptied.append(channel)
+            elif _is_small(value):
+                small[channel] = value
+    seen = checkpoint["versions_seen"]
+    now: dict[str, Any] = {}
+    for node in seen_changes:
+        entry = seen.get(node)
+        if entry is None:
+            return None
+        now[node] = entry
+    set_ = {key: value for key, value in blob.items() if key not in _CHAINED_KEYS}
+    if set_.get("updated_channels") == sorted(new_versions):  # as the executor lists them
+        set_["updated_channels"] = True
+    return [set_, by_version, now, small if inline else None, emptied if inline else None]
+
+
+def _check_changes(
+    before: Mapping[str, Any], changes: list[Any], whole: Mapping[str, Any], where: _Where
+) -> None:
+    """``CHECK_CHAINS``: raise if ``changes`` applied to ``before`` is not ``whole``."""
+    found, wanted = _comparable(_apply_changes(before, changes)), _comparable(whole)
+    if found != wanted:
+        raise AssertionError(where.describe("Row of changes", f"reads as {found}, not {wanted}"))
+
+
+def _comparable(blob: Mapping[str, Any]) -> dict[str, Any]:
+    """A blob as load_checkpoint sees it: no empty inline keys, emptied channels as a set,
+    inline values with their types."""
+    comparable = {key: value for key, value in blob.items() if value or key not in _CHAINED_KEYS}
+    if _EMPTY in comparable:
+        comparable[_EMPTY] = set(comparable[_EMPTY])
+    if _INLINE in comparable:
+        comparable[_INLINE] = {k: (type(v), v) for k, v in comparable[_INLINE].items()}
+    return comparable
+
+
+def _apply_changes(before: Mapping[str, Any], changes: Any) -> dict[str, Any]:
+    """The whole blob after a row of changes (``_step_changes``) to ``before``, which is left
+    as it was. Raises ``ValueError`` when ``changes`` is not a row of changes."""
+    opened = _open_blob(before)
+    _apply_in_place(opened, changes)
+    return _close_blob(opened)
+
+
+# Reading a chain applies its rows of changes one after the other to one "open" blob: its maps
+# private, emptied channels as a dict, so that each row costs O(what it changed).
+_OPEN_MAPS = ("channel_versions", "versions_seen", _INLINE)
+
+
+def _open_blob(blob: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a whole (or open) blob that ``_apply_in_place`` may change."""
+    opened = dict(blob)
+    for key in _OPEN_MAPS:
+        if type(value := blob.get(key)) is dict:
+            opened[key] = dict(value)
+    if (empty := blob.get(_EMPTY)) is not None:
+        opened[_EMPTY] = dict.fromkeys(empty)
+    return opened
+
+
+def _apply_in_place(opened: dict[str, Any], changes: Any) -> None:
+    if type(changes) is not list or len(changes) != 5:
+        raise ValueError("not a row of changes")
+    set_, by_version, seen, small, emptied = changes
+    versions = opened["channel_versions"]
+    changed: list[str] = []
+    for version, channels in by_version.items():
+        for channel in channels:
+            versions[channel] = version
+        changed += channels
+    opened.update(set_)
+    if opened.get("updated_channels") is True:
+        opened["updated_channels"] = sorted(changed)
+    if seen:
+        opened.setdefault("versions_seen", {}).update(seen)
+    if small is not None:  # inline: the changed channels' entries are all new
+        inlined = opened.setdefault(_INLINE, {})
+        empty = opened.setdefault(_EMPTY, {})
+        for channel in changed:
+            inlined.pop(channel, None)
+            empty.pop(channel, None)
+        inlined.update(small)
+        empty.update(dict.fromkeys(emptied))
+
+
+def _close_blob(opened: Mapping[str, Any]) -> dict[str, Any]:
+    """A whole blob of its own (maps of maps copied too) from an open one."""
+    closed = _copy_blob(opened)
+    for key in (_INLINE, _EMPTY):
+        if key in closed and not closed[key]:
+            del closed[key]
+    if _EMPTY in closed:
+        closed[_EMPTY] = list(closed[_EMPTY])
+    return closed
+
+
+def _copy_blob(blob: Mapping[str, Any]) -> dict[str, Any]:
+    """``blob`` with its maps (and maps of maps, as ``versions_seen``) and lists copied, so
+    later changes to the caller's checkpoint do not reach it."""
+    copy = dict(blob)
+    for key, value in blob.items():
+        kind = type(value)
+        if kind is dict:
+            if key in _SCALAR_MAPS:
+                copy[key] = dict(value)
+            else:
+                copy[key] = {k: dict(v) if type(v) is dict else v for k, v in value.items()}
+        elif kind is list:
+            copy[key] = list(value)
+    return copy
 
 
 def _is_small(value: Any) -> bool:
@@ -445,15 +709,25 @@ def write_rows(
 # -- reading ---------------------------------------------------------------------------------
 
 
-def load_checkpoint(serde: SerializerProtocol, row: CheckpointRow) -> Checkpoint:
+def load_checkpoint(
+    serde: SerializerProtocol, row: CheckpointRow, blobs: ChainedBlobs | None = None
+) -> Checkpoint:
     """The checkpoint stored in ``row``; ``load_tuple`` completes its ``channel_values``.
 
     Until then they only mark what the row itself holds (``inline``): read them through
     ``load_tuple`` only. ``stored_versions`` names the value rows to fetch: ``(channel,
-    version)`` pairs.
+    version)`` pairs. A row of changes (``chain_start`` set) is read through ``blobs``, which
+    holds the rows of its chain.
     """
     where = _Where.of(row)
-    blob = where.loads(serde, (row.checkpoint_type, row.checkpoint), "the checkpoint")
+    if row.chain_start is None:
+        blob = where.loads(serde, (row.checkpoint_type, row.checkpoint), "the checkpoint")
+    elif blobs is None:
+        raise CorruptCheckpointError(
+            where.describe("Cannot read the checkpoint", "the rows of its chain were not read")
+        )
+    else:
+        blob = blobs.whole(row)
     if not isinstance(blob, dict) or not isinstance(blob.get("channel_versions"), dict):
         raise CorruptCheckpointError(
             where.describe("Cannot read the checkpoint", "not a checkpoint")
@@ -466,6 +740,92 @@ def load_checkpoint(serde: SerializerProtocol, row: CheckpointRow) -> Checkpoint
     if isinstance(empty, list):
         values.update(dict.fromkeys(empty, _NO_VALUE))
     return blob  # type: ignore[return-value]
+
+
+class ChainedBlobs:
+    """The whole blobs of checkpoint rows, rows of changes included, given the rows of their
+    chains (``chain_spans`` names them; extra rows are ignored). Each blob is decoded once,
+    however many rows of a page share it."""
+
+    def __init__(self, serde: SerializerProtocol, rows: Iterable[CheckpointRow]) -> None:
+        self._serde = serde
+        self._rows = {row[:3]: row for row in rows}
+        self._whole: dict[tuple[str, str, str], Any] = {}
+
+    def whole(self, row: CheckpointRow) -> Any:
+        """The whole blob of ``row``: a new object, the caller's to change."""
+        return _close_blob(self._resolve(row))
+
+    def read_ahead(self, rows: Iterable[CheckpointRow]) -> None:
+        """Resolve ``rows`` oldest first, so each one that leads through another applies only
+        the rows of changes after it (a page is listed newest first)."""
+        for row in sorted(rows, key=_checkpoint_id):
+            if row.chain_start is not None:
+                self._resolve(row)
+
+    def _resolve(self, row: CheckpointRow) -> dict[str, Any]:
+        """The open blob of ``row``, kept for the rows of the page that lead through it."""
+        rows, known = self._rows, self._whole
+        path: list[CheckpointRow] = []
+        found = row
+        while (base := known.get(found[:3])) is None:
+            if found.chain_start is None:
+                base = known[found[:3]] = _open_blob(self._whole_blob(found))
+                break
+            path.append(found)
+            parent = rows.get(
+                (found.thread_id, found.checkpoint_ns, found.parent_checkpoint_id or "")
+            )
+            if parent is None or len(path) > len(rows):
+                problem = (
+                    f"it stores changes to checkpoint {found.parent_checkpoint_id!r},"
+                    " whose row is missing"
+                    if parent is None
+                    else "its chain of parents has a cycle"
+                )
+                raise CorruptCheckpointError(
+                    _Where.of(found).describe("Cannot read the checkpoint", problem)
+                )
+            found = parent
+        if not path:
+            return base
+        opened = _open_blob(base)  # one copy, then O(what changed) per row
+        for changed in reversed(path):
+            where = _Where.of(changed)
+            changes = where.loads(
+                self._serde, (changed.checkpoint_type, changed.checkpoint), "the checkpoint"
+            )
+            try:
+                _apply_in_place(opened, changes)
+            except Exception as exc:  # any shape but a row of changes
+                raise CorruptCheckpointError(
+                    where.describe("Cannot read the checkpoint", f"bad row of changes: {exc!r}")
+                ) from exc
+        known[row[:3]] = opened
+        return opened
+
+    def _whole_blob(self, row: CheckpointRow) -> dict[str, Any]:
+        where = _Where.of(row)
+        blob = where.loads(self._serde, (row.checkpoint_type, row.checkpoint), "the checkpoint")
+        if type(blob) is not dict or type(blob.get("channel_versions")) is not dict:
+            raise CorruptCheckpointError(
+                where.describe("Cannot read the checkpoint", "not a checkpoint")
+            )
+        return blob
+
+
+def chain_spans(rows: Iterable[CheckpointRow]) -> list[tuple[str, str, str, str]]:
+    """What to fetch so ``ChainedBlobs`` can read ``rows``: per chain, ``(thread_id,
+    checkpoint_ns, low, high)``, the ids ``low <= checkpoint_id < high`` of the namespace.
+    A span may hold rows of forked branches too; they are ignored."""
+    spans: dict[tuple[str, str, str], str] = {}
+    for row in rows:
+        if row.chain_start is not None:
+            key = (row.thread_id, row.checkpoint_ns, row.chain_start)
+            high = spans.get(key)
+            if high is None or row.checkpoint_id > high:
+                spans[key] = row.checkpoint_id
+    return [(*key, high) for key, high in spans.items()]
 
 
 def stored_versions(checkpoint: Checkpoint) -> dict[str, str]:
@@ -625,10 +985,16 @@ class Candidate(NamedTuple):
 
 def page_candidates(
     serde: SerializerProtocol,
-    rows: Iterable[CheckpointRow],
+    rows: Sequence[CheckpointRow],
     filter: Mapping[str, Any] | None = None,
+    chains: Iterable[CheckpointRow] = (),
 ) -> list[Candidate]:
-    """The rows that match ``filter`` exactly (SQL only narrowed them), decoded."""
+    """The rows that match ``filter`` exactly (SQL only narrowed them), decoded. ``chains``:
+    the rows ``chain_spans(rows)`` names."""
+    blobs = None
+    if any(row.chain_start is not None for row in rows):
+        blobs = ChainedBlobs(serde, itertools.chain(rows, chains))
+        blobs.read_ahead(rows)
     candidates = []
     for row in rows:
         metadata = None
@@ -636,7 +1002,7 @@ def page_candidates(
             metadata = load_metadata(serde, row)
             if not metadata_matches(metadata, filter):
                 continue
-        candidates.append(Candidate(row, load_checkpoint(serde, row), metadata))
+        candidates.append(Candidate(row, load_checkpoint(serde, row, blobs), metadata))
     return candidates
 
 
@@ -983,17 +1349,22 @@ def referenced_values(
     serde: SerializerProtocol,
     rows: Iterable[CheckpointRow],
     bases: Mapping[ValueKey, str] | None = None,
+    chains: Iterable[CheckpointRow] = (),
 ) -> set[ValueKey]:
     """The value rows that ``rows`` (checkpoints of one thread) need to stay readable.
 
     ``bases`` maps the key of each of the thread's ``APPENDED_ITEMS`` rows to its
     ``base_version``: the rows a needed row's chain goes through are needed too. After
     ``prune`` or ``delete_for_runs`` removes checkpoints, a thread's value rows outside the set
-    for its remaining checkpoints are garbage.
+    for its remaining checkpoints are garbage. ``chains``: more rows of the thread, to read
+    rows of changes with.
     """
+    rows = list(rows)
+    blobs = ChainedBlobs(serde, itertools.chain(chains, rows))
+    blobs.read_ahead(rows)
     needed: set[ValueKey] = set()
     for row in rows:
-        versions = stored_versions(load_checkpoint(serde, row))
+        versions = stored_versions(load_checkpoint(serde, row, blobs))
         needed.update(
             (row.checkpoint_ns, channel, version) for channel, version in versions.items()
         )
@@ -1021,10 +1392,41 @@ def deleted_values(
     checkpoint names a version that did not exist when it was read. ``bases`` as in
     ``referenced_values``.
     """
-    candidates = referenced_values(serde, deleted, bases)
+    deleted, remaining = list(deleted), list(remaining)
+    candidates = referenced_values(serde, deleted, bases, remaining)
     if not candidates:
         return candidates
-    return candidates - referenced_values(serde, remaining, bases)
+    return candidates - referenced_values(serde, remaining, bases, deleted)
+
+
+def unchained(
+    serde: SerializerProtocol,
+    remaining: Iterable[CheckpointRow],
+    deleted: Iterable[CheckpointRow],
+) -> list[CheckpointRow]:
+    """The rows of changes among ``remaining`` (one thread's checkpoints after some were
+    ``deleted``) that no longer lead to a whole blob, rewritten whole: the rows to update
+    where ``prune`` or ``delete_for_runs`` cut a chain. Only the first row after each cut is
+    rewritten; the rows after it lead to it. ``deleted`` must still hold the cut rows."""
+    remaining = sorted(remaining, key=_checkpoint_id)  # ids grow along a chain
+    by_key = {row[:3]: row for row in remaining}
+    blobs = ChainedBlobs(serde, itertools.chain(deleted, remaining))
+    whole: set[tuple[str, str, str]] = set()  # rows that are, or lead to, a whole blob
+    rewritten = []
+    for row in remaining:
+        if row.chain_start is None:
+            whole.add(row[:3])
+            continue
+        parent_key = (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id or "")
+        if parent_key not in by_key or parent_key not in whole:
+            type_, data = _Where.of(row).dumps(serde, blobs.whole(row), "the checkpoint")
+            rewritten.append(row._replace(checkpoint_type=type_, checkpoint=data, chain_start=None))
+        whole.add(row[:3])
+    return rewritten
+
+
+def _checkpoint_id(row: CheckpointRow) -> str:
+    return row.checkpoint_id
 
 
 _Row = TypeVar("_Row", CheckpointRow, ValueRow, WriteRow)

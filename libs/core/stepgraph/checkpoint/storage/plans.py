@@ -28,6 +28,7 @@ from stepgraph.checkpoint.base import (
     CheckpointTuple,
     Lease,
     PruneStrategy,
+    Retention,
     RunInfo,
     RunStatus,
     StorageReport,
@@ -35,7 +36,7 @@ from stepgraph.checkpoint.base import (
     TaskWrites,
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
-from stepgraph.checkpoint.storage import CheckpointRow, ListPager, PageQuery
+from stepgraph.checkpoint.storage import ChainHeads, CheckpointRow, ListPager, PageQuery
 from stepgraph.checkpoint.storage.runs import check_limit
 from stepgraph.config import RunnableConfig
 
@@ -128,7 +129,11 @@ class SaverPlans(Protocol[S_co]):
         checkpoint: Checkpoint,
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
-    ) -> Job[RunnableConfig, S_co]: ...
+        heads: ChainHeads,
+    ) -> Job[RunnableConfig, S_co]:
+        """Stores the checkpoint's blob as changes to its parent's when ``heads`` allows
+        (``storage.checkpoint_rows``), and calls ``heads.saved`` once the rows are committed."""
+        ...
 
     def put_writes(
         self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]
@@ -194,6 +199,12 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
 
     plans: SaverPlans[S]
 
+    def __init__(
+        self, *, serde: SerializerProtocol | None = None, retention: Retention | None = None
+    ) -> None:
+        super().__init__(serde=serde, retention=retention)
+        self.heads = ChainHeads()
+
     @abstractmethod
     def _run(self, job: Job[T, S]) -> T:
         """Run ``job`` on the saver's connection and return the plan's result."""
@@ -247,7 +258,9 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         return self._run(
-            self.plans.put_step(self.serde, config, writes, checkpoint, metadata, new_versions)
+            self.plans.put_step(
+                self.serde, config, writes, checkpoint, metadata, new_versions, self.heads
+            )
         )
 
     # -- thread management -------------------------------------------------------------------
@@ -313,6 +326,12 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
 
     plans: SaverPlans[S]
 
+    def __init__(
+        self, *, serde: SerializerProtocol | None = None, retention: Retention | None = None
+    ) -> None:
+        super().__init__(serde=serde, retention=retention)
+        self.heads = ChainHeads()
+
     @abstractmethod
     async def _run(self, job: Job[T, S]) -> T:
         """Run ``job`` on the saver's connection and return the plan's result."""
@@ -369,7 +388,9 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         return await self._run(
-            self.plans.put_step(self.serde, config, writes, checkpoint, metadata, new_versions)
+            self.plans.put_step(
+                self.serde, config, writes, checkpoint, metadata, new_versions, self.heads
+            )
         )
 
     # -- thread management -------------------------------------------------------------------
