@@ -384,7 +384,7 @@ def test_rows_of_schema_version_3_stay_readable(postgres_uri: str) -> None:
 
         saver.setup()
         found = conn.execute("SELECT max(version) FROM stepgraph_migrations").fetchone()
-        assert found == (_schema.SCHEMA_VERSION,) == (4,)
+        assert found == (_schema.SCHEMA_VERSION,)
         assert chain_starts(postgres_uri, "old") == [None, None, None]
         assert_reads_back(saver, old)
         # The first step after them is whole (this saver did not save its parent), then chained.

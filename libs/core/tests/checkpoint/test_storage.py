@@ -25,6 +25,8 @@ from stepgraph.checkpoint.serde import MsgpackSerializer
 from stepgraph.checkpoint.storage import (
     APPENDED_ITEMS,
     FULL_VALUE,
+    ONE_WRITE,
+    TASK_WRITES,
     CheckpointRows,
     CorruptCheckpointError,
     WriteRow,
@@ -124,11 +126,54 @@ def test_round_trip_builds_configs_and_orders_writes() -> None:
 def test_write_rows_index_rule() -> None:
     rows = write_rows(serde, thread(checkpoint_id="c"), [("a", 1), (INTERRUPT, 2), ("b", 3)], "t")
     assert [(row.idx, row.replaces_existing) for row in rows] == [
-        (0, False),
         (-3, True),
+        (0, False),
         (2, False),
     ]
     assert {row.task_path for row in rows} == {""}
+
+
+def test_a_tasks_regular_writes_share_one_row() -> None:
+    checkpoint = make_checkpoint({}, {})
+    rows = checkpoint_rows(serde, thread("t"), checkpoint, {}, {})
+    at = thread("t", checkpoint_id=checkpoint["id"])
+    values = [("a", 1), ("b", None), ("c", b"\x00"), ("d", bytearray(b"1")), ("a", [2])]
+    written = write_rows(serde, at, [(ERROR, "e"), *values], "task", "path")
+    assert [(row.idx, row.channel, row.kind) for row in written] == [
+        (-1, ERROR, ONE_WRITE),
+        (1, "", TASK_WRITES),
+    ]
+    found = read_back(rows, written).pending_writes
+    assert found == [("task", ERROR, "e"), *(("task", c, v) for c, v in values)]
+    # Each value typed as a row of its own would type it.
+    assert [type(value) for _task, _channel, value in found[1:]] == [
+        int, type(None), bytes, bytearray, list,
+    ]  # fmt: skip
+
+
+def test_rows_of_one_task_that_overlap_keep_the_first() -> None:
+    checkpoint = make_checkpoint({}, {})
+    rows = checkpoint_rows(serde, thread("t"), checkpoint, {}, {})
+    at = thread("t", checkpoint_id=checkpoint["id"])
+    packed = write_rows(serde, at, [("a", 1), ("b", 2)], "task")
+    later = write_rows(serde, at, [(INTERRUPT, "i"), ("c", 3), (INTERRUPT, "j"), ("d", 4)], "task")
+    assert [row.idx for row in later] == [-3, -3, 1, 3]  # "c" at 1 overlaps the packed row
+    found = read_back(rows, [*later[1:], *packed]).pending_writes
+    assert found == [("task", INTERRUPT, "j"), ("task", "a", 1), ("task", "b", 2), ("task", "d", 4)]
+
+
+def test_an_unreadable_row_of_task_writes_names_the_task() -> None:
+    checkpoint = make_checkpoint({}, {})
+    rows = checkpoint_rows(serde, thread("t"), checkpoint, {}, {})
+    at = thread("t", checkpoint_id=checkpoint["id"])
+    (packed,) = write_rows(serde, at, [("a", 1), ("b", 2)], "task-x")
+    for broken in (
+        packed._replace(value=packed.value[:-3]),
+        packed._replace(value=b"\x93\x01\x02\x03"),  # three numbers, no channel
+        packed._replace(kind=7),
+    ):
+        with pytest.raises(CorruptCheckpointError, match=r"writes of task 'task-x'.*thread 't'"):
+            read_back(rows, [broken])
 
 
 def test_put_step_rows_include_task_writes_against_parent() -> None:

@@ -153,15 +153,16 @@ def _schema_version() -> Plan[int]:
 # the fifth execution and planning stops.
 _UPSERT_WRITES_WHERE = """
 INSERT INTO stepgraph_checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id, task_id, idx,
-    channel, type, value, task_path)
+    channel, type, value, task_path, kind)
 SELECT %(thread_id)b::bytea, %(checkpoint_ns)b::bytea, %(writes_checkpoint_id)b::bytea, *
 FROM unnest((SELECT %(write_task_ids)b::bytea[]), (SELECT %(write_idxs)b::integer[]),
     (SELECT %(write_channels)b::bytea[]), (SELECT %(write_types)b::text[]),
-    (SELECT %(write_values)b::bytea[]), (SELECT %(write_task_paths)b::bytea[]))
+    (SELECT %(write_values)b::bytea[]), (SELECT %(write_task_paths)b::bytea[]),
+    (SELECT %(write_kinds)b::smallint[]))
 WHERE {condition}
 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) DO UPDATE
 SET channel = excluded.channel, type = excluded.type, value = excluded.value,
-    task_path = excluded.task_path
+    task_path = excluded.task_path, kind = excluded.kind
 WHERE excluded.idx < 0
 """
 _UPSERT_WRITES = _UPSERT_WRITES_WHERE.format(condition="TRUE")
@@ -284,6 +285,7 @@ def _writes_params(
         "write_types": TextArray([row.type for row in rows]),
         "write_values": ByteaArray([row.value for row in rows]),
         "write_task_paths": ByteaArray([encode(row.task_path) for row in rows]),
+        "write_kinds": Int2Array([row.kind for row in rows]),
     }
 
 
@@ -506,14 +508,14 @@ WITH spans AS (
     GROUP BY 1, 2, 3, 4
 )
 SELECT 0, v.thread_id, v.checkpoint_ns, v.channel, v.version, v.type, v.value,
-    v.kind::integer, v.base_version, NULL::bytea
+    v.kind::integer, v.base_version, NULL::bytea, NULL::smallint
 FROM spans AS s
 JOIN stepgraph_checkpoint_values AS v ON v.thread_id = s.thread_id
     AND v.checkpoint_ns = s.checkpoint_ns AND v.channel = s.channel
     AND v.version BETWEEN s.low AND s.high
 UNION ALL
 SELECT 1, w.thread_id, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.type, w.value, w.idx,
-    w.channel, w.task_path
+    w.channel, w.task_path, w.kind
 FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[]) AS k (thread_id, checkpoint_ns, checkpoint_id)
 JOIN stepgraph_checkpoint_writes AS w USING (thread_id, checkpoint_ns, checkpoint_id)
 """
@@ -558,7 +560,7 @@ def _load_page(
     )
     values: list[ValueRow] = []
     writes: list[WriteRow] = []
-    for part, thread_id, ns, c3, c4, type_, value, number, c8, c9 in related:
+    for part, thread_id, ns, c3, c4, type_, value, number, c8, c9, kind in related:
         if part == 0:
             key = (decode(thread_id), decode(ns), decode(c3), decode(c4))
             data = None if value is None else bytes(value)
@@ -575,6 +577,7 @@ def _load_page(
                     type_,
                     bytes(value),
                     decode(c9),
+                    kind,
                 )
             )
     return rows, list(assemble_page(serde, candidates, values, writes))
@@ -720,13 +723,13 @@ WITH checkpoints AS (
         base_version = excluded.base_version, chain_start = excluded.chain_start
 )
 INSERT INTO stepgraph_checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id, task_id, idx,
-    channel, type, value, task_path)
+    channel, type, value, task_path, kind)
 SELECT %(target)b::bytea, checkpoint_ns, checkpoint_id, task_id, idx, channel, type, value,
-    task_path
+    task_path, kind
 FROM stepgraph_checkpoint_writes WHERE thread_id = %(source)b::bytea
 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) DO UPDATE
 SET channel = excluded.channel, type = excluded.type, value = excluded.value,
-    task_path = excluded.task_path
+    task_path = excluded.task_path, kind = excluded.kind
 """
 
 

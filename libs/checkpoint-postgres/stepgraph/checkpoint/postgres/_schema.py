@@ -153,6 +153,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END $$
         """,
     ),
+    (
+        # ``storage.WriteRow.kind``: 0, as in every older row, is one write; 1
+        # (``storage.TASK_WRITES``) holds a task's regular writes from ``idx`` on, in one row.
+        # A constant default: no table rewrite.
+        """
+        DO $$ BEGIN
+            ALTER TABLE stepgraph_checkpoint_writes ADD COLUMN kind smallint NOT NULL DEFAULT 0;
+        END $$
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -145,11 +145,11 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, (
 # special channels (negative idx) replace the earlier write.
 _UPSERT_WRITE = """
 INSERT INTO checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id, task_id, idx, channel,
-    type, value, task_path)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    type, value, task_path, kind)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) DO UPDATE
 SET channel = excluded.channel, type = excluded.type, value = excluded.value,
-    task_path = excluded.task_path
+    task_path = excluded.task_path, kind = excluded.kind
 WHERE excluded.idx < 0
 """
 
@@ -329,7 +329,7 @@ def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
         )
         parts.append(
             "SELECT 0, v.thread_id, v.checkpoint_ns, v.channel, v.version, v.type, v.value,"
-            " v.kind, v.base_version, NULL FROM s CROSS JOIN checkpoint_values AS v"
+            " v.kind, v.base_version, NULL, NULL FROM s CROSS JOIN checkpoint_values AS v"
             " WHERE v.thread_id = s.t AND v.checkpoint_ns = s.n AND v.channel = s.c"
             " AND v.version BETWEEN s.lo AND s.hi"
         )
@@ -337,7 +337,7 @@ def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
         keys = ", ".join(["(?, ?, ?)"] * checkpoint_keys)
         parts.append(
             "SELECT 1, w.thread_id, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.idx,"
-            " w.channel, w.type, w.value, w.task_path"
+            " w.channel, w.type, w.value, w.task_path, w.kind"
             f" FROM (VALUES {keys}) AS k CROSS JOIN checkpoint_writes AS w"
             " WHERE w.thread_id = k.column1 AND w.checkpoint_ns = k.column2"
             " AND w.checkpoint_id = k.column3"
@@ -521,7 +521,7 @@ _COPIED_COLUMNS = {
     "checkpoint_values": "checkpoint_ns, channel, version, type, value, kind, base_version,"
     " chain_start",
     "checkpoint_writes": "checkpoint_ns, checkpoint_id, task_id, idx, channel, type, value,"
-    " task_path",
+    " task_path, kind",
 }
 
 

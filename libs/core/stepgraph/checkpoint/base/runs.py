@@ -91,6 +91,8 @@ class StorageReport:
     thread_id: str
     checkpoints: int
     writes: int
+    """Rows of pending writes: one per special write (error, interrupt, ...) and one for the
+    regular writes of each ``put_writes`` of a task (``storage.TASK_WRITES``)."""
     values: int
     """Channel-value rows stored apart from checkpoints (0 for savers that keep none)."""
     bytes: int

@@ -9,7 +9,9 @@ A checkpoint is stored as three kinds of row (see docs/architecture.md, "Storage
   unchanged channel costs nothing per step. A row holds the whole value (``FULL_VALUE``) or,
   for a list that only grew, the items appended to the value of an earlier version of the
   channel (``APPENDED_ITEMS``, see ``checkpoint_rows(deltas=True)``);
-* ``WriteRow``s: the pending writes of the tasks of a step, keyed by ``(task_id, idx)``.
+* ``WriteRow``s: the pending writes of the tasks of a step, keyed by ``(task_id, idx)``: one
+  row per special write (error, interrupt, ...) and one row for the regular writes of each
+  ``put_writes`` of a task (``TASK_WRITES``).
 
 Savers turn ``put``/``put_writes``/``put_step`` arguments into rows with ``checkpoint_rows`` and
 ``write_rows``, store the rows however their database likes, and turn fetched rows back into a
@@ -37,6 +39,8 @@ from collections.abc import (
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+import msgpack
+
 from stepgraph.checkpoint.base import (
     ChannelVersions,
     Checkpoint,
@@ -60,6 +64,8 @@ __all__ = [
     "FULL_VALUE",
     "KEY_LIMITS",
     "MAX_CHAIN",
+    "ONE_WRITE",
+    "TASK_WRITES",
     "Candidate",
     "ChainHeads",
     "ChainLink",
@@ -151,8 +157,16 @@ class ValueRow(NamedTuple):
     base_version: str | None = None
 
 
+ONE_WRITE = 0
+"""``WriteRow.kind`` of a row holding one write: ``value`` is written to ``channel``."""
+TASK_WRITES = 1
+"""``WriteRow.kind`` of a row holding a task's regular writes from ``idx`` on, as one serialized
+flat list ``[channel, value, channel, value, ...]`` (``channel`` is empty). A step's task
+usually writes a few channels; one row for them all stores and indexes the key once."""
+
+
 class WriteRow(NamedTuple):
-    """``(thread_id, checkpoint_ns, checkpoint_id, task_id, idx)`` -> one pending write.
+    """``(thread_id, checkpoint_ns, checkpoint_id, task_id, idx)`` -> pending writes.
 
     Store with insert-or-ignore when ``replaces_existing`` is false (repeating ``put_writes``
     must not duplicate), and with upsert when true (special channels replace the earlier write).
@@ -167,6 +181,7 @@ class WriteRow(NamedTuple):
     type: str
     value: bytes
     task_path: str
+    kind: int = ONE_WRITE
 
     @property
     def replaces_existing(self) -> bool:
@@ -686,24 +701,52 @@ def write_rows(
     check_key("checkpoint_id", checkpoint_id)
     check_key("task_id", task_id)
     where = _Where(thread_id, checkpoint_ns, checkpoint_id)
-    rows = []
+    key = (thread_id, checkpoint_ns, checkpoint_id, task_id)
+    special: list[WriteRow] = []
+    regular: list[WriteRow] = []
     for idx, (channel, value) in enumerate(writes):
         check_key("channel", channel)
-        type_, data = where.dumps(serde, value, f"write to channel {channel!r} of task {task_id!r}")
-        rows.append(
-            WriteRow(
-                thread_id,
-                checkpoint_ns,
-                checkpoint_id,
-                task_id,
-                write_index(channel, idx),
-                channel,
-                type_,
-                data,
-                task_path,
-            )
-        )
-    return rows
+        index = write_index(channel, idx)
+        type_, data = where.dumps(serde, value, _write_part(channel, task_id))
+        row = WriteRow(*key, index, channel, type_, data, task_path)
+        (regular if index >= 0 else special).append(row)
+    # One row for the task's regular writes when their indices follow each other (a special
+    # write between them, as in ``[("a", 1), (INTERRUPT, 2), ("b", 3)]``, keeps a row each).
+    if len(regular) > 1 and regular[-1].idx - regular[0].idx == len(regular) - 1:
+        first = regular[0]
+        packed = _pack_writes([(row.channel, row.type, row.value) for row in regular])
+        regular = [first._replace(channel="", value=packed, kind=TASK_WRITES)]
+    return special + regular
+
+
+def _pack_writes(writes: Sequence[tuple[str, str, bytes]]) -> bytes:
+    """A ``TASK_WRITES`` value: msgpack's flat list of ``channel, type, data`` triples, the
+    type nil where it is the first one's (the row's ``type``). Each value was serialized on
+    its own, exactly as a row of its own would hold it: serializers may type a nested value
+    differently from a top-level one (a ``bytearray``)."""
+    first = writes[0][1]
+    flat: list[Any] = []
+    for channel, type_, data in writes:
+        flat += (channel, None if type_ == first else type_, data)
+    return msgpack.packb(flat, use_bin_type=True)
+
+
+def _unpack_writes(row: WriteRow) -> list[tuple[str, str, bytes]]:
+    flat = msgpack.unpackb(row.value, raw=False, use_list=True)
+    if type(flat) is not list or len(flat) % 3:
+        raise ValueError("not a list of channel, type, data triples")
+    found = []
+    for offset in range(0, len(flat), 3):
+        channel, type_, data = flat[offset : offset + 3]
+        type_ = row.type if type_ is None else type_
+        if type(channel) is not str or type(type_) is not str or type(data) is not bytes:
+            raise ValueError(f"write {offset // 3} is not a channel, type and data")
+        found.append((channel, type_, data))
+    return found
+
+
+def _write_part(channel: str, task_id: str) -> str:
+    return f"write to channel {channel!r} of task {task_id!r}"
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -900,18 +943,6 @@ def load_tuple(
             )
         )
 
-    pending_writes: list[PendingWrite] = [
-        (
-            write.task_id,
-            write.channel,
-            where.loads(
-                serde,
-                (write.type, write.value),
-                f"write to channel {write.channel!r} of task {write.task_id!r}",
-            ),
-        )
-        for write in sorted(writes, key=_write_order)
-    ]
     return CheckpointTuple(
         checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id),
         checkpoint,
@@ -919,8 +950,49 @@ def load_tuple(
         checkpoint_config(row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id)
         if row.parent_checkpoint_id
         else None,
-        pending_writes,
+        pending_writes(serde, where, writes),
     )
+
+
+def pending_writes(
+    serde: SerializerProtocol, where: _Where, writes: Iterable[WriteRow]
+) -> list[PendingWrite]:
+    """The pending writes the rows stand for, ordered by task, then index.
+
+    Rows of one task's regular writes overlap only if its ``put_writes`` calls saved regular
+    writes starting at different indices (the executor never does): a row whose first index
+    is already taken by an earlier row in key order is then left out.
+    """
+    found: list[PendingWrite] = []
+    task_id, covered = None, -1  # the task's regular indices below ``covered`` are taken
+    for write in sorted(writes, key=_write_order):
+        if write.task_id != task_id:
+            task_id, covered = write.task_id, -1
+        if write.idx < 0 or write.kind == ONE_WRITE:
+            if 0 <= write.idx < covered:
+                continue
+            part = _write_part(write.channel, task_id)
+            found.append((task_id, write.channel, where.loads(serde, write[6:8], part)))
+            covered = max(covered, write.idx + 1)
+            continue
+        if write.idx < covered:
+            continue
+        if write.kind != TASK_WRITES:
+            problem = f"unknown kind {write.kind!r}"
+            raise CorruptCheckpointError(
+                where.describe(f"Cannot read writes of task {task_id!r}", problem)
+            )
+        try:
+            packed = _unpack_writes(write)
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                where.describe(f"Cannot read writes of task {task_id!r}", exc)
+            ) from exc
+        for channel, type_, data in packed:
+            part = _write_part(channel, task_id)
+            found.append((task_id, channel, where.loads(serde, (type_, data), part)))
+        covered = write.idx + len(packed)
+    return found
 
 
 def index_values(values: Iterable[ValueRow]) -> dict[tuple[str, str], ValueRow]:
