@@ -45,7 +45,7 @@ from stepgraph.checkpoint.base import (
     uuid6,
 )
 from stepgraph.checkpoint.serde.codec import DATACLASS, ENUM, NAMEDTUPLE, PYDANTIC
-from stepgraph.checkpoint.storage import KEY_LIMITS, CorruptCheckpointError
+from stepgraph.checkpoint.storage import KEY_LIMITS, METADATA_IN_JSON, CorruptCheckpointError
 from stepgraph.checkpoint.testing.api import SaverApi
 from stepgraph.config import RunnableConfig
 from stepgraph.errors import UnknownTypeError
@@ -176,10 +176,21 @@ class SqlStore(RawStore):
                 key, tag, blob = row[: len(keys)], row[-2], row[-1]
                 if tag is None:
                     continue  # an emptied channel: nothing stored to damage
+                in_json = part == "metadata" and not self.postgres
+                if in_json and tag == METADATA_IN_JSON:
+                    # SQLite keeps such metadata only as its JSON copy.
+                    (blob,) = conn.execute(
+                        f"SELECT CAST(metadata_json AS BLOB) FROM {table} WHERE "
+                        + " AND ".join(f"{column} = {mark}" for column in keys),
+                        key,
+                    ).fetchone()
                 new_tag, new_blob = change(tag, bytes(blob))
+                stored_in = blob_column
+                if in_json and new_tag == METADATA_IN_JSON:
+                    stored_in = "metadata_json"
                 match = " AND ".join(f"{column} = {mark}" for column in keys)
                 conn.execute(
-                    f"UPDATE {table} SET {type_column} = {mark}, {blob_column} = {mark} "
+                    f"UPDATE {table} SET {type_column} = {mark}, {stored_in} = {mark} "
                     f"WHERE {match}",
                     [new_tag, new_blob, *key],
                 )

@@ -1,5 +1,5 @@
 """A task's regular writes share one row (``storage.TASK_WRITES``), as in SQLite; rows of one
-write each, as every version before schema 5 stored them, read back alongside."""
+write each, as every version before schema 4 stored them, read back alongside."""
 
 from __future__ import annotations
 
@@ -68,12 +68,12 @@ def test_a_tasks_writes_share_a_row(postgres_uri: str, saver: PostgresSaver) -> 
     assert copied is not None and copied.pending_writes == found.pending_writes
 
 
-def test_rows_of_schema_version_4_stay_readable(postgres_uri: str) -> None:
+def test_rows_of_schema_version_3_stay_readable(postgres_uri: str) -> None:
     """Write rows stored one write each before ``kind`` existed read back after the migration,
     next to a task's writes saved after it in one row."""
     with psycopg.connect(postgres_uri, autocommit=True) as conn:
         conn.execute(_schema.CREATE_MIGRATIONS_TABLE)
-        for version, migration in enumerate(_schema.MIGRATIONS[:4], start=1):
+        for version, migration in enumerate(_schema.MIGRATIONS[:3], start=1):
             for sql in migration:
                 conn.execute(sql)
             conn.execute("INSERT INTO stepgraph_migrations (version) VALUES (%s)", (version,))

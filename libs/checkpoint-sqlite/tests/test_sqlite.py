@@ -717,9 +717,11 @@ def test_fixture_databases_upgrade_row_for_row(tmp_path: Path, version: int) -> 
 
 
 def test_fixture_database_of_the_fourth_format_upgrades_and_chains_on(tmp_path: Path) -> None:
-    """Schema version 5 adds ``chain_start`` (NULL: every older blob is whole) and changes no
-    stored row; the database reads back as the history current code writes, and a new step
-    after a whole row of the old format is stored as changes to it."""
+    """Schema version 5 adds ``chain_start`` (NULL: every older blob is whole) and
+    ``checkpoint_writes.kind`` (0: one write a row) and changes no stored row; the database
+    reads back as the history current code writes, a new step after a whole row of the old
+    format is stored as changes to it, a task's new writes share one row, and metadata JSON
+    holds exactly is stored once."""
     fixture = _load_fixture_module("make_schema_v4")
     copy = tmp_path / "schema_v4.sqlite"
     shutil.copyfile(FIXTURES / "schema_v4.sqlite", copy)
@@ -750,63 +752,29 @@ def test_fixture_database_of_the_fourth_format_upgrades_and_chains_on(tmp_path: 
         again = old.get_tuple(config)
         assert again is not None and again.checkpoint["channel_values"] == {"x": 99}
         assert again.checkpoint["versions_seen"] == latest.checkpoint["versions_seen"]
+        old.put_writes(config, [("x", 100), ("y", [1])], "task-new")
+        kinds = old.conn.execute("SELECT kind, count(*) FROM checkpoint_writes GROUP BY 1")
+        assert kinds.fetchall() == [(0, len(before["checkpoint_writes"][1])), (1, 1)]
+        found = old.get_tuple(config)
+        assert found is not None
+        assert found.pending_writes == [("task-new", "x", 100), ("task-new", "y", [1])]
+        metadata = old.conn.execute(
+            "SELECT metadata_type, metadata, metadata_json FROM checkpoints"
+            " WHERE checkpoint_id IN (?, ?)",
+            ids,
+        )
+        assert metadata.fetchall() == [("", b"", "{}")] * 2
+        assert found.metadata == {}
 
     names = {table: names for table, (names, _) in before.items()}
     after = _stored_rows(copy, names)
+    new_writes = [row for row in after["checkpoint_writes"][1] if row[3] == "task-new"]
+    assert len(new_writes) == 1
+    after["checkpoint_writes"][1].remove(new_writes[0])
     assert {table: rows for table, rows in after.items() if table != "checkpoints"} == {
         table: rows for table, rows in before.items() if table != "checkpoints"
     }
     assert set(before["checkpoints"][1]) <= set(after["checkpoints"][1])
-    _assert_rowid_layout(copy)
-
-
-def test_fixture_database_of_the_fifth_format_upgrades_and_packs_writes_on(
-    tmp_path: Path,
-) -> None:
-    """Schema version 6 adds ``checkpoint_writes.kind`` (0: every older row holds one write)
-    and changes no stored row; chained rows and one-write rows read back as the history current
-    code writes, and a new step's task writes go into one row."""
-    fixture = _load_fixture_module("make_schema_v5")
-    copy = tmp_path / "schema_v5.sqlite"
-    shutil.copyfile(FIXTURES / "schema_v5.sqlite", copy)
-    before = _stored_rows(copy)
-    assert "kind" not in before["checkpoint_writes"][0]  # the fixture is the old layout
-    assert any(row[-1] is not None for row in before["checkpoints"][1])  # chained rows
-
-    with (
-        SqliteSaver.from_conn_string(copy) as old,
-        SqliteSaver.from_conn_string(tmp_path / "fresh.sqlite") as fresh,
-    ):
-        fixture.write_history(fresh)
-        assert _everything(old) == _everything(fresh)
-        latest = old.get_tuple(thread(fixture.CHAINED_THREAD))
-        assert latest is not None and latest.checkpoint["channel_values"]["x"] == 11
-        parent = old.get_tuple(latest.parent_config)  # type: ignore[arg-type]
-        assert parent is not None
-        assert parent.pending_writes == [
-            ("task-11", "x", 11),
-            ("task-11", "log", ["n10"]),
-            ("task-11", "to:n12", None),
-        ]
-        old.put_writes(latest.config, [("x", 12), ("log", ["n11"])], "task-12")
-        rows = old.conn.execute(
-            "SELECT kind, count(*) FROM checkpoint_writes WHERE thread_id = ? GROUP BY kind",
-            (fixture.CHAINED_THREAD,),
-        ).fetchall()
-        assert rows == [(0, 33), (1, 1)]
-        again = old.get_tuple(latest.config)
-        assert again is not None
-        assert again.pending_writes == [("task-12", "x", 12), ("task-12", "log", ["n11"])]
-
-    names = {table: names for table, (names, _) in before.items()}
-    after = _stored_rows(copy, names)
-    added = [row for row in after["checkpoint_writes"][1] if row[3] == "task-12"]
-    assert len(added) == 1
-    after["checkpoint_writes"] = (
-        names["checkpoint_writes"],
-        sorted((row for row in after["checkpoint_writes"][1] if row[3] != "task-12"), key=repr),
-    )
-    assert after == before
     _assert_rowid_layout(copy)
 
 

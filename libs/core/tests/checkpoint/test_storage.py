@@ -25,6 +25,7 @@ from stepgraph.checkpoint.serde import MsgpackSerializer
 from stepgraph.checkpoint.storage import (
     APPENDED_ITEMS,
     FULL_VALUE,
+    METADATA_IN_JSON,
     ONE_WRITE,
     TASK_WRITES,
     CheckpointRows,
@@ -34,6 +35,7 @@ from stepgraph.checkpoint.storage import (
     checkpoints_to_keep,
     index_values,
     load_checkpoint,
+    load_metadata,
     load_tuple,
     metadata_filter_json,
     metadata_json,
@@ -131,6 +133,36 @@ def test_write_rows_index_rule() -> None:
         (2, False),
     ]
     assert {row.task_path for row in rows} == {""}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "json_only"),
+    [
+        ({"source": "loop", "step": 3, "parents": {"": "1f0"}, "ok": True, "f": 0.5}, True),
+        ({"nested": {"list": [1, "a", None, {"b": False}]}}, True),
+        ({"whole float": 1.0}, False),  # JSON's copy says 1
+        ({"nul": "a\x00b"}, False),
+        ({"tuple": (1, 2)}, False),
+        ({"big": 2**60}, True),
+        ({"bigger": 2**60 + 1}, False),  # the JSON copy rounds it to a float's
+        ({"lone": "\ud800"}, False),
+        ({"decimal": Decimal("0.5")}, False),
+        ({"inf": float("inf")}, False),
+        ({1: "key not a string"}, False),
+    ],
+)
+def test_metadata_that_json_holds_exactly_is_stored_once(metadata: Any, json_only: bool) -> None:
+    rows = checkpoint_rows(
+        serde, thread("t"), make_checkpoint({}, {}), metadata, {}, json_metadata=True
+    )
+    row = rows.checkpoint
+    assert (row.metadata_type == METADATA_IN_JSON) is json_only
+    if json_only:
+        assert row.metadata == b""
+        text = json.dumps(rows.metadata_json, separators=(",", ":"))
+        row = row._replace(metadata=text.encode())  # what the saver reads back
+    loaded = load_metadata(serde, row)
+    assert repr(loaded) == repr(metadata)  # types and key order too
 
 
 def test_a_tasks_regular_writes_share_one_row() -> None:

@@ -152,8 +152,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             ALTER TABLE stepgraph_checkpoints ADD COLUMN chain_start bytea;
         END $$
         """,
-    ),
-    (
         # ``storage.WriteRow.kind``: 0, as in every older row, is one write; 1
         # (``storage.TASK_WRITES``) holds a task's regular writes from ``idx`` on, in one row.
         # A constant default: no table rewrite.

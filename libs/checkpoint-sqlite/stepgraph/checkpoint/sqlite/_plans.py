@@ -43,6 +43,7 @@ from stepgraph.checkpoint.sqlite._schema import (
 )
 from stepgraph.checkpoint.storage import (
     APPENDED_ITEMS,
+    METADATA_IN_JSON,
     ChainHeads,
     CheckpointRow,
     CheckpointRows,
@@ -59,7 +60,6 @@ from stepgraph.checkpoint.storage import (
     deleted_values,
     id_list,
     metadata_filter_json,
-    metadata_json,
     page_candidates,
     prune_doomed,
     related_keys,
@@ -236,9 +236,10 @@ def put_step(
         writes,
         deltas=True,
         inline=True,
+        json_metadata=True,
     )
     first = rows(heads=heads)
-    shadow = _to_json(metadata_json(first.metadata))
+    shadow = _to_json(first.metadata_json)
     self_contained = functools.partial(rows, self_contained=True)
     return (yield from _store(first, shadow, self_contained, fence_of(config), heads))
 
@@ -263,8 +264,14 @@ _CHECKPOINT_COLUMNS = (
     "thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, ts, run_id,"
     " checkpoint_type, checkpoint, metadata_type, metadata, chain_start"
 )
+# A CheckpointRow as read: metadata that JSON holds exactly is stored once, as metadata_json
+# (``storage.METADATA_IN_JSON``); the text of _to_json reads back key for key.
+_CHECKPOINT_ROW = _CHECKPOINT_COLUMNS.replace(
+    " metadata,",
+    f" iif(metadata_type = '{METADATA_IN_JSON}', metadata_json, metadata) AS metadata,",
+)
 _SELECT_CHECKPOINTS = f"""
-SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints
+SELECT {_CHECKPOINT_ROW} FROM checkpoints
 WHERE {{where}}
 ORDER BY checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC
 LIMIT ?
@@ -289,7 +296,7 @@ _SPLIT_NAMESPACES = 16
 @functools.lru_cache(maxsize=_SPLIT_NAMESPACES)
 def _select_split_sql(where: str, namespaces: int) -> str:
     one = (
-        f"SELECT * FROM (SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints"
+        f"SELECT * FROM (SELECT {_CHECKPOINT_ROW} FROM checkpoints"
         f" WHERE {where} AND checkpoint_ns = ? ORDER BY checkpoint_id DESC LIMIT ?)"
     )
     return (
@@ -577,7 +584,7 @@ def _delete_checkpoints(
     """
     for thread_id in thread_ids:
         fields = yield Statement(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE thread_id = ?", (thread_id,)
+            f"SELECT {_CHECKPOINT_ROW} FROM checkpoints WHERE thread_id = ?", (thread_id,)
         )
         rows = [CheckpointRow(*one) for one in fields]
         chosen = doomed(rows)
@@ -747,7 +754,8 @@ SELECT
     (SELECT count(*) FROM checkpoints WHERE thread_id = ?1),
     (SELECT count(*) FROM checkpoint_writes WHERE thread_id = ?1),
     (SELECT count(*) FROM checkpoint_values WHERE thread_id = ?1),
-    (SELECT coalesce(sum(length(checkpoint) + length(metadata)), 0)
+    (SELECT coalesce(sum(length(checkpoint) + length(metadata)
+        + iif(metadata_type = '', length(metadata_json), 0)), 0)
         FROM checkpoints WHERE thread_id = ?1)
     + (SELECT coalesce(sum(length(value)), 0) FROM checkpoint_values WHERE thread_id = ?1)
     + (SELECT coalesce(sum(length(value)), 0) FROM checkpoint_writes WHERE thread_id = ?1)

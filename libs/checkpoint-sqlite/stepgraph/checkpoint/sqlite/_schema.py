@@ -1,8 +1,8 @@
 """The database schema, as an append-only list of migrations.
 
 Never edit a released migration: add a new one. Every row written by an older version stays
-readable by newer ones (``tests/fixtures/schema_v1.sqlite`` to ``schema_v5.sqlite`` are
-databases in the first five formats).
+readable by newer ones (``tests/fixtures/schema_v1.sqlite`` to ``schema_v4.sqlite`` are
+databases in the first four formats).
 """
 
 from __future__ import annotations
@@ -176,11 +176,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # A checkpoint blob may hold only the changes since its parent's
         # (``storage.CheckpointRow.chain_start``); NULL, as in every older row, is a whole blob.
         "ALTER TABLE checkpoints ADD COLUMN chain_start TEXT",
-    ),
-    (
         # ``storage.WriteRow.kind``: 0, as in every older row, is one write; 1
         # (``storage.TASK_WRITES``) holds a task's regular writes from ``idx`` on, in one row.
         "ALTER TABLE checkpoint_writes ADD COLUMN kind INTEGER NOT NULL DEFAULT 0",
+        # Also new in this version, with no change to the tables: metadata that JSON holds
+        # exactly is stored once, in metadata_json (``metadata_type`` '', ``metadata`` empty).
     ),
 )
 

@@ -22,6 +22,7 @@ are plain ``str``/``int``/``bytes``/``None``, so they can be handed to ``execute
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import numbers
 import os
@@ -64,6 +65,7 @@ __all__ = [
     "FULL_VALUE",
     "KEY_LIMITS",
     "MAX_CHAIN",
+    "METADATA_IN_JSON",
     "ONE_WRITE",
     "TASK_WRITES",
     "Candidate",
@@ -131,6 +133,10 @@ class CheckpointRow(NamedTuple):
     parent checkpoint, and the rows that make up the whole blob are the row's ancestors from
     ``chain_start`` (the id of a whole row, or of an earlier one) on: one range of the key."""
 
+
+METADATA_IN_JSON = ""
+"""``CheckpointRow.metadata_type`` of metadata stored only as its JSON copy (no serializer's
+tag is empty): see ``checkpoint_rows(json_metadata=True)``."""
 
 FULL_VALUE = 0
 """``ValueRow.kind`` of a row holding the channel's whole value."""
@@ -200,6 +206,8 @@ class CheckpointRows(NamedTuple):
     savers that keep a ``metadata_json`` copy of it."""
     link: ChainLink
     """What ``ChainHeads.saved`` remembers once these rows are committed."""
+    metadata_json: Any = None
+    """``metadata_json(metadata)``, with ``json_metadata=True``."""
 
 
 class ChainLink(NamedTuple):
@@ -218,11 +226,14 @@ CHECK_CHAINS = os.environ.get("STEPGRAPH_CHECK_CHAINS") == "1"
 """Check every row of changes against the whole blob it stands for (the test suites turn this
 on: it keeps every whole blob in ``ChainHeads``)."""
 
-MAX_CHAIN = 8
+MAX_CHAIN = 32
 """At most this many rows of changes follow a whole blob: reading a checkpoint decodes at
-most ``MAX_CHAIN + 1`` rows. Reading the latest checkpoint costs more the deeper it sits in
-its chain (about one row's decoding per step of depth); 8 keeps that spread small, for about
-one whole blob (1-2 kB on the bench's chain) more per 20 steps than 16 would store."""
+most ``MAX_CHAIN + 1`` rows. A whole blob grows with the graph (about 2 kB for the bench's
+20-node chain, a row of changes about 160 bytes), so the longer the chains, the fewer bytes
+per step; a read costs about one row's decoding per step of depth. Measured with
+SqliteSaver on a 20-node graph: ``get_tuple`` 60 us at depth 0, 117 us at depth 8, 224 us at
+depth 32. 32 stores one whole blob per run of the bench's chain (22 checkpoints); 8 stored
+three (``bench/run.py --only chain``: 21.6 kB on disk per run with 8, 18.8 kB with 32)."""
 
 
 class ChainHeads:
@@ -346,6 +357,7 @@ def checkpoint_rows(
     inline: bool = False,
     self_contained: bool = False,
     heads: ChainHeads | None = None,
+    json_metadata: bool = False,
 ) -> CheckpointRows:
     """The rows of ``put(config, checkpoint, metadata, new_versions)``.
 
@@ -376,6 +388,11 @@ def checkpoint_rows(
     is the one ``heads`` remembers for this namespace, the row's blob holds only what changed
     since the parent's (``CheckpointRow.chain_start``). Call ``heads.saved(rows)`` once the
     rows are committed. ``self_contained`` rows are always whole.
+
+    ``json_metadata``: the saver stores ``CheckpointRows.metadata_json`` as JSON text that reads
+    back exactly as written (key order included), and when reading a row whose
+    ``metadata_type`` is ``METADATA_IN_JSON`` gives that text as its ``metadata``. Then
+    metadata that JSON holds exactly (the executor's always is) is not serialized a second time.
     """
     thread_id = get_thread_id(config)
     checkpoint_ns = get_checkpoint_ns(config)
@@ -427,7 +444,11 @@ def checkpoint_rows(
         link = link._replace(blob=_copy_blob(blob))
     checkpoint_type, checkpoint_bytes = where.dumps(serde, stored, "the checkpoint")
     merged = get_checkpoint_metadata(config, metadata)
-    metadata_type, metadata_bytes = where.dumps(serde, merged, "the metadata")
+    shadow = metadata_json(merged) if json_metadata else None
+    if shadow is not None and _same_json(merged, shadow):
+        metadata_type, metadata_bytes = METADATA_IN_JSON, b""
+    else:
+        metadata_type, metadata_bytes = where.dumps(serde, merged, "the metadata")
     run_id = merged.get("run_id")
     row = CheckpointRow(
         thread_id,
@@ -478,7 +499,26 @@ def checkpoint_rows(
             type_, data = where.dumps(serde, value, part)
             values.append(ValueRow(thread_id, checkpoint_ns, channel, version, type_, data))
 
-    return CheckpointRows(row, values, task_write_rows(serde, config, writes), merged, link)
+    writes_rows = task_write_rows(serde, config, writes)
+    return CheckpointRows(row, values, writes_rows, merged, link, shadow)
+
+
+def _same_json(value: Any, copy: Any) -> bool:
+    """Whether ``copy`` (its ``metadata_json``) reads back as ``value``: same types, same
+    order of keys (``_json_copy`` changes NULs, whole floats, numbers of other types...)."""
+    kind = type(value)
+    if kind is not type(copy):
+        return False
+    if kind is dict:
+        return len(value) == len(copy) and all(
+            key == other and type(key) is str and _same_json(item, copy[other])
+            for (key, item), other in zip(value.items(), copy, strict=True)
+        )
+    if kind is list:
+        return len(value) == len(copy) and all(map(_same_json, value, copy))
+    if kind is float:
+        return value == copy and math.isfinite(value)
+    return (kind is str or kind is int or kind is bool or value is None) and value == copy
 
 
 # The blob keys a row of changes stores entry by entry (``_step_changes``).
@@ -882,7 +922,13 @@ def stored_versions(checkpoint: Checkpoint) -> dict[str, str]:
 
 def load_metadata(serde: SerializerProtocol, row: CheckpointRow) -> CheckpointMetadata:
     where = _Where.of(row)
-    metadata = where.loads(serde, (row.metadata_type, row.metadata), "the metadata")
+    if row.metadata_type == METADATA_IN_JSON:
+        try:
+            metadata = json.loads(row.metadata)
+        except ValueError as exc:
+            raise CorruptCheckpointError(where.describe("Cannot read the metadata", exc)) from exc
+    else:
+        metadata = where.loads(serde, (row.metadata_type, row.metadata), "the metadata")
     if not isinstance(metadata, dict):
         raise CorruptCheckpointError(where.describe("Cannot read the metadata", "not a dict"))
     return metadata  # type: ignore[return-value]
