@@ -28,6 +28,7 @@ from stepgraph.checkpoint.storage import (
     unchained,
 )
 from stepgraph.config import RunnableConfig
+from stepgraph.errors import UnknownTypeError
 
 serde = MsgpackSerializer()
 
@@ -161,6 +162,13 @@ def test_a_corrupt_row_of_changes_is_named() -> None:
     bad = rows[1]._replace(checkpoint=serde.dumps_typed({"maps": 5})[1])
     with pytest.raises(CorruptCheckpointError, match=rf"{bad.checkpoint_id}.*bad row of changes"):
         read(rows[2], [rows[0], bad, rows[2]])
+    # Bytes that do not decode, and a tag no serializer knows: the decoder's own errors.
+    cut = rows[1]._replace(checkpoint=rows[1].checkpoint[:5])
+    with pytest.raises(CorruptCheckpointError, match=rf"{cut.checkpoint_id}.*incomplete input"):
+        read(rows[2], [rows[0], cut, rows[2]])
+    alien = rows[1]._replace(checkpoint_type="alien")
+    with pytest.raises(UnknownTypeError, match=rf"{alien.checkpoint_id}.*alien"):
+        read(rows[2], [rows[0], alien, rows[2]])
 
 
 def test_chain_spans_cover_each_chain_once() -> None:

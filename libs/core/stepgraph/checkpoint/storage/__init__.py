@@ -629,10 +629,9 @@ def _apply_in_place(opened: dict[str, Any], changes: Any) -> None:
     set_, by_version, seen, small, emptied = changes
     versions = opened["channel_versions"]
     changed: list[str] = []
-    for version, channels in by_version.items():
-        for channel in channels:
-            versions[channel] = version
-        changed += channels
+    for version, channels in by_version.items():  # one version, as a step gives them
+        versions.update(dict.fromkeys(channels, version))
+        changed = [*changed, *channels] if changed else channels
     opened.update(set_)
     if opened.get("updated_channels") is True:
         opened["updated_channels"] = sorted(changed)
@@ -873,19 +872,25 @@ class ChainedBlobs:
         if not path:
             return base
         opened = _open_blob(base)  # one copy, then O(what changed) per row
+        loads = self._serde.loads_typed
         for changed in reversed(path):
-            where = _Where.of(changed)
-            changes = where.loads(
-                self._serde, (changed.checkpoint_type, changed.checkpoint), "the checkpoint"
-            )
             try:
-                _apply_in_place(opened, changes)
-            except Exception as exc:  # any shape but a row of changes
-                raise CorruptCheckpointError(
-                    where.describe("Cannot read the checkpoint", f"bad row of changes: {exc!r}")
-                ) from exc
+                _apply_in_place(opened, loads((changed.checkpoint_type, changed.checkpoint)))
+            except Exception as exc:
+                raise self._unreadable(changed, exc) from exc
         known[row[:3]] = opened
         return opened
+
+    def _unreadable(self, row: CheckpointRow, exc: Exception) -> Exception:
+        """The error for a row of changes that failed to decode or to apply (found out
+        again here, off the path of every read)."""
+        where = _Where.of(row)
+        try:
+            where.loads(self._serde, (row.checkpoint_type, row.checkpoint), "the checkpoint")
+        except (UnknownTypeError, CorruptCheckpointError) as error:
+            return error
+        problem = f"bad row of changes: {exc!r}"  # any shape but a row of changes
+        return CorruptCheckpointError(where.describe("Cannot read the checkpoint", problem))
 
     def _whole_blob(self, row: CheckpointRow) -> dict[str, Any]:
         where = _Where.of(row)
