@@ -25,7 +25,17 @@ from stepgraph.checkpoint.base import (
     TaskWrites,
     empty_checkpoint,
 )
+from stepgraph.checkpoint.postgres import _schema
 from stepgraph.config import RunnableConfig
+
+
+def migrate_to(conn: psycopg.Connection[Any], version: int) -> None:
+    """Set up the schema as a release of schema ``version`` left it (``conn`` autocommits)."""
+    conn.execute(_schema.CREATE_MIGRATIONS_TABLE)
+    for number, migration in enumerate(_schema.MIGRATIONS[:version], start=1):
+        for sql in migration:
+            conn.execute(sql)
+        conn.execute("INSERT INTO stepgraph_migrations (version) VALUES (%s)", (number,))
 
 
 def thread(thread_id: str, checkpoint_ns: str = "") -> RunnableConfig:

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_test_helpers import protocol_messages, thread
+from pg_test_helpers import migrate_to, protocol_messages, thread
 
 from stepgraph.checkpoint.base import BaseCheckpointSaver, ChannelVersions, Checkpoint
 from stepgraph.checkpoint.base import empty_checkpoint as new_checkpoint
@@ -343,11 +343,7 @@ def test_rows_of_schema_version_3_stay_readable(postgres_uri: str) -> None:
     """A database set up before chained rows existed is migrated; its rows read back, and the
     steps saved after them are chained again."""
     with psycopg.connect(postgres_uri, autocommit=True) as conn:
-        conn.execute(_schema.CREATE_MIGRATIONS_TABLE)
-        for version, migration in enumerate(_schema.MIGRATIONS[:3], start=1):
-            for sql in migration:
-                conn.execute(sql)
-            conn.execute("INSERT INTO stepgraph_migrations (version) VALUES (%s)", (version,))
+        migrate_to(conn, 3)
         saver = PostgresSaver(conn)
         old: list[Saved] = []
         config, previous = thread("old"), None

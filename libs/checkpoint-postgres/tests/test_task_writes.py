@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from pg_test_helpers import migrate_to
 
 from stepgraph.checkpoint.base import ERROR, TaskWrites, empty_checkpoint
 from stepgraph.checkpoint.postgres import PostgresSaver, _schema
@@ -72,11 +73,7 @@ def test_rows_of_schema_version_3_stay_readable(postgres_uri: str) -> None:
     """Write rows stored one write each before ``kind`` existed read back after the migration,
     next to a task's writes saved after it in one row."""
     with psycopg.connect(postgres_uri, autocommit=True) as conn:
-        conn.execute(_schema.CREATE_MIGRATIONS_TABLE)
-        for version, migration in enumerate(_schema.MIGRATIONS[:3], start=1):
-            for sql in migration:
-                conn.execute(sql)
-            conn.execute("INSERT INTO stepgraph_migrations (version) VALUES (%s)", (version,))
+        migrate_to(conn, 3)
         saver = PostgresSaver(conn)
         checkpoint = empty_checkpoint()
         conn.execute(
