@@ -62,7 +62,7 @@ def new_versions(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def save_chain(
-    heads: ChainHeads | None, length: int
+    heads: ChainHeads | None, length: int, *, keep_blobs: bool = False
 ) -> tuple[list[Checkpoint], list[CheckpointRow]]:
     checkpoint = empty_checkpoint()
     checkpoints, rows = [], []
@@ -79,15 +79,17 @@ def save_chain(
             heads=heads,
         )
         if heads is not None:
-            heads.saved(saved)
+            heads.saved(saved, serde if keep_blobs else None)
         checkpoints.append(checkpoint)
         rows.append(saved.checkpoint)
         parent = checkpoint["id"]
     return checkpoints, rows
 
 
-def read(row: CheckpointRow, rows: list[CheckpointRow]) -> Checkpoint:
-    [found] = page_candidates(serde, [row], chains=rows)
+def read(
+    row: CheckpointRow, rows: list[CheckpointRow], heads: ChainHeads | None = None
+) -> Checkpoint:
+    [found] = page_candidates(serde, [row], chains=rows, heads=heads)
     return found.checkpoint
 
 
@@ -301,3 +303,52 @@ def test_a_step_that_removes_a_channel_or_node_is_whole() -> None:
         saved = checkpoint_rows(serde, at(rows[-1].checkpoint_id), after, {}, changed, heads=heads)
         assert saved.checkpoint.chain_start is None
         assert saved.link.depth == 0
+
+
+# -- kept blobs --------------------------------------------------------------------------------
+
+
+def key(row: CheckpointRow) -> tuple[str, str, str]:
+    return row.thread_id, row.checkpoint_ns, row.checkpoint_id
+
+
+def test_saved_blobs_follow_the_chain_and_shorten_reads() -> None:
+    """``saved(rows, serde)`` carries the blob along the chain (STEPGRAPH_CHECK_CHAINS checks
+    each against the whole blob), so a read of the head applies none of the chain's rows: it
+    succeeds with every row of the chain but its own missing."""
+    heads = ChainHeads()
+    checkpoints, rows = save_chain(heads, 12, keep_blobs=True)
+    assert rows[-1].chain_start == rows[0].checkpoint_id  # one chain
+    assert without_values(read(rows[-1], rows[:1] + rows[-1:], heads)) == without_values(
+        checkpoints[-1]
+    )
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        read(rows[-1], rows[:1] + rows[-1:])  # without the kept blob, a row is missing
+    # Only the head is kept: its ancestors' entries were given up as it moved on.
+    assert heads.blob(key(rows[-2])) is None
+
+
+def test_a_read_keeps_what_it_built_and_later_reads_start_there() -> None:
+    checkpoints, rows = save_chain(ChainHeads(), 10)  # saved without keeping blobs
+    heads = ChainHeads()
+    assert without_values(read(rows[5], rows[:6], heads)) == without_values(checkpoints[5])
+    # rows[1:5] are no longer needed: the read of rows[8] goes through the kept rows[5].
+    found = read(rows[8], [rows[0], *rows[5:9]], heads)
+    assert without_values(found) == without_values(checkpoints[8])
+
+
+def test_kept_blobs_are_bounded_and_private() -> None:
+    heads = ChainHeads(blobs=2)
+    kept = []
+    for ns in ("a", "b", "c"):
+        config = at(None, ns)
+        rows = checkpoint_rows(serde, config, empty_checkpoint(), {}, {}, heads=heads)
+        heads.saved(rows, serde)
+        kept.append(key(rows.checkpoint))
+    assert heads.blob(kept[0]) is None
+    copy = heads.blob(kept[2])
+    assert copy is not None
+    copy["channel_versions"]["changed"] = "by the caller"
+    again = heads.blob(kept[2])
+    assert again is not None and "changed" not in again["channel_versions"]
+    assert ChainHeads(blobs=0).blob(kept[2]) is None

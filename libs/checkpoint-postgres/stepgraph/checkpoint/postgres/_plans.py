@@ -333,13 +333,13 @@ def put_step(
         saved = yield statement
         _check_fence(row.thread_id, fence, saved[0])
         if saved[0][0]:
-            heads.saved(first)
+            heads.saved(first, serde)
         else:  # the parent is gone: its unchanged channels' rows may be too
             whole = rows(True)
             again = yield _put_statement(whole, shadow, fence, require_parent=False)
             _check_fence(row.thread_id, fence, again[0])
             if again[0][0]:
-                heads.saved(whole)
+                heads.saved(whole, serde)
         return config_of_saved
 
     return plan
@@ -539,7 +539,10 @@ def _checkpoint_row(fields: Sequence[Any]) -> CheckpointRow:
 
 
 def _load_page(
-    serde: SerializerProtocol, found: Sequence[Sequence[Any]], filter: dict[str, Any] | None = None
+    serde: SerializerProtocol,
+    heads: ChainHeads | None,
+    found: Sequence[Sequence[Any]],
+    filter: dict[str, Any] | None = None,
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
     """The checkpoint rows SQL ``found`` (newest first, then the rows of their chains: see
     ``_with_chains``) and the tuples of those that match ``filter``, with their value rows and
@@ -549,7 +552,7 @@ def _load_page(
     chains: list[CheckpointRow] = []
     for chain, *fields in found:
         (chains if chain else rows).append(_checkpoint_row(fields))
-    candidates = page_candidates(serde, rows, filter, chains)
+    candidates = page_candidates(serde, rows, filter, chains, heads)
     if not candidates:
         return rows, []
     value_keys, checkpoint_keys = related_keys(candidates)
@@ -592,7 +595,9 @@ def _columns(keys: Iterable[Sequence[str]], width: int) -> list[list[bytes]]:
     return columns
 
 
-def get_tuple(serde: SerializerProtocol, config: RunnableConfig) -> Plan[CheckpointTuple | None]:
+def get_tuple(
+    serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
+) -> Plan[CheckpointTuple | None]:
     """Run with ``Scope.STATEMENT``."""
     where = "thread_id = %b AND checkpoint_ns = %b"
     params: list[Any] = [encode(get_thread_id(config)), encode(get_checkpoint_ns(config))]
@@ -600,7 +605,7 @@ def get_tuple(serde: SerializerProtocol, config: RunnableConfig) -> Plan[Checkpo
         where += " AND checkpoint_id = %b"
         params.append(encode(checkpoint_id))
     rows = yield Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, 1), fetch=True)
-    _, found = yield from _load_page(serde, rows)
+    _, found = yield from _load_page(serde, heads, rows)
     return found[0] if found else None
 
 
@@ -608,7 +613,7 @@ def get_tuple(serde: SerializerProtocol, config: RunnableConfig) -> Plan[Checkpo
 
 
 def list_page(
-    serde: SerializerProtocol, query: PageQuery
+    serde: SerializerProtocol, query: PageQuery, heads: ChainHeads | None = None
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
     """One page of a ``list`` (``storage.ListPager``); run with ``Scope.STATEMENT``."""
     conditions: list[str] = []
@@ -651,7 +656,7 @@ def list_page(
     else:
         sql = _SELECT_CHECKPOINTS.format(where=where)
         found = yield Statement(sql, (*params, query.size), fetch=True)
-    return (yield from _load_page(serde, found, query.filter))
+    return (yield from _load_page(serde, heads, found, query.filter))
 
 
 # -- thread management ------------------------------------------------------------------------
@@ -1263,14 +1268,14 @@ class PostgresPlans:
     its plan needs."""
 
     def get_tuple(
-        self, serde: SerializerProtocol, config: RunnableConfig
+        self, serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
     ) -> Job[CheckpointTuple | None, Scope]:
-        return Job(functools.partial(get_tuple, serde, config), Scope.STATEMENT)
+        return Job(functools.partial(get_tuple, serde, config, heads), Scope.STATEMENT)
 
     def list_page(
-        self, serde: SerializerProtocol, query: PageQuery
+        self, serde: SerializerProtocol, query: PageQuery, heads: ChainHeads | None = None
     ) -> Job[tuple[list[CheckpointRow], list[CheckpointTuple]], Scope]:
-        return Job(functools.partial(list_page, serde, query), Scope.STATEMENT)
+        return Job(functools.partial(list_page, serde, query, heads), Scope.STATEMENT)
 
     def put_step(
         self,

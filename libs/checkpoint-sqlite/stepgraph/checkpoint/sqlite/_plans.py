@@ -183,6 +183,7 @@ def _check_fence(thread_id: str, fence: int) -> Plan[None]:
 
 
 def _store(
+    serde: SerializerProtocol,
     rows: CheckpointRows,
     shadow: str,
     self_contained: Callable[[], CheckpointRows],
@@ -210,7 +211,7 @@ def _store(
         yield Statement(_INSERT_VALUE, rows.values, many=True)
     yield Statement(_INSERT_CHECKPOINT, (*rows.checkpoint, shadow))
     yield COMMIT
-    heads.saved(rows)
+    heads.saved(rows, serde)
     return checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
 
 
@@ -241,7 +242,7 @@ def put_step(
     first = rows(heads=heads)
     shadow = _to_json(first.metadata_json)
     self_contained = functools.partial(rows, self_contained=True)
-    return (yield from _store(first, shadow, self_contained, fence_of(config), heads))
+    return (yield from _store(serde, first, shadow, self_contained, fence_of(config), heads))
 
 
 def put_writes(
@@ -389,6 +390,7 @@ def _select_related(
 
 def _load_page(
     serde: SerializerProtocol,
+    heads: ChainHeads | None,
     where: str,
     params: Sequence[Any],
     limit: int,
@@ -396,7 +398,7 @@ def _load_page(
     thread_id: str | None = None,
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
     """Up to ``limit`` checkpoints matching ``where`` (then ``filter``), newest first: the
-    rows SQL found and the tuples of those that match.
+    rows SQL found and the tuples of those that match (``heads``: the saver's kept blobs).
 
     ``thread_id``: ``where`` selects that one thread, in every namespace.
     """
@@ -416,7 +418,7 @@ def _load_page(
             chains += [
                 CheckpointRow(*fields) for fields in (yield Statement(sql, _padded(chunk, 4)))
             ]
-    candidates = page_candidates(serde, rows, filter, chains)
+    candidates = page_candidates(serde, rows, filter, chains, heads)
     related: list[Any] = []
     if candidates:
         for statement in _select_related(*related_keys(candidates)):
@@ -427,13 +429,15 @@ def _load_page(
     return rows, list(assemble_page(serde, candidates, values, writes))
 
 
-def get_tuple(serde: SerializerProtocol, config: RunnableConfig) -> Plan[CheckpointTuple | None]:
+def get_tuple(
+    serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
+) -> Plan[CheckpointTuple | None]:
     where = "thread_id = ? AND checkpoint_ns = ?"
     params: list[Any] = [get_thread_id(config), get_checkpoint_ns(config)]
     if checkpoint_id := get_checkpoint_id(config):
         where += " AND checkpoint_id = ?"
         params.append(checkpoint_id)
-    _, found = yield from _load_page(serde, where, params, 1)
+    _, found = yield from _load_page(serde, heads, where, params, 1)
     return found[0] if found else None
 
 
@@ -486,7 +490,7 @@ def _metadata_conditions(filter: dict[str, Any]) -> tuple[list[str], list[Any]]:
 
 
 def list_page(
-    serde: SerializerProtocol, query: PageQuery
+    serde: SerializerProtocol, query: PageQuery, heads: ChainHeads | None = None
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
     """One page of a ``list`` (``storage.ListPager``), in one read transaction."""
     conditions: list[str] = []
@@ -517,7 +521,8 @@ def list_page(
             )
     where = " AND ".join(conditions) or "1"
     thread_id = None if query.one_namespace else query.thread_id
-    return (yield from _load_page(serde, where, params, query.size, query.filter, thread_id))
+    page = _load_page(serde, heads, where, params, query.size, query.filter, thread_id)
+    return (yield from page)
 
 
 # -- thread management --------------------------------------------------------------------------
@@ -800,14 +805,14 @@ class SqlitePlans:
     transactions, so no job has a scope."""
 
     def get_tuple(
-        self, serde: SerializerProtocol, config: RunnableConfig
+        self, serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
     ) -> Job[CheckpointTuple | None, None]:
-        return Job(functools.partial(get_tuple, serde, config), None)
+        return Job(functools.partial(get_tuple, serde, config, heads), None)
 
     def list_page(
-        self, serde: SerializerProtocol, query: PageQuery
+        self, serde: SerializerProtocol, query: PageQuery, heads: ChainHeads | None = None
     ) -> Job[tuple[list[CheckpointRow], list[CheckpointTuple]], None]:
-        return Job(functools.partial(list_page, serde, query), None)
+        return Job(functools.partial(list_page, serde, query, heads), None)
 
     def put_step(
         self,

@@ -248,27 +248,88 @@ class ChainHeads:
     checkpoint whose parent is not here (a fork, another process's checkpoint, the first save
     after a restart) or that comes without the executor's word (a direct ``put``) is whole.
 
+    It also keeps the whole blobs of the checkpoints the saver saved or read last (``blobs``
+    of them), so that reading a checkpoint whose chain leads through one applies only the rows
+    of changes after it: reading a thread's latest checkpoint, or one a step or two later,
+    costs the same at any depth of its chain. A blob is carried forward as each row of
+    changes is saved (O(what changed)), and a checkpoint's blob never changes once saved, so
+    an entry never goes stale, whatever other processes write.
+
     Thread-safe, and bounded: the least recently saved namespaces are forgotten first. Only
     committed rows may be remembered (``saved``); a row is never changed once stored, except
     by ``prune`` and friends, which rewrite a row as its whole blob (the same checkpoint).
     """
 
-    def __init__(self, size: int = 1024) -> None:
+    def __init__(self, size: int = 1024, blobs: int = 256) -> None:
         self._size = size
         self._links: OrderedDict[tuple[str, str], ChainLink] = OrderedDict()
+        self._blobs_size = blobs
+        # (thread_id, checkpoint_ns, checkpoint_id) -> an open blob (``_open_blob``), changed
+        # only in ``_carry`` under the lock; readers get copies.
+        self._blobs: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, thread_id: str, checkpoint_ns: str) -> ChainLink | None:
         return self._links.get((thread_id, checkpoint_ns))
 
-    def saved(self, rows: CheckpointRows) -> None:
-        """Remember the checkpoint of ``rows``, once committed."""
+    def saved(self, rows: CheckpointRows, serde: SerializerProtocol | None = None) -> None:
+        """Remember the checkpoint of ``rows``, once committed; with ``serde``, also its blob
+        (see ``_carry``)."""
         key = (rows.checkpoint.thread_id, rows.checkpoint.checkpoint_ns)
         with self._lock:
             self._links[key] = rows.link
             self._links.move_to_end(key)
             if len(self._links) > self._size:
                 self._links.popitem(last=False)
+            if serde is not None and self._blobs_size:
+                self._carry(rows, serde)
+
+    def blob(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
+        """A copy of the open blob of checkpoint ``key`` (thread, namespace, id), if kept."""
+        with self._lock:
+            found = self._blobs.get(key)
+            if found is None:
+                return None
+            self._blobs.move_to_end(key)
+            return _open_blob(found)
+
+    def remember(self, key: tuple[str, str, str], opened: Mapping[str, Any]) -> None:
+        """Keep (a copy of) the open blob a reader built for checkpoint ``key``."""
+        if self._blobs_size:
+            copy = _open_blob(opened)
+            with self._lock:
+                self._keep(key, copy)
+
+    def _carry(self, rows: CheckpointRows, serde: SerializerProtocol) -> None:
+        """The blob of the checkpoint just saved: its parent's with the row of changes
+        applied, in place (the parent's entry is given up), or its whole row decoded. Never
+        raises: the rows are committed, and a blob not kept only makes a read walk its chain."""
+        row = rows.checkpoint
+        parent_key = (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id or "")
+        parent = self._blobs.pop(parent_key, None)
+        try:
+            stored = serde.loads_typed((row.checkpoint_type, row.checkpoint))
+            if row.chain_start is None:
+                blob = _open_blob(stored)
+            elif parent is not None:
+                _apply_in_place(parent, stored)
+                blob = parent
+            else:
+                return
+        except Exception:
+            return
+        if CHECK_CHAINS and rows.link.blob is not None:
+            found, wanted = _comparable(_close_blob(blob)), _comparable(rows.link.blob)
+            if found != wanted:
+                where = _Where.of(row)
+                raise AssertionError(where.describe("Kept blob", f"is {found}, not {wanted}"))
+        self._keep(row[:3], blob)
+
+    def _keep(self, key: tuple[str, str, str], blob: dict[str, Any]) -> None:
+        self._blobs[key] = blob
+        self._blobs.move_to_end(key)
+        if len(self._blobs) > self._blobs_size:
+            self._blobs.popitem(last=False)
 
 
 class CheckpointKey(Protocol):
@@ -594,8 +655,9 @@ def _comparable(blob: Mapping[str, Any]) -> dict[str, Any]:
     comparable = {key: value for key, value in blob.items() if value or key not in _CHAINED_KEYS}
     if _EMPTY in comparable:
         comparable[_EMPTY] = set(comparable[_EMPTY])
-    if _INLINE in comparable:
-        comparable[_INLINE] = {k: (type(v), v) for k, v in comparable[_INLINE].items()}
+    if _INLINE in comparable:  # a NaN equals itself only as the same object
+        inline = comparable[_INLINE].items()
+        comparable[_INLINE] = {k: (type(v), v if v == v else "NaN") for k, v in inline}
     return comparable
 
 
@@ -829,10 +891,16 @@ class ChainedBlobs:
     chains (``chain_spans`` names them; extra rows are ignored). Each blob is decoded once,
     however many rows of a page share it."""
 
-    def __init__(self, serde: SerializerProtocol, rows: Iterable[CheckpointRow]) -> None:
+    def __init__(
+        self,
+        serde: SerializerProtocol,
+        rows: Iterable[CheckpointRow],
+        heads: ChainHeads | None = None,
+    ) -> None:
         self._serde = serde
         self._rows = {row[:3]: row for row in rows}
         self._whole: dict[tuple[str, str, str], Any] = {}
+        self._heads = heads  # blobs kept by the saver: a chain is applied from the newest one
 
     def whole(self, row: CheckpointRow) -> Any:
         """The whole blob of ``row``: a new object, the caller's to change."""
@@ -847,10 +915,13 @@ class ChainedBlobs:
 
     def _resolve(self, row: CheckpointRow) -> dict[str, Any]:
         """The open blob of ``row``, kept for the rows of the page that lead through it."""
-        rows, known = self._rows, self._whole
+        rows, known, heads = self._rows, self._whole, self._heads
         path: list[CheckpointRow] = []
         found = row
         while (base := known.get(found[:3])) is None:
+            if heads is not None and (base := heads.blob(found[:3])) is not None:
+                known[found[:3]] = base
+                break
             if found.chain_start is None:
                 base = known[found[:3]] = _open_blob(self._whole_blob(found))
                 break
@@ -879,6 +950,8 @@ class ChainedBlobs:
             except Exception as exc:
                 raise self._unreadable(changed, exc) from exc
         known[row[:3]] = opened
+        if heads is not None:
+            heads.remember(row[:3], opened)
         return opened
 
     def _unreadable(self, row: CheckpointRow, exc: Exception) -> Exception:
@@ -1111,12 +1184,14 @@ def page_candidates(
     rows: Sequence[CheckpointRow],
     filter: Mapping[str, Any] | None = None,
     chains: Iterable[CheckpointRow] = (),
+    heads: ChainHeads | None = None,
 ) -> list[Candidate]:
     """The rows that match ``filter`` exactly (SQL only narrowed them), decoded. ``chains``:
-    the rows ``chain_spans(rows)`` names."""
+    the rows ``chain_spans(rows)`` names; ``heads``: the saver's, whose kept blobs shorten
+    the chains to apply."""
     blobs = None
     if any(row.chain_start is not None for row in rows):
-        blobs = ChainedBlobs(serde, itertools.chain(rows, chains))
+        blobs = ChainedBlobs(serde, itertools.chain(rows, chains), heads)
         blobs.read_ahead(rows)
     candidates = []
     for row in rows:

@@ -114,11 +114,13 @@ class SaverPlans(Protocol[S_co]):
     connection (Postgres serializes a checkpoint then, before a connection is taken)."""
 
     def get_tuple(
-        self, serde: SerializerProtocol, config: RunnableConfig
-    ) -> Job[CheckpointTuple | None, S_co]: ...
+        self, serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
+    ) -> Job[CheckpointTuple | None, S_co]:
+        """``heads``: the saver's, whose kept blobs shorten the chains a read applies."""
+        ...
 
     def list_page(
-        self, serde: SerializerProtocol, query: PageQuery
+        self, serde: SerializerProtocol, query: PageQuery, heads: ChainHeads | None = None
     ) -> Job[tuple[list[CheckpointRow], list[CheckpointTuple]], S_co]: ...
 
     def put_step(
@@ -132,7 +134,8 @@ class SaverPlans(Protocol[S_co]):
         heads: ChainHeads,
     ) -> Job[RunnableConfig, S_co]:
         """Stores the checkpoint's blob as changes to its parent's when ``heads`` allows
-        (``storage.checkpoint_rows``), and calls ``heads.saved`` once the rows are committed."""
+        (``storage.checkpoint_rows``), and calls ``heads.saved(rows, serde)`` once the rows are
+        committed."""
         ...
 
     def put_writes(
@@ -212,7 +215,7 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
     # -- reading -----------------------------------------------------------------------------
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self._run(self.plans.get_tuple(self.serde, config))
+        return self._run(self.plans.get_tuple(self.serde, config, self.heads))
 
     def list(
         self,
@@ -223,7 +226,9 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
         limit: int | None = None,
     ) -> Iterator[CheckpointTuple]:
         pager = ListPager(config, filter, before, limit)
-        yield from pager.run(lambda query: self._run(self.plans.list_page(self.serde, query)))
+        yield from pager.run(
+            lambda query: self._run(self.plans.list_page(self.serde, query, self.heads))
+        )
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -339,7 +344,7 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
     # -- reading -----------------------------------------------------------------------------
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return await self._run(self.plans.get_tuple(self.serde, config))
+        return await self._run(self.plans.get_tuple(self.serde, config, self.heads))
 
     async def alist(
         self,
@@ -351,7 +356,7 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
     ) -> AsyncIterator[CheckpointTuple]:
         pager = ListPager(config, filter, before, limit)
         async for found in pager.arun(
-            lambda query: self._run(self.plans.list_page(self.serde, query))
+            lambda query: self._run(self.plans.list_page(self.serde, query, self.heads))
         ):
             yield found
 
