@@ -128,6 +128,18 @@ def test_a_missing_row_of_a_chain_is_named_and_other_threads_read(saver: SqliteS
     assert fresh.get_tuple(thread("fine")) is not None
 
 
+def test_reading_a_head_the_saver_keeps_fetches_no_chain(saver: SqliteSaver) -> None:
+    saved = _chain(saver, "t", 6)
+    fresh = SqliteSaver(saver.conn)
+    for reader, chain_reads in ((saver, 0), (fresh, 1), (fresh, 0)):  # fresh keeps what it read
+        statements: list[str] = []
+        saver.conn.set_trace_callback(statements.append)
+        found = reader.get_tuple(thread("t"))
+        saver.conn.set_trace_callback(None)
+        assert found is not None and found.checkpoint == saved[-1]
+        assert sum("AS k CROSS JOIN checkpoints AS c" in sql for sql in statements) == chain_reads
+
+
 def test_prune_rewrites_the_first_kept_row_whole(saver: SqliteSaver) -> None:
     saved = _chain(saver, "t", 8)
     saver.prune(["t"], keep_last=3)

@@ -411,14 +411,16 @@ def _load_page(
             select = Statement(_select_split_sql(where, len(namespaces)), (*split, limit))
     rows = [CheckpointRow(*fields) for fields in (yield select)]
     chains: list[CheckpointRow] = []
-    if spans := chain_spans(rows):
+    # Rows whose blobs the saver keeps need no chain: one statement less to read a head.
+    kept = heads.kept(rows) if heads is not None else {}
+    if spans := chain_spans(row for row in rows if row[:3] not in kept):
         for start in range(0, len(spans), _KEYS_PER_STATEMENT):
             chunk = spans[start : start + _KEYS_PER_STATEMENT]
             sql = _select_chains_sql(_bucket(len(chunk)))
             chains += [
                 CheckpointRow(*fields) for fields in (yield Statement(sql, _padded(chunk, 4)))
             ]
-    candidates = page_candidates(serde, rows, filter, chains, heads)
+    candidates = page_candidates(serde, rows, filter, chains, heads, kept)
     related: list[Any] = []
     if candidates:
         for statement in _select_related(*related_keys(candidates)):

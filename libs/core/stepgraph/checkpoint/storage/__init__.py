@@ -284,6 +284,15 @@ class ChainHeads:
             if serde is not None and self._blobs_size:
                 self._carry(rows, serde)
 
+    def kept(self, rows: Iterable[CheckpointRow]) -> dict[tuple[str, str, str], dict[str, Any]]:
+        """Copies of the kept blobs of those ``rows`` that are rows of changes: pass them to
+        ``page_candidates`` and fetch only the chains of the other rows (``chain_spans``)."""
+        found = {}
+        for row in rows:
+            if row.chain_start is not None and (blob := self.blob(row[:3])) is not None:
+                found[row[:3]] = blob
+        return found
+
     def blob(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
         """A copy of the open blob of checkpoint ``key`` (thread, namespace, id), if kept."""
         with self._lock:
@@ -896,10 +905,11 @@ class ChainedBlobs:
         serde: SerializerProtocol,
         rows: Iterable[CheckpointRow],
         heads: ChainHeads | None = None,
+        kept: Mapping[tuple[str, str, str], dict[str, Any]] | None = None,
     ) -> None:
         self._serde = serde
         self._rows = {row[:3]: row for row in rows}
-        self._whole: dict[tuple[str, str, str], Any] = {}
+        self._whole: dict[tuple[str, str, str], Any] = dict(kept or {})
         self._heads = heads  # blobs kept by the saver: a chain is applied from the newest one
 
     def whole(self, row: CheckpointRow) -> Any:
@@ -1185,13 +1195,14 @@ def page_candidates(
     filter: Mapping[str, Any] | None = None,
     chains: Iterable[CheckpointRow] = (),
     heads: ChainHeads | None = None,
+    kept: Mapping[tuple[str, str, str], dict[str, Any]] | None = None,
 ) -> list[Candidate]:
     """The rows that match ``filter`` exactly (SQL only narrowed them), decoded. ``chains``:
-    the rows ``chain_spans(rows)`` names; ``heads``: the saver's, whose kept blobs shorten
-    the chains to apply."""
+    the rows ``chain_spans(rows)`` names (but for the rows ``kept`` has blobs of: see
+    ``ChainHeads.kept``); ``heads``: the saver's, whose kept blobs shorten the chains."""
     blobs = None
     if any(row.chain_start is not None for row in rows):
-        blobs = ChainedBlobs(serde, itertools.chain(rows, chains), heads)
+        blobs = ChainedBlobs(serde, itertools.chain(rows, chains), heads, kept)
         blobs.read_ahead(rows)
     candidates = []
     for row in rows:
