@@ -352,3 +352,19 @@ def test_kept_blobs_are_bounded_and_private() -> None:
     again = heads.blob(kept[2])
     assert again is not None and "changed" not in again["channel_versions"]
     assert ChainHeads(blobs=0).blob(kept[2]) is None
+
+
+def test_kept_blobs_fit_their_byte_budget() -> None:
+    """A blob's size is estimated from the rows it was built from; the least recently used
+    go first, and one larger than the whole budget is not kept at all."""
+    _, rows = save_chain(heads := ChainHeads(blob_bytes=1), 3, keep_blobs=True)
+    assert heads.blob(key(rows[-1])) is None
+    roomy = ChainHeads(blob_bytes=10_000)
+    _, first = save_chain(roomy, 3, keep_blobs=True)
+    assert roomy.blob(key(first[-1])) is not None
+    size = sum(len(row.checkpoint) for row in first)  # the head's estimate: its chain's rows
+    tight = ChainHeads(blob_bytes=size + size // 2)
+    _, first = save_chain(tight, 3, keep_blobs=True)
+    _, second = save_chain(tight, 3, keep_blobs=True)  # a second chain does not fit beside it
+    assert tight.blob(key(first[-1])) is None
+    assert tight.blob(key(second[-1])) is not None

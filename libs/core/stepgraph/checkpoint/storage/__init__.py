@@ -255,18 +255,23 @@ class ChainHeads:
     changes is saved (O(what changed)), and a checkpoint's blob never changes once saved, so
     an entry never goes stale, whatever other processes write.
 
-    Thread-safe, and bounded: the least recently saved namespaces are forgotten first. Only
-    committed rows may be remembered (``saved``); a row is never changed once stored, except
-    by ``prune`` and friends, which rewrite a row as its whole blob (the same checkpoint).
+    Thread-safe, and bounded: the least recently saved namespaces are forgotten first, and
+    the least recently used blobs once there are ``blobs`` of them or their serialized sizes
+    add up to more than ``blob_bytes`` (about; held in memory, they take a few times more).
+    Only committed rows may be remembered (``saved``); a row is never changed once stored,
+    except by ``prune`` and friends, which rewrite a row as its whole blob (the same
+    checkpoint).
     """
 
-    def __init__(self, size: int = 1024, blobs: int = 256) -> None:
+    def __init__(self, size: int = 1024, blobs: int = 256, blob_bytes: int = 4 << 20) -> None:
         self._size = size
         self._links: OrderedDict[tuple[str, str], ChainLink] = OrderedDict()
         self._blobs_size = blobs
+        self._blob_bytes = blob_bytes
         # (thread_id, checkpoint_ns, checkpoint_id) -> an open blob (``_open_blob``), changed
-        # only in ``_carry`` under the lock; readers get copies.
-        self._blobs: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
+        # only in ``_carry`` under the lock (readers get copies), and its estimated size.
+        self._blobs: OrderedDict[tuple[str, str, str], tuple[dict[str, Any], int]] = OrderedDict()
+        self._weight = 0
         self._lock = threading.Lock()
 
     def get(self, thread_id: str, checkpoint_ns: str) -> ChainLink | None:
@@ -300,14 +305,18 @@ class ChainHeads:
             if found is None:
                 return None
             self._blobs.move_to_end(key)
-            return _open_blob(found)
+            return _open_blob(found[0])
 
     def remember(self, key: tuple[str, str, str], opened: Mapping[str, Any]) -> None:
         """Keep (a copy of) the open blob a reader built for checkpoint ``key``."""
         if self._blobs_size:
             copy = _open_blob(opened)
+            # About 40 serialized bytes an entry (a channel's or a node's version).
+            seen = copy.get("versions_seen")
+            entries = len(copy["channel_versions"]) + len(copy.get(_INLINE) or ())
+            entries += sum(map(len, seen.values())) if isinstance(seen, dict) else 0
             with self._lock:
-                self._keep(key, copy)
+                self._keep(key, copy, 40 * entries)
 
     def _carry(self, rows: CheckpointRows, serde: SerializerProtocol) -> None:
         """The blob of the checkpoint just saved: its parent's with the row of changes
@@ -316,13 +325,17 @@ class ChainHeads:
         row = rows.checkpoint
         parent_key = (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id or "")
         parent = self._blobs.pop(parent_key, None)
+        if parent is not None:
+            self._weight -= parent[1]
+        weight = len(row.checkpoint)  # a row of changes adds at most its size to a blob's
         try:
             stored = serde.loads_typed((row.checkpoint_type, row.checkpoint))
             if row.chain_start is None:
                 blob = _open_blob(stored)
             elif parent is not None:
-                _apply_in_place(parent, stored)
-                blob = parent
+                blob, parent_weight = parent
+                _apply_in_place(blob, stored)
+                weight += parent_weight
             else:
                 return
         except Exception:
@@ -332,13 +345,17 @@ class ChainHeads:
             if found != wanted:
                 where = _Where.of(row)
                 raise AssertionError(where.describe("Kept blob", f"is {found}, not {wanted}"))
-        self._keep(row[:3], blob)
+        self._keep(row[:3], blob, weight)
 
-    def _keep(self, key: tuple[str, str, str], blob: dict[str, Any]) -> None:
-        self._blobs[key] = blob
-        self._blobs.move_to_end(key)
-        if len(self._blobs) > self._blobs_size:
-            self._blobs.popitem(last=False)
+    def _keep(self, key: tuple[str, str, str], blob: dict[str, Any], weight: int) -> None:
+        if (old := self._blobs.pop(key, None)) is not None:
+            self._weight -= old[1]
+        self._blobs[key] = (blob, weight)
+        self._weight += weight
+        while self._blobs and (
+            len(self._blobs) > self._blobs_size or self._weight > self._blob_bytes
+        ):
+            self._weight -= self._blobs.popitem(last=False)[1][1]
 
 
 class CheckpointKey(Protocol):
