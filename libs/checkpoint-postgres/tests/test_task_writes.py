@@ -44,12 +44,15 @@ def test_a_tasks_writes_share_a_row(postgres_uri: str, saver: PostgresSaver) -> 
     saver.put_writes_batch(
         config, [TaskWrites("task-3", [(ERROR, "boom"), ("d", 4), ("e", bytearray(b"5"))])]
     )
-    saver.put_writes(config, [("a", "again"), ("b", "again")], "task-1")  # adds nothing
+    # A repeat with fewer writes is a row of its own (keyed by its last index) that reads as
+    # nothing new: the fullest list wins.
+    saver.put_writes(config, [("a", "again"), ("b", "again")], "task-1")
     assert kinds(postgres_uri, "t") == [
-        ("task-1", 0, TASK_WRITES),
+        ("task-1", 1, TASK_WRITES),
+        ("task-1", 2, TASK_WRITES),
         ("task-2", 0, ONE_WRITE),
         ("task-3", -1, ONE_WRITE),
-        ("task-3", 1, TASK_WRITES),
+        ("task-3", 2, TASK_WRITES),
     ]
     found = saver.get_tuple(config)
     assert found is not None
@@ -105,7 +108,7 @@ def test_rows_of_schema_version_3_stay_readable(postgres_uri: str) -> None:
         assert found == (_schema.SCHEMA_VERSION,)
         saver.put_writes(config, [("c", 3), ("d", 4)], "task-new")
         assert kinds(postgres_uri, "old") == [
-            ("task-new", 0, TASK_WRITES),
+            ("task-new", 1, TASK_WRITES),
             ("task-old", -1, ONE_WRITE),
             ("task-old", 0, ONE_WRITE),
             ("task-old", 1, ONE_WRITE),

@@ -140,6 +140,29 @@ def test_reading_a_head_the_saver_keeps_fetches_no_chain(saver: SqliteSaver) -> 
         assert sum("AS k CROSS JOIN checkpoints AS c" in sql for sql in statements) == chain_reads
 
 
+def test_copy_thread_onto_the_same_ids_is_read_as_copied(saver: SqliteSaver) -> None:
+    """copy_thread replaces the target's rows that have the source's ids: blobs the saver
+    kept of the target's old rows must not be read in their place."""
+
+    def saved(thread_id: str, id_: str, n: int, parent: RunnableConfig | None) -> RunnableConfig:
+        checkpoint = empty_checkpoint()
+        checkpoint["id"] = id_
+        checkpoint["channel_versions"] = {"n": f"{n:08x}.0"}
+        checkpoint["channel_values"] = {"n": n}
+        checkpoint["versions_seen"] = {"node": {"n": f"{n:08x}.0"}}
+        checkpoint["versions_seen_changes"] = ["node"]  # type: ignore[typeddict-unknown-key]
+        return saver.put(parent or thread(thread_id), checkpoint, {}, {"n": f"{n:08x}.0"})
+
+    target = saved("t", "0001", 1, None)
+    saved("t", "0002", 2, target)
+    saver.get_tuple(thread("t"))  # kept: t's own 0002
+    source = saved("s", "0001", 7, None)
+    saved("s", "0002", 8, source)
+    saver.copy_thread("s", "t")
+    found = saver.get_tuple(thread("t"))
+    assert found is not None and found.checkpoint["channel_values"] == {"n": 8}
+
+
 def test_prune_rewrites_the_first_kept_row_whole(saver: SqliteSaver) -> None:
     saved = _chain(saver, "t", 8)
     saver.prune(["t"], keep_last=3)

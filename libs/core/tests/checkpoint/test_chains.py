@@ -368,3 +368,41 @@ def test_kept_blobs_fit_their_byte_budget() -> None:
     _, second = save_chain(tight, 3, keep_blobs=True)  # a second chain does not fit beside it
     assert tight.blob(key(first[-1])) is None
     assert tight.blob(key(second[-1])) is not None
+
+
+def test_a_blob_over_the_whole_budget_pushes_out_nothing() -> None:
+    heads = ChainHeads(blob_bytes=2_000)
+    _, small = save_chain(heads, 2, keep_blobs=True)
+    big = empty_checkpoint()
+    big["channel_versions"] = {f"channel-{i}": f"{i:08x}.{i:016x}" for i in range(200)}
+    rows = checkpoint_rows(serde, at(None, "big"), big, {}, dict(big["channel_versions"]))
+    heads.saved(rows, serde)
+    assert heads.blob(key(rows.checkpoint)) is None
+    assert heads.blob(key(small[-1])) is not None
+
+
+def test_kept_blobs_of_a_thread_are_forgotten() -> None:
+    heads = ChainHeads()
+    _, rows = save_chain(heads, 3, keep_blobs=True)
+    heads.forget(["other"])
+    assert heads.blob(key(rows[-1])) is not None
+    heads.forget(["t"])
+    assert heads.blob(key(rows[-1])) is None
+
+
+def test_what_a_read_returns_is_the_callers_own() -> None:
+    """A key of a shape the saver does not know (a caller's, another version's) is copied
+    whole: changing what a read returned must not change what the next read returns."""
+    heads = ChainHeads()
+    first = empty_checkpoint()
+    first["extra"] = {"nested": [1]}  # type: ignore[typeddict-unknown-key]
+    one = checkpoint_rows(serde, at(None), first, {}, {}, inline=True, heads=heads)
+    heads.saved(one, serde)
+    second = step(first, 1)
+    two = checkpoint_rows(
+        serde, at(first["id"]), second, {}, new_versions(second), inline=True, heads=heads
+    )
+    heads.saved(two, serde)
+    read(two.checkpoint, [one.checkpoint], heads)["extra"]["nested"].append("changed")  # type: ignore[typeddict-item]
+    again = read(two.checkpoint, [one.checkpoint], heads)
+    assert again["extra"] == {"nested": [1]}  # type: ignore[typeddict-item]

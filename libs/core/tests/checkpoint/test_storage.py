@@ -173,7 +173,7 @@ def test_a_tasks_regular_writes_share_one_row() -> None:
     written = write_rows(serde, at, [(ERROR, "e"), *values], "task", "path")
     assert [(row.idx, row.channel, row.kind) for row in written] == [
         (-1, ERROR, ONE_WRITE),
-        (1, "", TASK_WRITES),
+        (5, "", TASK_WRITES),  # keyed by its last index
     ]
     found = read_back(rows, written).pending_writes
     assert found == [("task", ERROR, "e"), *(("task", c, v) for c, v in values)]
@@ -183,15 +183,48 @@ def test_a_tasks_regular_writes_share_one_row() -> None:
     ]  # fmt: skip
 
 
-def test_rows_of_one_task_that_overlap_keep_the_first() -> None:
+def test_a_task_whose_writes_are_saved_again_reads_as_the_fullest_list() -> None:
+    """The executor saves the updates of the ``Command``s sent to one checkpoint as one list
+    that grows; a repeat with fewer writes adds nothing."""
     checkpoint = make_checkpoint({}, {})
     rows = checkpoint_rows(serde, thread("t"), checkpoint, {}, {})
     at = thread("t", checkpoint_id=checkpoint["id"])
-    packed = write_rows(serde, at, [("a", 1), ("b", 2)], "task")
-    later = write_rows(serde, at, [(INTERRUPT, "i"), ("c", 3), (INTERRUPT, "j"), ("d", 4)], "task")
-    assert [row.idx for row in later] == [-3, -3, 1, 3]  # "c" at 1 overlaps the packed row
-    found = read_back(rows, [*later[1:], *packed]).pending_writes
-    assert found == [("task", INTERRUPT, "j"), ("task", "a", 1), ("task", "b", 2), ("task", "d", 4)]
+    calls = [[("a", 1)], [("a", 1), ("b", 2)], [("a", 1), ("b", 2), ("c", 3)], [("a", 0)]]
+    written = [row for writes in calls for row in write_rows(serde, at, writes, "task")]
+    keys = [(row.idx, row.kind) for row in written]
+    assert keys == [(0, ONE_WRITE), (1, TASK_WRITES), (2, TASK_WRITES), (0, ONE_WRITE)]
+    stored = {row.idx: row for row in reversed(written)}  # insert-or-ignore keeps the first
+    found = read_back(rows, list(stored.values())).pending_writes
+    assert found == [("task", "a", 1), ("task", "b", 2), ("task", "c", 3)]
+    shorter = write_rows(serde, at, [("a", "other"), ("b", "other")], "task")
+    found = read_back(rows, [*shorter, *stored.values()]).pending_writes
+    assert found == [("task", "a", 1), ("task", "b", 2), ("task", "c", 3)]
+    # A special write between regular ones: a row each, keyed by its own index.
+    mixed = write_rows(serde, at, [(INTERRUPT, "i"), ("c", 3), (INTERRUPT, "j"), ("d", 4)], "t2")
+    assert [row.idx for row in mixed] == [-3, -3, 1, 3]
+    found = read_back(rows, [mixed[1], *mixed[2:]]).pending_writes
+    assert found == [("t2", INTERRUPT, "j"), ("t2", "c", 3), ("t2", "d", 4)]
+
+
+def test_packed_writes_keep_channels_with_lone_surrogates() -> None:
+    checkpoint = make_checkpoint({}, {})
+    rows = checkpoint_rows(serde, thread("t"), checkpoint, {}, {})
+    at = thread("t", checkpoint_id=checkpoint["id"])
+    writes = [("chan\ud83d", 1), ("other\udfff", 2)]
+    (packed,) = write_rows(serde, at, writes, "task")
+    assert packed.kind == TASK_WRITES
+    assert read_back(rows, [packed]).pending_writes == [("task", c, v) for c, v in writes]
+
+
+def test_deeply_nested_metadata_is_serialized_as_before() -> None:
+    deep: Any = "leaf"
+    for _ in range(600):
+        deep = {"k": deep}
+    rows = checkpoint_rows(
+        serde, thread("t"), make_checkpoint({}, {}), {"deep": deep}, {}, json_metadata=True
+    )
+    assert rows.checkpoint.metadata_type != METADATA_IN_JSON  # too deep to compare: serialized
+    assert load_metadata(serde, rows.checkpoint)["deep"] == deep
 
 
 def test_an_unreadable_row_of_task_writes_names_the_task() -> None:

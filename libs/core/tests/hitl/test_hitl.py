@@ -75,6 +75,30 @@ def test_interrupts_survive_a_restart_and_are_answered_in_order(reopen_store: Re
     assert graph.get_state(config).next == ()
 
 
+class Answered(TypedDict, total=False):
+    x: int
+    y: int
+    answer: str
+
+
+def test_updates_sent_while_paused_all_reach_the_resumed_run(reopen_store: Reopen) -> None:
+    """Each Command(update=...) sent to a paused thread is saved as the updates so far (one
+    list that grows, against the same checkpoint): every one of them must survive a restart."""
+
+    def graph() -> Any:
+        builder = StateGraph(Answered)
+        builder.add_node("ask", lambda state: {"answer": interrupt("ok?")})
+        builder.add_edge(START, "ask")
+        return builder.compile(checkpointer=reopen_store())
+
+    config = thread()
+    graph().invoke({"x": 0}, config)
+    graph().invoke(Command(update={"x": 1}), config)
+    graph().invoke(Command(update={"y": 2}), config)
+    assert graph().get_state(config).values == {"x": 1, "y": 2}
+    assert graph().invoke(Command(resume="yes"), config) == {"x": 1, "y": 2, "answer": "yes"}
+
+
 def parallel_askers() -> StateGraph:
     builder = StateGraph(State)
     for name in ("p", "q"):

@@ -37,6 +37,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from copy import deepcopy
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -166,9 +167,9 @@ class ValueRow(NamedTuple):
 ONE_WRITE = 0
 """``WriteRow.kind`` of a row holding one write: ``value`` is written to ``channel``."""
 TASK_WRITES = 1
-"""``WriteRow.kind`` of a row holding a task's regular writes from ``idx`` on, as one serialized
-flat list ``[channel, value, channel, value, ...]`` (``channel`` is empty). A step's task
-usually writes a few channels; one row for them all stores and indexes the key once."""
+"""``WriteRow.kind`` of a row holding a task's regular writes up to index ``idx`` (its last),
+packed in ``value`` (see ``_pack_writes``; ``channel`` is empty). A step's task usually writes
+a few channels; one row for them all stores and indexes the key once."""
 
 
 class WriteRow(NamedTuple):
@@ -280,14 +281,31 @@ class ChainHeads:
     def saved(self, rows: CheckpointRows, serde: SerializerProtocol | None = None) -> None:
         """Remember the checkpoint of ``rows``, once committed; with ``serde``, also its blob
         (see ``_carry``)."""
-        key = (rows.checkpoint.thread_id, rows.checkpoint.checkpoint_ns)
+        row = rows.checkpoint
+        key = (row.thread_id, row.checkpoint_ns)
+        stored = None
+        if serde is not None and self._blobs_size:
+            try:  # outside the lock: a whole blob is O(graph) to decode and copy
+                stored = serde.loads_typed((row.checkpoint_type, row.checkpoint))
+                if row.chain_start is None:
+                    stored = _open_blob(stored)
+            except Exception:
+                stored = None  # committed and readable: it only goes unkept
         with self._lock:
             self._links[key] = rows.link
             self._links.move_to_end(key)
             if len(self._links) > self._size:
                 self._links.popitem(last=False)
-            if serde is not None and self._blobs_size:
-                self._carry(rows, serde)
+            if stored is not None:
+                self._carry(rows, stored)
+
+    def forget(self, thread_ids: Iterable[str]) -> None:
+        """Drop the kept blobs of these threads: their rows were deleted, or replaced by a
+        ``copy_thread`` onto them, which may store other contents under the same ids."""
+        threads = set(thread_ids)
+        with self._lock:
+            for found in [key for key in self._blobs if key[0] in threads]:
+                self._weight -= self._blobs.pop(found)[1]
 
     def kept(self, rows: Iterable[CheckpointRow]) -> dict[tuple[str, str, str], dict[str, Any]]:
         """Copies of the kept blobs of those ``rows`` that are rows of changes: pass them to
@@ -318,10 +336,11 @@ class ChainHeads:
             with self._lock:
                 self._keep(key, copy, 40 * entries)
 
-    def _carry(self, rows: CheckpointRows, serde: SerializerProtocol) -> None:
-        """The blob of the checkpoint just saved: its parent's with the row of changes
-        applied, in place (the parent's entry is given up), or its whole row decoded. Never
-        raises: the rows are committed, and a blob not kept only makes a read walk its chain."""
+    def _carry(self, rows: CheckpointRows, stored: Any) -> None:
+        """The blob of the checkpoint just saved (``stored``: its row's, decoded): its
+        parent's with the row of changes applied, in place (the parent's entry is given up),
+        or the whole blob. Never raises: the rows are committed, and a blob not kept only
+        makes a read walk its chain."""
         row = rows.checkpoint
         parent_key = (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id or "")
         parent = self._blobs.pop(parent_key, None)
@@ -329,9 +348,8 @@ class ChainHeads:
             self._weight -= parent[1]
         weight = len(row.checkpoint)  # a row of changes adds at most its size to a blob's
         try:
-            stored = serde.loads_typed((row.checkpoint_type, row.checkpoint))
             if row.chain_start is None:
-                blob = _open_blob(stored)
+                blob = stored
             elif parent is not None:
                 blob, parent_weight = parent
                 _apply_in_place(blob, stored)
@@ -350,6 +368,8 @@ class ChainHeads:
     def _keep(self, key: tuple[str, str, str], blob: dict[str, Any], weight: int) -> None:
         if (old := self._blobs.pop(key, None)) is not None:
             self._weight -= old[1]
+        if weight > self._blob_bytes:  # would push out every other blob
+            return
         self._blobs[key] = (blob, weight)
         self._weight += weight
         while self._blobs and (
@@ -532,7 +552,7 @@ def checkpoint_rows(
     checkpoint_type, checkpoint_bytes = where.dumps(serde, stored, "the checkpoint")
     merged = get_checkpoint_metadata(config, metadata)
     shadow = metadata_json(merged) if json_metadata else None
-    if shadow is not None and _same_json(merged, shadow):
+    if shadow is not None and _same_json_or_not(merged, shadow):
         metadata_type, metadata_bytes = METADATA_IN_JSON, b""
     else:
         metadata_type, metadata_bytes = where.dumps(serde, merged, "the metadata")
@@ -590,6 +610,13 @@ def checkpoint_rows(
     return CheckpointRows(row, values, writes_rows, merged, link, shadow)
 
 
+def _same_json_or_not(value: Any, copy: Any) -> bool:
+    try:
+        return _same_json(value, copy)
+    except RecursionError:  # deeper than it is worth checking: serialize it as well
+        return False
+
+
 def _same_json(value: Any, copy: Any) -> bool:
     """Whether ``copy`` (its ``metadata_json``) reads back as ``value``: same types, same
     order of keys (``_json_copy`` changes NULs, whole floats, numbers of other types...)."""
@@ -613,6 +640,7 @@ _CHAINED_KEYS = frozenset({"channel_versions", "versions_seen", _INLINE, _EMPTY}
 _GONE: Any = object()
 # Maps whose entries are never maps or lists: versions, small scalar values.
 _SCALAR_MAPS = frozenset({"channel_versions", _INLINE})
+_FLAT_KEYS = _SCALAR_MAPS | {"updated_channels", _EMPTY}
 
 
 def _step_changes(
@@ -748,17 +776,17 @@ def _close_blob(opened: Mapping[str, Any]) -> dict[str, Any]:
 
 def _copy_blob(blob: Mapping[str, Any]) -> dict[str, Any]:
     """``blob`` with its maps (and maps of maps, as ``versions_seen``) and lists copied, so
-    later changes to the caller's checkpoint do not reach it."""
+    later changes to the caller's checkpoint do not reach it; keys of unknown shape (another
+    version's, a caller's own) are copied whole."""
     copy = dict(blob)
     for key, value in blob.items():
         kind = type(value)
-        if kind is dict:
-            if key in _SCALAR_MAPS:
-                copy[key] = dict(value)
-            else:
-                copy[key] = {k: dict(v) if type(v) is dict else v for k, v in value.items()}
-        elif kind is list:
-            copy[key] = list(value)
+        if key in _FLAT_KEYS:  # maps and lists of scalars
+            copy[key] = value.copy() if kind is dict or kind is list else value
+        elif key == "versions_seen" and kind is dict:
+            copy[key] = {k: dict(v) if type(v) is dict else v for k, v in value.items()}
+        elif value is not None and not isinstance(value, (str, int, float, bytes)):
+            copy[key] = deepcopy(value)
     return copy
 
 
@@ -838,11 +866,12 @@ def write_rows(
         row = WriteRow(*key, index, channel, type_, data, task_path)
         (regular if index >= 0 else special).append(row)
     # One row for the task's regular writes when their indices follow each other (a special
-    # write between them, as in ``[("a", 1), (INTERRUPT, 2), ("b", 3)]``, keeps a row each).
+    # write between them, as in ``[("a", 1), (INTERRUPT, 2), ("b", 3)]``, keeps a row each),
+    # keyed by the last: a repeated call with more writes is a row of its own.
     if len(regular) > 1 and regular[-1].idx - regular[0].idx == len(regular) - 1:
-        first = regular[0]
+        last = regular[-1]
         packed = _pack_writes([(row.channel, row.type, row.value) for row in regular])
-        regular = [first._replace(channel="", value=packed, kind=TASK_WRITES)]
+        regular = [last._replace(channel="", type=regular[0].type, value=packed, kind=TASK_WRITES)]
     return special + regular
 
 
@@ -855,11 +884,12 @@ def _pack_writes(writes: Sequence[tuple[str, str, bytes]]) -> bytes:
     flat: list[Any] = []
     for channel, type_, data in writes:
         flat += (channel, None if type_ == first else type_, data)
-    return msgpack.packb(flat, use_bin_type=True)
+    # Channel names may hold lone surrogates (stored as such, like every key part).
+    return msgpack.packb(flat, use_bin_type=True, unicode_errors="surrogatepass")
 
 
 def _unpack_writes(row: WriteRow) -> list[tuple[str, str, bytes]]:
-    flat = msgpack.unpackb(row.value, raw=False, use_list=True)
+    flat = msgpack.unpackb(row.value, raw=False, use_list=True, unicode_errors="surrogatepass")
     if type(flat) is not list or len(flat) % 3:
         raise ValueError("not a list of channel, type, data triples")
     found = []
@@ -1110,40 +1140,51 @@ def pending_writes(
 ) -> list[PendingWrite]:
     """The pending writes the rows stand for, ordered by task, then index.
 
-    Rows of one task's regular writes overlap only if its ``put_writes`` calls saved regular
-    writes starting at different indices (the executor never does): a row whose first index
-    is already taken by an earlier row in key order is then left out.
+    A ``TASK_WRITES`` row is keyed by its last index, so a task's regular writes saved again
+    with the list grown are a row of their own (the executor does this with the updates of the
+    ``Command``s sent to one checkpoint: the same writes, then more). An index that rows of
+    one task share keeps the write of the row with the most writes (then the lowest key): the
+    fullest list, whether a repeat came with more writes or with fewer.
     """
     found: list[PendingWrite] = []
-    task_id, covered = None, -1  # the task's regular indices below ``covered`` are taken
-    for write in sorted(writes, key=_write_order):
-        if write.task_id != task_id:
-            task_id, covered = write.task_id, -1
-        if write.idx < 0 or write.kind == ONE_WRITE:
-            if 0 <= write.idx < covered:
-                continue
-            part = _write_part(write.channel, task_id)
-            found.append((task_id, write.channel, where.loads(serde, write[6:8], part)))
-            covered = max(covered, write.idx + 1)
-            continue
-        if write.idx < covered:
-            continue
-        if write.kind != TASK_WRITES:
-            problem = f"unknown kind {write.kind!r}"
-            raise CorruptCheckpointError(
-                where.describe(f"Cannot read writes of task {task_id!r}", problem)
-            )
-        try:
-            packed = _unpack_writes(write)
-        except Exception as exc:
-            raise CorruptCheckpointError(
-                where.describe(f"Cannot read writes of task {task_id!r}", exc)
-            ) from exc
-        for channel, type_, data in packed:
-            part = _write_part(channel, task_id)
-            found.append((task_id, channel, where.loads(serde, (type_, data), part)))
-        covered = write.idx + len(packed)
+    for task_id, rows in itertools.groupby(sorted(writes, key=_write_order), _task_of):
+        candidates: list[tuple[int, int, WriteRow, list[tuple[str, str, bytes]] | None]] = []
+        for write in rows:
+            if write.idx < 0:  # special: one row each, in key order
+                part = _write_part(write.channel, task_id)
+                found.append((task_id, write.channel, where.loads(serde, write[6:8], part)))
+            elif write.kind == ONE_WRITE:
+                candidates.append((-1, write.idx, write, None))
+            else:
+                packed = _read_packed(where, write)
+                candidates.append((-len(packed), write.idx, write, packed))
+        regular: dict[int, PendingWrite] = {}
+        for _size, idx, write, unpacked in sorted(candidates, key=_fullest_first):
+            entries = [(write.channel, write.type, write.value)] if unpacked is None else unpacked
+            for index, (channel, type_, data) in enumerate(entries, idx - len(entries) + 1):
+                if index not in regular:
+                    value = where.loads(serde, (type_, data), _write_part(channel, task_id))
+                    regular[index] = (task_id, channel, value)
+        found += (regular[index] for index in sorted(regular))
     return found
+
+
+def _fullest_first(candidate: tuple[int, int, Any, Any]) -> tuple[int, int]:
+    return candidate[0], candidate[1]
+
+
+def _task_of(write: WriteRow) -> str:
+    return write.task_id
+
+
+def _read_packed(where: _Where, write: WriteRow) -> list[tuple[str, str, bytes]]:
+    part = f"Cannot read writes of task {write.task_id!r}"
+    if write.kind != TASK_WRITES:
+        raise CorruptCheckpointError(where.describe(part, f"unknown kind {write.kind!r}"))
+    try:
+        return _unpack_writes(write)
+    except Exception as exc:
+        raise CorruptCheckpointError(where.describe(part, repr(exc))) from exc
 
 
 def index_values(values: Iterable[ValueRow]) -> dict[tuple[str, str], ValueRow]:

@@ -272,9 +272,12 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
 
     def delete_thread(self, thread_id: str) -> None:
         self._run(self.plans.delete_threads([thread_id]))
+        self.heads.forget([thread_id])
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self._run(self.plans.copy_thread(source_thread_id, target_thread_id))
+        # The copy may have replaced rows of the target that had the same ids.
+        self.heads.forget([target_thread_id])
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         self._run(self.plans.delete_for_runs(self.serde, run_ids))
@@ -402,9 +405,11 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
 
     async def adelete_thread(self, thread_id: str) -> None:
         await self._run(self.plans.delete_threads([thread_id]))
+        self.heads.forget([thread_id])
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         await self._run(self.plans.copy_thread(source_thread_id, target_thread_id))
+        self.heads.forget([target_thread_id])  # as copy_thread
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         await self._run(self.plans.delete_for_runs(self.serde, run_ids))
