@@ -406,3 +406,54 @@ def test_what_a_read_returns_is_the_callers_own() -> None:
     read(two.checkpoint, [one.checkpoint], heads)["extra"]["nested"].append("changed")  # type: ignore[typeddict-item]
     again = read(two.checkpoint, [one.checkpoint], heads)
     assert again["extra"] == {"nested": [1]}  # type: ignore[typeddict-item]
+
+
+def test_kept_blobs_under_concurrent_saves_and_reads() -> None:
+    """Writers carry their namespaces' blobs forward while readers copy and remember them,
+    with a budget small enough that entries come and go: every read is still exact."""
+    import threading
+
+    heads = ChainHeads(blobs=6)
+    failures: list[BaseException] = []
+    saved: dict[str, list[tuple[Checkpoint, CheckpointRow]]] = {}
+
+    def write(ns: str) -> None:
+        checkpoint, parent = empty_checkpoint(), None
+        history = saved.setdefault(ns, [])
+        for n in range(60):
+            checkpoint = step(checkpoint, n)
+            rows = checkpoint_rows(
+                serde, at(parent, ns), checkpoint, {}, new_versions(checkpoint),
+                inline=True, heads=heads,
+            )  # fmt: skip
+            heads.saved(rows, serde)
+            history.append((checkpoint, rows.checkpoint))
+            parent = checkpoint["id"]
+
+    def read(ns: str) -> None:
+        for _ in range(300):
+            history = list(saved.get(ns, ()))
+            if not history:
+                continue
+            checkpoint, row = history[-1]
+            rows = [found for _, found in history]
+            [found] = page_candidates(serde, [row], chains=rows, heads=heads)
+            assert without_values(found.checkpoint) == without_values(checkpoint)
+
+    def guarded(target: Any, ns: str) -> None:
+        try:
+            target(ns)
+        except BaseException as error:  # reported below, with the thread's name
+            failures.append(error)
+
+    names = [f"ns{i}" for i in range(4)]
+    threads = [
+        threading.Thread(target=guarded, args=(target, ns))
+        for ns in names
+        for target in (write, read, read)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
