@@ -340,6 +340,66 @@ def test_step_statement_is_planned_once_on_any_connection(postgres_uri: str) -> 
                 assert generic > 0
 
 
+@pytest.mark.parametrize("others", [0, 300, 30000])
+def test_reads_probe_keys_under_generic_plans(
+    saver: PostgresSaver, postgres_uri: str, monkeypatch: pytest.MonkeyPatch, others: int
+) -> None:
+    # A generic plan (what from_conn_string's connections use) cannot see how few keys a read
+    # names. Every read of one thread must still look its keys up one by one, never join them
+    # with a whole table: the values-and-writes read once hashed its keys and scanned every
+    # stored write (some hundred microseconds a read on a table of a thousand writes). Only on
+    # a table of a page or two may the lookup itself be a scan.
+    import stepgraph.checkpoint.postgres as module
+
+    reads: dict[str, Any] = {}
+
+    def recording(cursor: Any, plan: Any) -> Any:
+        def execute(statement: Any) -> list[Any]:
+            if statement.sql.lstrip().startswith(("WITH page", "WITH spans")):
+                reads[statement.sql] = statement.params
+            cursor.execute(statement.sql, statement.params)
+            return cursor.fetchall() if statement.fetch else []
+
+        return module.run_steps(plan, execute)
+
+    config = run_steps(saver, thread("t"), 5)
+    saver.put_writes(config, [("count", 7)], "pending-task")
+    monkeypatch.setattr(module, "_steps", recording)
+    found = saver.get_tuple(thread("t"))
+    assert found is not None and found.pending_writes == [("pending-task", "count", 7)]
+    assert len(list(saver.list(thread("t"), limit=3))) == 3
+    assert len(list(saver.list({"configurable": {"thread_id": "t"}}, limit=3))) == 3
+    assert len(reads) == 3  # by thread and namespace, by thread alone, values and writes
+    monkeypatch.undo()
+
+    with psycopg.connect(postgres_uri, autocommit=True) as conn:
+        # Rows of other threads: whatever the tables' size, a few probes must win.
+        many = f"FROM generate_series(1, {others}) AS g"
+        conn.execute(
+            "INSERT INTO stepgraph_checkpoints (thread_id, checkpoint_ns, checkpoint_id, ts,"
+            " checkpoint_type, checkpoint, metadata_type, metadata, metadata_json)"
+            f" SELECT ('o' || g)::bytea, '', 'c', 'ts', 'msgpack', '', 'msgpack', '', '{{}}' {many}"
+        )
+        conn.execute(
+            "INSERT INTO stepgraph_checkpoint_values (thread_id, checkpoint_ns, channel, version)"
+            f" SELECT ('o' || g)::bytea, '', 'c', 'v' {many}"
+        )
+        conn.execute(
+            "INSERT INTO stepgraph_checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id,"
+            " task_id, idx, channel, type, value, task_path)"
+            f" SELECT ('o' || g)::bytea, '', 'c', 't', 0, 'c', 'msgpack', '', '' {many}"
+        )
+        conn.execute("ANALYZE")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        cursor = cursor_of(conn)
+        for statement, params in reads.items():
+            cursor.execute(f"EXPLAIN {statement}", params, prepare=True)
+            plan = "\n".join(line for (line,) in cursor.fetchall())
+            assert "Hash Join" not in plan and "Merge Join" not in plan, plan
+            if others >= 30000:
+                assert "Seq Scan on stepgraph_" not in plan, plan
+
+
 @pytest.mark.parametrize(
     ("column", "cast", "items"),
     [
