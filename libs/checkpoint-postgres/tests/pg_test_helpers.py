@@ -10,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -85,18 +85,27 @@ def run_steps(
     return config
 
 
-def protocol_messages(conn: psycopg.Connection[Any], action: Any) -> list[str]:
-    """The libpq protocol messages ``action`` sends and receives on ``conn``."""
+@contextlib.contextmanager
+def traced(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> Iterator[list[str]]:
+    """A list that gets the libpq protocol messages sent and received on ``conn`` in the block."""
+    messages: list[str] = []
     with tempfile.TemporaryFile("w+") as trace:
         conn.pgconn.trace(trace.fileno())
         conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
         try:
-            action()
+            yield messages
         finally:
             conn.pgconn.untrace()
         trace.seek(0)
         fields = [line.split("\t") for line in trace.read().splitlines()]
-    return [f"{f[0]}:{f[2].split(' ')[0]}" for f in fields if len(f) > 2 and f[0] in "FB"]
+    messages += [f"{f[0]}:{f[2].split(' ')[0]}" for f in fields if len(f) > 2 and f[0] in "FB"]
+
+
+def protocol_messages(conn: psycopg.Connection[Any], action: Any) -> list[str]:
+    """The libpq protocol messages ``action`` sends and receives on ``conn``."""
+    with traced(conn) as messages:
+        action()
+    return messages
 
 
 class RestartingProxy:

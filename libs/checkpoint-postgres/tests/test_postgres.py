@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -14,7 +15,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_test_helpers import RestartingProxy, next_checkpoint, protocol_messages, run_steps, thread
+from pg_test_helpers import (
+    RestartingProxy,
+    next_checkpoint,
+    protocol_messages,
+    run_steps,
+    thread,
+    traced,
+)
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row, tuple_row
@@ -284,6 +292,61 @@ def test_put_step_is_one_statement_and_one_round_trip(postgres_uri: str, autocom
         assert found.checkpoint["channel_values"]["count"] == 9
 
 
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "no-autocommit"])
+def test_reading_a_checkpoint_the_saver_knows_is_one_round_trip(
+    postgres_uri: str, autocommit: bool
+) -> None:
+    def read(reader: PostgresSaver) -> tuple[Any, list[str]]:
+        found: list[Any] = []
+        messages = protocol_messages(conn, lambda: found.append(reader.get_tuple(thread("t"))))
+        assert found[0] is not None
+        config, checkpoint, metadata, _, pending_writes = found[0]
+        return (config, checkpoint, metadata, pending_writes), messages
+
+    with psycopg.connect(postgres_uri, autocommit=autocommit) as conn:
+        saver = PostgresSaver(conn)
+        saver.setup()
+        config = run_steps(saver, thread("t"), 3)  # "log" is a list: value rows to fetch
+        saver.put_writes(config, [("count", 7)], "pending")
+        # The writer keeps the blob of what it saved: the checkpoint row, its value rows and
+        # its writes come in one round trip.
+        known, messages = read(saver)
+        assert messages.count("F:Sync") == 1
+        assert known[1]["channel_values"]["log"] == [0, 1, 2]
+        assert known[3] == [("pending", "count", 7)]
+        # A saver that knows nothing reads the same in two; then it knows the checkpoint.
+        other = PostgresSaver(conn)
+        other.setup()
+        first, messages = read(other)
+        assert messages.count("F:Sync") == 2
+        assert first == known
+        # Another saver saves a newer checkpoint: the writer's guess is wrong, its read right.
+        run_steps(other, thread("t"), 1)
+        newer, messages = read(saver)
+        assert messages.count("F:Sync") == 2
+        assert newer == read(other)[0]
+        assert newer[0] != known[0] and newer[1]["channel_values"]["log"] == [0]
+
+
+async def test_async_read_of_a_checkpoint_the_saver_knows_is_one_round_trip(
+    postgres_uri: str,
+) -> None:
+    async with await psycopg.AsyncConnection.connect(postgres_uri, autocommit=True) as conn:
+        saver = AsyncPostgresSaver(conn)
+        await saver.setup()
+        config = await asyncio.to_thread(run_steps, saver, thread("t"), 3)
+        await saver.aput_writes(config, [("count", 7)], "pending")
+        other = AsyncPostgresSaver(conn)
+        await other.setup()
+        found = []
+        for reader, round_trips in ((saver, 1), (other, 2)):
+            with traced(conn) as messages:
+                found.append(await reader.aget_tuple(thread("t")))
+            assert messages.count("F:Sync") == round_trips
+        assert found[0] == found[1]
+        assert found[0] is not None and found[0].pending_writes == [("pending", "count", 7)]
+
+
 def test_prepare_threshold_none_prepares_nothing(postgres_uri: str) -> None:
     # Behind PgBouncer in transaction mode a prepared statement may land on another server
     # connection: with prepare_threshold=None nothing is ever prepared.
@@ -549,8 +612,6 @@ async def test_async_saver_on_plain_connection_leaves_it_as_found(postgres_uri: 
 
 
 async def test_async_sync_methods_refuse_to_deadlock_the_loop(postgres_uri: str) -> None:
-    import asyncio
-
     async with AsyncPostgresSaver.from_conn_string(postgres_uri) as saver:
         with pytest.raises(asyncio.InvalidStateError):
             saver.get_tuple(thread("t"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from stepgraph.checkpoint.storage import (
     load_checkpoint,
     page_candidates,
     referenced_values,
+    stored_versions,
     unchained,
 )
 from stepgraph.config import RunnableConfig
@@ -62,13 +64,17 @@ def new_versions(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def save_chain(
-    heads: ChainHeads | None, length: int, *, keep_blobs: bool = False
+    heads: ChainHeads | None,
+    length: int,
+    *,
+    keep_blobs: bool = False,
+    make_step: Callable[[Checkpoint, int], Checkpoint] = step,
 ) -> tuple[list[Checkpoint], list[CheckpointRow]]:
     checkpoint = empty_checkpoint()
     checkpoints, rows = [], []
     parent = None
     for n in range(length):
-        checkpoint = step(checkpoint, n)
+        checkpoint = make_step(checkpoint, n)
         saved = checkpoint_rows(
             serde,
             at(parent),
@@ -335,6 +341,38 @@ def test_a_read_keeps_what_it_built_and_later_reads_start_there() -> None:
     # rows[1:5] are no longer needed: the read of rows[8] goes through the kept rows[5].
     found = read(rows[8], [rows[0], *rows[5:9]], heads)
     assert without_values(found) == without_values(checkpoints[8])
+
+
+def step_with_document(checkpoint: Checkpoint, n: int) -> Checkpoint:
+    """``step``, and a channel too big to travel inline changed at every other step."""
+    after = step(checkpoint, n)
+    if n % 2 == 0:
+        after["channel_versions"]["doc"] = after["channel_versions"]["x"]
+        after["channel_values"]["doc"] = f"{n}" * 100
+        after["updated_channels"] = [*(after["updated_channels"] or ()), "doc"]
+    return after
+
+
+def test_guess_names_the_value_rows_a_read_would_fetch() -> None:
+    def wanted(n: int, rows: list[CheckpointRow]) -> tuple[str, list[tuple[str, str]]]:
+        return rows[n].checkpoint_id, list(stored_versions(read(rows[n], rows[: n + 1])).items())
+
+    for length in (1, 6):  # a whole blob, then one carried along the chain
+        heads = ChainHeads()
+        assert heads.guess("t", "") is None
+        _, rows = save_chain(heads, length, keep_blobs=True, make_step=step_with_document)
+        assert wanted(length - 1, rows)[1]  # the document has a value row
+        assert rows[-1].chain_start is (None if length == 1 else rows[0].checkpoint_id)
+        assert heads.guess("t", "") == wanted(length - 1, rows)
+        assert heads.guess("t", "", rows[-1].checkpoint_id) == wanted(length - 1, rows)
+        assert heads.guess("t", "other") is None
+    # A read that found another checkpoint the newest moves the guess; none without its blob.
+    heads.seen_newest("t", "", rows[2].checkpoint_id)
+    assert heads.guess("t", "") is None  # rows[2]'s blob was given up along the chain
+    reader = ChainHeads()
+    read(rows[3], rows[:4], reader)  # a read keeps the blob it built
+    reader.seen_newest("t", "", rows[3].checkpoint_id)
+    assert reader.guess("t", "") == wanted(3, rows)
 
 
 def test_kept_blobs_are_bounded_and_private() -> None:

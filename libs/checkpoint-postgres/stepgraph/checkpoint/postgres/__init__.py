@@ -57,8 +57,22 @@ def run_plan(conn: Connection[Any], plan: Plan[T], scope: Scope) -> T:
 
 
 def _steps(cursor: Cursor[Any], plan: Plan[T]) -> T:
+    sent_ahead: list[Any] = []  # a Statement.ahead sent, and the cursor holding its rows
+
     def execute(statement: Statement) -> list[Any]:
-        cursor.execute(statement.sql, statement.params)
+        if sent_ahead and sent_ahead[0] is statement:
+            ahead_cursor = sent_ahead.pop()
+            sent_ahead.clear()
+            return ahead_cursor.fetchall() if statement.fetch else []
+        sent_ahead.clear()
+        if statement.ahead is None:
+            cursor.execute(statement.sql, statement.params)
+        else:  # both in one round trip
+            ahead_cursor = _plans.cursor_of(cursor.connection, ahead=True)
+            with cursor.connection.pipeline():
+                cursor.execute(statement.sql, statement.params)
+                ahead_cursor.execute(statement.ahead.sql, statement.ahead.params)
+            sent_ahead[:] = [statement.ahead, ahead_cursor]
         return cursor.fetchall() if statement.fetch else []
 
     return run_steps(plan, execute)

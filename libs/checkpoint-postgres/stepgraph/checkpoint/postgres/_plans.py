@@ -556,16 +556,29 @@ def _checkpoint_row(fields: Sequence[Any]) -> CheckpointRow:
     )
 
 
+RelatedKeys = tuple[list[tuple[str, str, str, str]], list[tuple[str, str, str]]]
+"""What ``storage.related_keys`` returns: the keys of value rows and of checkpoints."""
+
+
+def _select_related(keys: RelatedKeys) -> Statement:
+    value_keys, checkpoint_keys = keys
+    params = (*_columns(value_keys, 4), *_columns(checkpoint_keys, 3))
+    return Statement(_SELECT_VALUES_AND_WRITES, params, fetch=True)
+
+
 def _load_page(
     serde: SerializerProtocol,
     heads: ChainHeads | None,
     found: Sequence[Sequence[Any]],
     filter: dict[str, Any] | None = None,
+    guessed: tuple[RelatedKeys, Statement] | None = None,
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
     """The checkpoint rows SQL ``found`` (newest first, then the rows of their chains: see
     ``_with_chains``) and the tuples of those that match ``filter``, with their value rows and
-    writes: one more round trip (which rows to fetch is only known once the checkpoints are
-    decoded)."""
+    writes: one more statement (which rows to fetch is only known once the checkpoints are
+    decoded). ``guessed``: keys and the statement sent ahead with the one that found the
+    rows; if the keys are right, that statement's rows are used, and the read took one round
+    trip."""
     rows: list[CheckpointRow] = []
     chains: list[CheckpointRow] = []
     for chain, *fields in found:
@@ -573,12 +586,11 @@ def _load_page(
     candidates = page_candidates(serde, rows, filter, chains, heads)
     if not candidates:
         return rows, []
-    value_keys, checkpoint_keys = related_keys(candidates)
-    related = yield Statement(
-        _SELECT_VALUES_AND_WRITES,
-        (*_columns(value_keys, 4), *_columns(checkpoint_keys, 3)),
-        fetch=True,
-    )
+    keys = related_keys(candidates)
+    if guessed is not None and _same_keys(keys, guessed[0]):
+        related = yield guessed[1]
+    else:
+        related = yield _select_related(keys)
     values: list[ValueRow] = []
     writes: list[WriteRow] = []
     for part, thread_id, ns, c3, c4, type_, value, number, c8, c9, kind in related:
@@ -604,9 +616,13 @@ def _load_page(
     return rows, list(assemble_page(serde, candidates, values, writes))
 
 
-def _columns(keys: Iterable[Sequence[str]], width: int) -> list[list[bytes]]:
+def _same_keys(keys: RelatedKeys, guessed: RelatedKeys) -> bool:
+    return keys[1] == guessed[1] and set(keys[0]) == set(guessed[0])
+
+
+def _columns(keys: Iterable[Sequence[str]], width: int) -> list[ByteaArray]:
     """Keys (tuples of strings) as one array of encoded identifiers per column."""
-    columns: list[list[bytes]] = [[] for _ in range(width)]
+    columns = [ByteaArray() for _ in range(width)]
     for key in keys:
         for column, part in zip(columns, key, strict=True):
             column.append(encode(part))
@@ -616,15 +632,37 @@ def _columns(keys: Iterable[Sequence[str]], width: int) -> list[list[bytes]]:
 def get_tuple(
     serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
 ) -> Plan[CheckpointTuple | None]:
-    """Run with ``Scope.STATEMENT``."""
+    """Run with ``Scope.STATEMENT``. When ``heads`` keeps the blob of the checkpoint the read
+    will likely find (``ChainHeads.guess``), its value rows and writes are asked for in the
+    same round trip as the checkpoint row."""
+    thread_id, checkpoint_ns = get_thread_id(config), get_checkpoint_ns(config)
     where = "thread_id = %b AND checkpoint_ns = %b"
-    params: list[Any] = [encode(get_thread_id(config)), encode(get_checkpoint_ns(config))]
+    params: list[Any] = [encode(thread_id), encode(checkpoint_ns)]
     if checkpoint_id := get_checkpoint_id(config):
         where += " AND checkpoint_id = %b"
         params.append(encode(checkpoint_id))
-    rows = yield Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, 1), fetch=True)
-    _, found = yield from _load_page(serde, heads, rows)
-    return found[0] if found else None
+    guessed = None
+    if heads is not None and (guess := heads.guess(thread_id, checkpoint_ns, checkpoint_id)):
+        guessed_id, stored = guess
+        keys: RelatedKeys = (
+            [(thread_id, checkpoint_ns, channel, version) for channel, version in stored],
+            [(thread_id, checkpoint_ns, guessed_id)],
+        )
+        guessed = (keys, _select_related(keys))
+    rows = yield Statement(
+        _SELECT_CHECKPOINTS.format(where=where),
+        (*params, 1),
+        fetch=True,
+        ahead=guessed[1] if guessed else None,
+    )
+    _, found = yield from _load_page(serde, heads, rows, guessed=guessed)
+    if not found:
+        return None
+    if heads is not None and not checkpoint_id:
+        heads.seen_newest(
+            thread_id, checkpoint_ns, found[0].config["configurable"]["checkpoint_id"]
+        )
+    return found[0]
 
 
 # -- list -------------------------------------------------------------------------------------
@@ -1203,18 +1241,21 @@ def begin(scope: Scope) -> Statement | None:
 
 
 _CURSOR = "_stepgraph_cursor"
+_AHEAD_CURSOR = "_stepgraph_ahead_cursor"
 
 
-def cursor_of(conn: Any) -> Any:
-    """The saver's cursor on ``conn`` (sync or async): binary, tuple rows, made once.
+def cursor_of(conn: Any, ahead: bool = False) -> Any:
+    """The saver's cursor on ``conn`` (sync or async): binary, tuple rows, made once; with
+    ``ahead``, a second one, for a ``Statement.ahead`` sent in the same pipeline.
 
     Kept on the connection itself, so it lives and dies with it: a cursor caches how each
     parameter type is adapted, and rebuilding that for every call costs more than the plan's
     own Python work.
     """
-    cursor = conn.__dict__.get(_CURSOR)
+    name = _AHEAD_CURSOR if ahead else _CURSOR
+    cursor = conn.__dict__.get(name)
     if cursor is None or cursor.closed:
-        cursor = conn.__dict__[_CURSOR] = conn.cursor(binary=True, row_factory=tuple_row)
+        cursor = conn.__dict__[name] = conn.cursor(binary=True, row_factory=tuple_row)
         _arrays.register(cursor.adapters)
     return cursor
 

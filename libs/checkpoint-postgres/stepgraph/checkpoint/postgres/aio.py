@@ -52,8 +52,22 @@ async def arun_plan(conn: AsyncConnection[Any], plan: Plan[T], scope: Scope) -> 
 
 
 async def _steps(cursor: AsyncCursor[Any], plan: Plan[T]) -> T:
+    sent_ahead: list[Any] = []  # as in ``PostgresSaver``'s ``_steps``
+
     async def execute(statement: Statement) -> list[Any]:
-        await cursor.execute(statement.sql, statement.params)
+        if sent_ahead and sent_ahead[0] is statement:
+            ahead_cursor = sent_ahead.pop()
+            sent_ahead.clear()
+            return await ahead_cursor.fetchall() if statement.fetch else []
+        sent_ahead.clear()
+        if statement.ahead is None:
+            await cursor.execute(statement.sql, statement.params)
+        else:
+            ahead_cursor = _plans.cursor_of(cursor.connection, ahead=True)
+            async with cursor.connection.pipeline():
+                await cursor.execute(statement.sql, statement.params)
+                await ahead_cursor.execute(statement.ahead.sql, statement.ahead.params)
+            sent_ahead[:] = [statement.ahead, ahead_cursor]
         return await cursor.fetchall() if statement.fetch else []
 
     return await arun_steps(plan, execute)

@@ -267,6 +267,8 @@ class ChainHeads:
     def __init__(self, size: int = 1024, blobs: int = 256, blob_bytes: int = 4 << 20) -> None:
         self._size = size
         self._links: OrderedDict[tuple[str, str], ChainLink] = OrderedDict()
+        # (thread_id, checkpoint_ns) -> the newest checkpoint id this saver saved or read there.
+        self._newest: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._blobs_size = blobs
         self._blob_bytes = blob_bytes
         # (thread_id, checkpoint_ns, checkpoint_id) -> an open blob (``_open_blob``), changed
@@ -296,8 +298,42 @@ class ChainHeads:
             self._links.move_to_end(key)
             if len(self._links) > self._size:
                 self._links.popitem(last=False)
+            self._note_newest(key, row.checkpoint_id)
             if stored is not None:
                 self._carry(rows, stored)
+
+    def seen_newest(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> None:
+        """A read found ``checkpoint_id`` to be the namespace's newest checkpoint."""
+        with self._lock:
+            self._note_newest((thread_id, checkpoint_ns), checkpoint_id)
+
+    def _note_newest(self, key: tuple[str, str], checkpoint_id: str) -> None:
+        self._newest[key] = checkpoint_id
+        self._newest.move_to_end(key)
+        if len(self._newest) > self._size:
+            self._newest.popitem(last=False)
+
+    def guess(
+        self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None = None
+    ) -> tuple[str, list[tuple[str, str]]] | None:
+        """What a read of checkpoint ``checkpoint_id`` (by default the namespace's newest this
+        saver saved or read) will likely find, if its blob is kept: its id and the ``(channel,
+        version)``s of the value rows it names (``stored_versions``). Only a guess, to be
+        checked against the rows the read finds: another process may have saved a newer
+        checkpoint. A saver with round trips fetches those value rows along with the
+        checkpoint row, and so reads a checkpoint in one round trip instead of two."""
+        with self._lock:
+            if checkpoint_id is None:
+                checkpoint_id = self._newest.get((thread_id, checkpoint_ns))
+                if checkpoint_id is None:
+                    return None
+            found = self._blobs.get((thread_id, checkpoint_ns, checkpoint_id))
+            if found is None:
+                return None
+            blob = found[0]
+            held = {*(blob.get(_INLINE) or ()), *(blob.get(_EMPTY) or ())}
+            versions = blob["channel_versions"]
+            return checkpoint_id, [(c, v) for c, v in versions.items() if c not in held]
 
     def forget(self, thread_ids: Iterable[str]) -> None:
         """Drop the kept blobs of these threads: their rows were deleted, or replaced by a

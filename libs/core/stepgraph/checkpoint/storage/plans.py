@@ -70,6 +70,11 @@ class Statement:
     retry_when_locked: float = 0.0
     """SQLite: seconds to keep retrying while the statement fails with "database is locked",
     for statements SQLite does not wait on by itself (its busy handler is skipped for them)."""
+    ahead: Statement | None = None
+    """A statement the plan will likely yield next, to send in the same round trip (drivers
+    without round trips ignore it). If the plan's next statement is this very object, the
+    driver sends back the rows it already has instead of executing it again; otherwise they
+    are dropped. So a plan can guess its next statement without depending on the guess."""
 
 
 Plan = Generator[Statement, list[Any], T]
