@@ -140,6 +140,42 @@ def test_reading_a_head_the_saver_keeps_fetches_no_chain(saver: SqliteSaver) -> 
         assert sum("AS k CROSS JOIN checkpoints AS c" in sql for sql in statements) == chain_reads
 
 
+def test_reading_a_checkpoint_the_saver_knows_is_one_statement(saver: SqliteSaver) -> None:
+    def read(reader: SqliteSaver) -> tuple[Any, list[str]]:
+        statements: list[str] = []
+        saver.conn.set_trace_callback(statements.append)
+        found = reader.get_tuple(thread("t"))
+        saver.conn.set_trace_callback(None)
+        assert found is not None
+        config, checkpoint, metadata, _, pending_writes = found
+        return (config, checkpoint, metadata, pending_writes), statements
+
+    config, latest = step(saver, thread("t"), {"n": 0, "doc": "d" * 500})
+    for number in range(1, 4):  # a chain of rows, and a value too big to travel inline
+        seen = {f"node{number}": {"n": latest["channel_versions"]["n"]}}
+        updates = {"n": number, "doc": "d" * 500 + str(number)}
+        config, latest = step(saver, config, updates, previous=latest, seen=seen)
+    saver.put_writes(config, [("n", 7)], "pending")
+    # The writer keeps the blob of what it saved: row, value rows and writes in one statement,
+    # which needs no transaction around it.
+    known, statements = read(saver)
+    assert len(statements) == 1
+    assert known[1] == latest and known[3] == [("pending", "n", 7)]
+    # A saver that knows nothing reads the same in a transaction (the row, its chain, its
+    # value rows and writes); then it knows the checkpoint.
+    other = SqliteSaver(saver.conn)
+    other.setup()
+    for expected in (["BEGIN", "SELECT", "SELECT", "WITH", "COMMIT"], ["WITH"]):
+        found, statements = read(other)
+        assert [sql.split()[0] for sql in statements] == expected, statements
+        assert found == known
+    # Another saver saves a newer checkpoint: the writer's guess is wrong, its read right.
+    step(other, config, {"n": 9}, previous=latest)
+    newer, statements = read(saver)
+    assert len(statements) > 1 and newer == read(other)[0]
+    assert newer[1]["channel_values"]["n"] == 9
+
+
 def test_copy_thread_onto_the_same_ids_is_read_as_copied(saver: SqliteSaver) -> None:
     """copy_thread replaces the target's rows that have the source's ids: blobs the saver
     kept of the target's old rows must not be read in their place."""

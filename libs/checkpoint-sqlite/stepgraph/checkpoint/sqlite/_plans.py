@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from stepgraph.checkpoint.base import (
     ChannelVersions,
@@ -313,7 +313,7 @@ _KEYS_PER_STATEMENT = 512
 
 
 @functools.lru_cache(maxsize=64)
-def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
+def _select_related_sql(value_keys: int, checkpoint_keys: int, page_where: str = "") -> str:
     """The value rows and pending writes named by lists of keys, in one statement.
 
     Each key list is the outer loop of a CROSS JOIN, so every key is one seek of the table's key.
@@ -322,7 +322,11 @@ def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
     same statement, as one range of the key (spans of several keys that start alike are
     merged). A span may hold rows of forked branches too: ``storage.load_tuple`` follows base
     versions and ignores them. The first column tells value rows (0) from write rows (1).
+
+    ``page_where``: also the newest checkpoint row matching it (2, then the row's columns;
+    parameters after the keys' and the LIMIT's), for a read in one statement.
     """
+    pad = ", NULL" if page_where else ""
     parts = []
     prefix = ""
     if value_keys:
@@ -337,7 +341,7 @@ def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
         )
         parts.append(
             "SELECT 0, v.thread_id, v.checkpoint_ns, v.channel, v.version, v.type, v.value,"
-            " v.kind, v.base_version, NULL, NULL FROM s CROSS JOIN checkpoint_values AS v"
+            f" v.kind, v.base_version, NULL, NULL{pad} FROM s CROSS JOIN checkpoint_values AS v"
             " WHERE v.thread_id = s.t AND v.checkpoint_ns = s.n AND v.channel = s.c"
             " AND v.version BETWEEN s.lo AND s.hi"
         )
@@ -345,11 +349,13 @@ def _select_related_sql(value_keys: int, checkpoint_keys: int) -> str:
         keys = ", ".join(["(?, ?, ?)"] * checkpoint_keys)
         parts.append(
             "SELECT 1, w.thread_id, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.idx,"
-            " w.channel, w.type, w.value, w.task_path, w.kind"
+            f" w.channel, w.type, w.value, w.task_path, w.kind{pad}"
             f" FROM (VALUES {keys}) AS k CROSS JOIN checkpoint_writes AS w"
             " WHERE w.thread_id = k.column1 AND w.checkpoint_ns = k.column2"
             " AND w.checkpoint_id = k.column3"
         )
+    if page_where:
+        parts.append(f"SELECT 2, * FROM ({_SELECT_CHECKPOINTS.format(where=page_where)})")
     return prefix + " UNION ALL ".join(parts)
 
 
@@ -431,16 +437,63 @@ def _load_page(
     return rows, list(assemble_page(serde, candidates, values, writes))
 
 
+_GUESSED_WRONG: Any = object()
+
+
 def get_tuple(
     serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
 ) -> Plan[CheckpointTuple | None]:
+    """A checkpoint, read in one snapshot. When ``heads`` keeps the blob of the checkpoint the
+    read will likely find (``ChainHeads.guess``), one statement reads its row, value rows and
+    writes together (a statement is its own snapshot: no transaction to open and close);
+    otherwise, or if the guess was wrong, a transaction of two or three."""
+    thread_id, checkpoint_ns = get_thread_id(config), get_checkpoint_ns(config)
     where = "thread_id = ? AND checkpoint_ns = ?"
-    params: list[Any] = [get_thread_id(config), get_checkpoint_ns(config)]
+    params: list[Any] = [thread_id, checkpoint_ns]
     if checkpoint_id := get_checkpoint_id(config):
         where += " AND checkpoint_id = ?"
         params.append(checkpoint_id)
-    _, found = yield from _load_page(serde, heads, where, params, 1)
-    return found[0] if found else None
+    found: Any = _GUESSED_WRONG
+    if heads is not None and (guess := heads.guess(thread_id, checkpoint_ns, checkpoint_id)):
+        found = yield from _guessed_read(serde, heads, where, params, *guess)
+    if found is _GUESSED_WRONG:
+        _, page = yield from _load_page(serde, heads, where, params, 1)
+        found = page[0] if page else None
+    if found is not None and heads is not None and not checkpoint_id:
+        heads.seen_newest(thread_id, checkpoint_ns, found.config["configurable"]["checkpoint_id"])
+    return cast("CheckpointTuple | None", found)
+
+
+def _guessed_read(
+    serde: SerializerProtocol,
+    heads: ChainHeads,
+    where: str,
+    params: list[Any],
+    guessed_id: str,
+    stored: list[tuple[str, str]],
+) -> Plan[Any]:
+    """The tuple of the newest checkpoint matching ``where`` (None if there is none) in one
+    statement, with the value rows and writes of checkpoint ``guessed_id``, whose blob
+    ``heads`` keeps; ``_GUESSED_WRONG`` if the checkpoint found names other rows."""
+    thread_id, checkpoint_ns = params[:2]
+    value_keys = [(thread_id, checkpoint_ns, channel, version) for channel, version in stored]
+    if len(value_keys) > _KEYS_PER_STATEMENT:
+        return _GUESSED_WRONG
+    sql = _select_related_sql(_bucket(len(value_keys)), 1, where)
+    keys = [*_padded(value_keys, 4), thread_id, checkpoint_ns, guessed_id]
+    found = yield Statement(sql, [*keys, *params, 1])
+    rows = [CheckpointRow(*fields) for part, *fields in found if part == 2]
+    if not rows:
+        return None
+    kept = heads.kept(rows)
+    if rows[0].checkpoint_id != guessed_id or (rows[0].chain_start and not kept):
+        return _GUESSED_WRONG
+    candidates = page_candidates(serde, rows, None, (), heads, kept)
+    if set(related_keys(candidates)[0]) != set(value_keys):
+        return _GUESSED_WRONG
+    values = [ValueRow(*fields[:8]) for part, *fields in found if part == 0]
+    writes = [WriteRow(*fields[:10]) for part, *fields in found if part == 1]
+    return next(assemble_page(serde, candidates, values, writes))
 
 
 # -- list filter --------------------------------------------------------------------------------
