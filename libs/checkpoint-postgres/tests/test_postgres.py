@@ -719,3 +719,41 @@ def test_fork_racing_a_prune_of_its_parent_stays_readable(postgres_uri: str) -> 
         found = pruner.get_tuple(fork_config)
         assert found is not None
         assert found.checkpoint["channel_values"] == {"a": "only in the first", "b": 3}
+
+
+def test_delete_thread_racing_a_step_leaves_nothing_of_the_thread(postgres_uri: str) -> None:
+    """A step saved while delete_thread runs (no lease fences it: a direct saver call) holds
+    its parent locked, so the delete waits for it; the rows the step committed meanwhile are
+    deleted too, and none is left without its parent."""
+    with (
+        psycopg.connect(postgres_uri, autocommit=True) as conn,
+        psycopg.connect(postgres_uri) as stepping_conn,
+    ):
+        deleter, stepper = PostgresSaver(conn), PostgresSaver(stepping_conn)
+        deleter.setup()
+        stepping_conn.commit()
+        config = run_steps(stepper, thread("d"), 3)
+        stepping_conn.commit()
+        previous = stepper.get_tuple(config)
+        assert previous is not None
+        stepping_conn.commit()
+
+        # The step is saved inside stepping_conn's open transaction: its parent stays locked.
+        checkpoint, versions = next_checkpoint(stepper, previous.checkpoint, {"count": 9})
+        checkpoint["versions_seen_changes"] = []  # a row of changes to its parent
+        stepping_conn.execute("SELECT 1")
+        writes = [TaskWrites("task", [("count", 9)])]
+        stepper.put_step(config, writes, checkpoint, {"step": 9}, versions)
+        deleting = threading.Thread(target=deleter.delete_thread, args=("d",))
+        deleting.start()
+        deleting.join(0.5)
+        assert deleting.is_alive()  # waiting for the step's lock on its parent
+        stepping_conn.commit()
+        deleting.join()
+
+        assert deleter.get_tuple(thread("d")) is None
+        for table in ("checkpoints", "checkpoint_values", "checkpoint_writes"):
+            left = conn.execute(
+                f"SELECT count(*) FROM stepgraph_{table} WHERE thread_id = %s", (b"d",)
+            ).fetchone()
+            assert left == (0,), table

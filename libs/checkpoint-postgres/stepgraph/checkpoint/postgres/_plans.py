@@ -717,13 +717,21 @@ def list_page(
 
 # -- thread management ------------------------------------------------------------------------
 
+# Returns how many checkpoint rows it deleted. An unfenced step in flight holds its parent's
+# row FOR KEY SHARE: the DELETE waits for it, but the step's new rows committed after the
+# DELETE's snapshot and survive it, a row of changes without its parent. So the plan deletes
+# again, in a new snapshot (READ COMMITTED), until nothing is left: a step that comes later
+# finds its parent deleted (it waits for this transaction first) and stores itself whole.
 _DELETE_THREADS = """
 WITH checkpoints AS (
     DELETE FROM stepgraph_checkpoints WHERE thread_id = ANY(%(thread_ids)b::bytea[])
+    RETURNING 1
 ), checkpoint_values AS (
     DELETE FROM stepgraph_checkpoint_values WHERE thread_id = ANY(%(thread_ids)b::bytea[])
+), writes AS (
+    DELETE FROM stepgraph_checkpoint_writes WHERE thread_id = ANY(%(thread_ids)b::bytea[])
 )
-DELETE FROM stepgraph_checkpoint_writes WHERE thread_id = ANY(%(thread_ids)b::bytea[])
+SELECT count(*) FROM checkpoints
 """
 
 
@@ -748,12 +756,15 @@ ON CONFLICT (thread_id) DO UPDATE SET {_TOMBSTONE_SET}
 
 
 def delete_threads(thread_ids: Iterable[str]) -> Plan[None]:
-    """Two statements; run with ``Scope.TRANSACTION``."""
+    """Three statements, or more while steps in flight keep committing rows; run with
+    ``Scope.TRANSACTION``."""
     threads = [encode(thread_id) for thread_id in id_list(thread_ids, "thread_ids")]
     if not threads:
         return
     yield Statement(_TOMBSTONES, {"thread_ids": threads})
-    yield Statement(_DELETE_THREADS, {"thread_ids": threads})
+    delete = Statement(_DELETE_THREADS, {"thread_ids": threads}, fetch=True)
+    while (yield delete)[0][0]:
+        pass
 
 
 # Nothing in the stored bytes names the thread, so copying is re-keying rows in SQL. One
