@@ -308,24 +308,53 @@ def test_reading_a_checkpoint_the_saver_knows_is_one_round_trip(
         saver.setup()
         config = run_steps(saver, thread("t"), 3)  # "log" is a list: value rows to fetch
         saver.put_writes(config, [("count", 7)], "pending")
+        for _ in range(6):  # psycopg prepares a statement at its fifth use: one more Sync
+            PostgresSaver(conn).get_tuple(thread("t"))
         # The writer keeps the blob of what it saved: the checkpoint row, its value rows and
         # its writes come in one round trip.
         known, messages = read(saver)
         assert messages.count("F:Sync") == 1
         assert known[1]["channel_values"]["log"] == [0, 1, 2]
         assert known[3] == [("pending", "count", 7)]
-        # A saver that knows nothing reads the same in two; then it knows the checkpoint.
+        # A saver that knows nothing reads the same in two; then it knows the checkpoint
+        # (stored whole: a read keeps no blob of it, only what it names).
         other = PostgresSaver(conn)
         other.setup()
-        first, messages = read(other)
-        assert messages.count("F:Sync") == 2
-        assert first == known
+        for round_trips in (2, 1):
+            first, messages = read(other)
+            assert messages.count("F:Sync") == round_trips
+            assert first == known
         # Another saver saves a newer checkpoint: the writer's guess is wrong, its read right.
         run_steps(other, thread("t"), 1)
         newer, messages = read(saver)
         assert messages.count("F:Sync") == 2
         assert newer == read(other)[0]
         assert newer[0] != known[0] and newer[1]["channel_values"]["log"] == [0]
+
+
+def test_a_wrong_guess_still_serves_the_value_rows_it_fetched(
+    saver: PostgresSaver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stepgraph.checkpoint.postgres import _plans
+
+    other = PostgresSaver(saver.conn)
+    document = "d" * 10_000
+    first, versions = next_checkpoint(saver, None, {"doc": document, "count": 0})
+    config = saver.put(thread("t"), first, {}, versions)
+    # Another saver moves the thread on; the document keeps its version (and value row).
+    second, versions = next_checkpoint(other, first, {"count": 1})
+    other.put(config, second, {}, versions)
+
+    asked: list[Any] = []
+    select_related = _plans._select_related
+    monkeypatch.setattr(
+        _plans, "_select_related", lambda keys: asked.append(keys) or select_related(keys)
+    )
+    found = saver.get_tuple(thread("t"))
+    assert found is not None and found.checkpoint["channel_values"] == {"doc": document, "count": 1}
+    # The guess asked for the document; the second statement only for the found one's writes.
+    assert [[key[2] for key in keys[0]] for keys in asked] == [["doc"], []]
+    assert [checkpoint_id for *_, checkpoint_id in asked[1][1]] == [second["id"]]
 
 
 async def test_async_read_of_a_checkpoint_the_saver_knows_is_one_round_trip(

@@ -174,6 +174,18 @@ def test_reading_a_checkpoint_the_saver_knows_is_one_statement(saver: SqliteSave
     newer, statements = read(saver)
     assert len(statements) > 1 and newer == read(other)[0]
     assert newer[1]["channel_values"]["n"] == 9
+    # A checkpoint stored whole leaves a reader no blob, but what it names is enough.
+    step(saver, thread("w"), {"doc": "w" * 500})
+    reader = SqliteSaver(saver.conn)
+    reader.setup()
+    counts = []
+    for _ in range(2):
+        statements = []
+        saver.conn.set_trace_callback(statements.append)
+        assert reader.get_tuple(thread("w")) is not None
+        saver.conn.set_trace_callback(None)
+        counts.append(len(statements))
+    assert counts == [4, 1]
 
 
 def test_copy_thread_onto_the_same_ids_is_read_as_copied(saver: SqliteSaver) -> None:

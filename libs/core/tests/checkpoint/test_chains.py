@@ -366,13 +366,15 @@ def test_guess_names_the_value_rows_a_read_would_fetch() -> None:
         assert heads.guess("t", "") == wanted(length - 1, rows)
         assert heads.guess("t", "", rows[-1].checkpoint_id) == wanted(length - 1, rows)
         assert heads.guess("t", "other") is None
-    # A read that found another checkpoint the newest moves the guess; none without its blob.
-    heads.seen_newest("t", "", rows[2].checkpoint_id)
-    assert heads.guess("t", "") is None  # rows[2]'s blob was given up along the chain
-    reader = ChainHeads()
-    read(rows[3], rows[:4], reader)  # a read keeps the blob it built
-    reader.seen_newest("t", "", rows[3].checkpoint_id)
-    assert reader.guess("t", "") == wanted(3, rows)
+    # A read that found the newest checkpoint says what it names: no blob needed.
+    newest = (rows[2].checkpoint_id, [("doc", "v")])
+    heads.seen_newest("t", "", *newest)
+    assert heads.guess("t", "") == newest
+    assert heads.guess("t", "", rows[2].checkpoint_id) == newest
+    assert heads.guess("t", "", rows[1].checkpoint_id) is None  # neither newest nor kept
+    assert heads.guess("t", "", rows[-1].checkpoint_id) == wanted(length - 1, rows)  # kept
+    heads.forget(["t"])
+    assert heads.guess("t", "") is None
 
 
 def test_kept_blobs_are_bounded_and_private() -> None:

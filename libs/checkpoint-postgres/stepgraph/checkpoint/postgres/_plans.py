@@ -572,13 +572,15 @@ def _load_page(
     found: Sequence[Sequence[Any]],
     filter: dict[str, Any] | None = None,
     guessed: tuple[RelatedKeys, Statement] | None = None,
+    newest: bool = False,
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
     """The checkpoint rows SQL ``found`` (newest first, then the rows of their chains: see
     ``_with_chains``) and the tuples of those that match ``filter``, with their value rows and
     writes: one more statement (which rows to fetch is only known once the checkpoints are
     decoded). ``guessed``: keys and the statement sent ahead with the one that found the
     rows; if the keys are right, that statement's rows are used, and the read took one round
-    trip."""
+    trip; if not, its value rows that the found rows name too are. ``newest``: the one row
+    found is its namespace's newest (``heads`` learns what it names)."""
     rows: list[CheckpointRow] = []
     chains: list[CheckpointRow] = []
     for chain, *fields in found:
@@ -587,10 +589,19 @@ def _load_page(
     if not candidates:
         return rows, []
     keys = related_keys(candidates)
-    if guessed is not None and _same_keys(keys, guessed[0]):
-        related = yield guessed[1]
-    else:
+    if heads is not None and newest:
+        stored = [(channel, version) for _, _, channel, version in keys[0]]
+        heads.seen_newest(*rows[0][:3], stored)
+    if guessed is None:
         related = yield _select_related(keys)
+    elif _same_keys(keys, guessed[0]):
+        related = yield guessed[1]
+    else:  # value rows never change: those the found rows name too need no second fetch
+        fetched = yield guessed[1]  # already here
+        had = set(guessed[0][0])
+        missing = [key for key in keys[0] if key not in had]
+        related = [row for row in fetched if row[0] == 0]
+        related += yield _select_related((missing, keys[1]))
     values: list[ValueRow] = []
     writes: list[WriteRow] = []
     for part, thread_id, ns, c3, c4, type_, value, number, c8, c9, kind in related:
@@ -632,9 +643,9 @@ def _columns(keys: Iterable[Sequence[str]], width: int) -> list[ByteaArray]:
 def get_tuple(
     serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
 ) -> Plan[CheckpointTuple | None]:
-    """Run with ``Scope.STATEMENT``. When ``heads`` keeps the blob of the checkpoint the read
-    will likely find (``ChainHeads.guess``), its value rows and writes are asked for in the
-    same round trip as the checkpoint row."""
+    """Run with ``Scope.STATEMENT``. When ``heads`` knows which checkpoint the read will
+    likely find and the value rows it names (``ChainHeads.guess``), those rows and its writes
+    are asked for in the same round trip as the checkpoint row."""
     thread_id, checkpoint_ns = get_thread_id(config), get_checkpoint_ns(config)
     where = "thread_id = %b AND checkpoint_ns = %b"
     params: list[Any] = [encode(thread_id), encode(checkpoint_ns)]
@@ -655,14 +666,8 @@ def get_tuple(
         fetch=True,
         ahead=guessed[1] if guessed else None,
     )
-    _, found = yield from _load_page(serde, heads, rows, guessed=guessed)
-    if not found:
-        return None
-    if heads is not None and not checkpoint_id:
-        heads.seen_newest(
-            thread_id, checkpoint_ns, found[0].config["configurable"]["checkpoint_id"]
-        )
-    return found[0]
+    _, found = yield from _load_page(serde, heads, rows, guessed=guessed, newest=not checkpoint_id)
+    return found[0] if found else None
 
 
 # -- list -------------------------------------------------------------------------------------

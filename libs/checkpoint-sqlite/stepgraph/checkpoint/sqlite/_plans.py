@@ -402,11 +402,13 @@ def _load_page(
     limit: int,
     filter: dict[str, Any] | None = None,
     thread_id: str | None = None,
+    newest: bool = False,
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
     """Up to ``limit`` checkpoints matching ``where`` (then ``filter``), newest first: the
     rows SQL found and the tuples of those that match (``heads``: the saver's kept blobs).
 
-    ``thread_id``: ``where`` selects that one thread, in every namespace.
+    ``thread_id``: ``where`` selects that one thread, in every namespace. ``newest``: the one
+    row found is its namespace's newest (``heads`` learns what it names).
     """
     yield BEGIN_READ
     select = Statement(_SELECT_CHECKPOINTS.format(where=where), (*params, limit))
@@ -429,7 +431,10 @@ def _load_page(
     candidates = page_candidates(serde, rows, filter, chains, heads, kept)
     related: list[Any] = []
     if candidates:
-        for statement in _select_related(*related_keys(candidates)):
+        keys = related_keys(candidates)
+        if heads is not None and newest:
+            heads.seen_newest(*rows[0][:3], [(c, v) for _, _, c, v in keys[0]])
+        for statement in _select_related(*keys):
             related += yield statement
     yield COMMIT
     values = [ValueRow(*fields[:8]) for part, *fields in related if part == 0]
@@ -443,10 +448,10 @@ _GUESSED_WRONG: Any = object()
 def get_tuple(
     serde: SerializerProtocol, config: RunnableConfig, heads: ChainHeads | None = None
 ) -> Plan[CheckpointTuple | None]:
-    """A checkpoint, read in one snapshot. When ``heads`` keeps the blob of the checkpoint the
-    read will likely find (``ChainHeads.guess``), one statement reads its row, value rows and
-    writes together (a statement is its own snapshot: no transaction to open and close);
-    otherwise, or if the guess was wrong, a transaction of two or three."""
+    """A checkpoint, read in one snapshot. When ``heads`` knows which checkpoint the read
+    will likely find and the value rows it names (``ChainHeads.guess``), one statement reads
+    its row, value rows and writes together (a statement is its own snapshot: no transaction
+    to open and close); otherwise, or if the guess was wrong, a transaction of two or three."""
     thread_id, checkpoint_ns = get_thread_id(config), get_checkpoint_ns(config)
     where = "thread_id = ? AND checkpoint_ns = ?"
     params: list[Any] = [thread_id, checkpoint_ns]
@@ -457,10 +462,8 @@ def get_tuple(
     if heads is not None and (guess := heads.guess(thread_id, checkpoint_ns, checkpoint_id)):
         found = yield from _guessed_read(serde, heads, where, params, *guess)
     if found is _GUESSED_WRONG:
-        _, page = yield from _load_page(serde, heads, where, params, 1)
+        _, page = yield from _load_page(serde, heads, where, params, 1, newest=not checkpoint_id)
         found = page[0] if page else None
-    if found is not None and heads is not None and not checkpoint_id:
-        heads.seen_newest(thread_id, checkpoint_ns, found.config["configurable"]["checkpoint_id"])
     return cast("CheckpointTuple | None", found)
 
 
@@ -473,8 +476,9 @@ def _guessed_read(
     stored: list[tuple[str, str]],
 ) -> Plan[Any]:
     """The tuple of the newest checkpoint matching ``where`` (None if there is none) in one
-    statement, with the value rows and writes of checkpoint ``guessed_id``, whose blob
-    ``heads`` keeps; ``_GUESSED_WRONG`` if the checkpoint found names other rows."""
+    statement, with the value rows (``stored``) and writes of checkpoint ``guessed_id``;
+    ``_GUESSED_WRONG`` if the checkpoint found is another, names other rows, or is a row of
+    changes whose chain would take another statement."""
     thread_id, checkpoint_ns = params[:2]
     value_keys = [(thread_id, checkpoint_ns, channel, version) for channel, version in stored]
     if len(value_keys) > _KEYS_PER_STATEMENT:

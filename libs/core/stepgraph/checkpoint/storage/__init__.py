@@ -267,8 +267,10 @@ class ChainHeads:
     def __init__(self, size: int = 1024, blobs: int = 256, blob_bytes: int = 4 << 20) -> None:
         self._size = size
         self._links: OrderedDict[tuple[str, str], ChainLink] = OrderedDict()
-        # (thread_id, checkpoint_ns) -> the newest checkpoint id this saver saved or read there.
-        self._newest: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # (thread_id, checkpoint_ns) -> the newest checkpoint this saver saved or read there:
+        # its id, and the (channel, version)s of its value rows if a read found them.
+        self._newest: OrderedDict[tuple[str, str], tuple[str, list[tuple[str, str]] | None]]
+        self._newest = OrderedDict()
         self._blobs_size = blobs
         self._blob_bytes = blob_bytes
         # (thread_id, checkpoint_ns, checkpoint_id) -> an open blob (``_open_blob``), changed
@@ -298,17 +300,26 @@ class ChainHeads:
             self._links.move_to_end(key)
             if len(self._links) > self._size:
                 self._links.popitem(last=False)
-            self._note_newest(key, row.checkpoint_id)
+            self._note_newest(key, (row.checkpoint_id, None))
             if stored is not None:
                 self._carry(rows, stored)
 
-    def seen_newest(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> None:
-        """A read found ``checkpoint_id`` to be the namespace's newest checkpoint."""
+    def seen_newest(
+        self,
+        thread_id: str,
+        checkpoint_ns: str,
+        checkpoint_id: str,
+        stored: Iterable[tuple[str, str]],
+    ) -> None:
+        """A read found ``checkpoint_id`` to be the namespace's newest checkpoint, naming the
+        value rows ``stored`` (``(channel, version)``s: ``stored_versions``)."""
         with self._lock:
-            self._note_newest((thread_id, checkpoint_ns), checkpoint_id)
+            self._note_newest((thread_id, checkpoint_ns), (checkpoint_id, list(stored)))
 
-    def _note_newest(self, key: tuple[str, str], checkpoint_id: str) -> None:
-        self._newest[key] = checkpoint_id
+    def _note_newest(
+        self, key: tuple[str, str], newest: tuple[str, list[tuple[str, str]] | None]
+    ) -> None:
+        self._newest[key] = newest
         self._newest.move_to_end(key)
         if len(self._newest) > self._size:
             self._newest.popitem(last=False)
@@ -317,16 +328,20 @@ class ChainHeads:
         self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None = None
     ) -> tuple[str, list[tuple[str, str]]] | None:
         """What a read of checkpoint ``checkpoint_id`` (by default the namespace's newest this
-        saver saved or read) will likely find, if its blob is kept: its id and the ``(channel,
-        version)``s of the value rows it names (``stored_versions``). Only a guess, to be
-        checked against the rows the read finds: another process may have saved a newer
-        checkpoint. A saver with round trips fetches those value rows along with the
-        checkpoint row, and so reads a checkpoint in one round trip instead of two."""
+        saver saved or read) will likely find: its id and the ``(channel, version)``s of the
+        value rows it names (``stored_versions``), as a read of it found them or its kept blob
+        says. Only a guess, to be checked against the rows the read finds: another process
+        may have saved a newer checkpoint. A saver with round trips fetches those value rows
+        along with the checkpoint row, and so reads a checkpoint in one round trip, not two."""
         with self._lock:
+            newest = self._newest.get((thread_id, checkpoint_ns))
+            stored = None
+            if newest is not None and checkpoint_id in (None, newest[0]):
+                checkpoint_id, stored = newest
             if checkpoint_id is None:
-                checkpoint_id = self._newest.get((thread_id, checkpoint_ns))
-                if checkpoint_id is None:
-                    return None
+                return None
+            if stored is not None:
+                return checkpoint_id, list(stored)
             found = self._blobs.get((thread_id, checkpoint_ns, checkpoint_id))
             if found is None:
                 return None
@@ -336,12 +351,15 @@ class ChainHeads:
             return checkpoint_id, [(c, v) for c, v in versions.items() if c not in held]
 
     def forget(self, thread_ids: Iterable[str]) -> None:
-        """Drop the kept blobs of these threads: their rows were deleted, or replaced by a
-        ``copy_thread`` onto them, which may store other contents under the same ids."""
+        """Drop what is kept of these threads (blobs, and what reads found newest): their rows
+        were deleted, or replaced by a ``copy_thread`` onto them, which may store other
+        contents under the same ids."""
         threads = set(thread_ids)
         with self._lock:
             for found in [key for key in self._blobs if key[0] in threads]:
                 self._weight -= self._blobs.pop(found)[1]
+            for newest in [key for key in self._newest if key[0] in threads]:
+                del self._newest[newest]
 
     def kept(self, rows: Iterable[CheckpointRow]) -> dict[tuple[str, str, str], dict[str, Any]]:
         """Copies of the kept blobs of those ``rows`` that are rows of changes: pass them to
