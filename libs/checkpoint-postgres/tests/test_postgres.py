@@ -332,6 +332,30 @@ def test_reading_a_checkpoint_the_saver_knows_is_one_round_trip(
         assert newer[0] != known[0] and newer[1]["channel_values"]["log"] == [0]
 
 
+def test_a_blob_the_saver_keeps_spares_reading_its_chain(postgres_uri: str) -> None:
+    with psycopg.connect(postgres_uri, autocommit=True) as conn:
+        writer = PostgresSaver(conn)
+        writer.setup()
+        config, previous = thread("c"), None
+        for number in range(6):
+            checkpoint, versions = next_checkpoint(writer, previous, {"count": number})
+            checkpoint["versions_seen_changes"] = []  # the executor's word: rows of changes
+            config = writer.put(config, checkpoint, {}, versions)
+            del checkpoint["versions_seen_changes"]  # never read back
+            previous = checkpoint
+        chained = conn.execute(
+            "SELECT count(*) FROM stepgraph_checkpoints WHERE chain_start IS NOT NULL"
+        ).fetchone()
+        assert chained == (5,)
+        reader = PostgresSaver(conn)
+        reader.setup()
+        for saver, rows in ((writer, 1), (reader, 6)):  # the reader gets the chain's rows
+            found: list[Any] = []
+            messages = protocol_messages(conn, lambda: found.append(saver.get_tuple(config)))
+            assert found[0].checkpoint == previous
+            assert messages.count("B:DataRow") == rows
+
+
 def test_a_wrong_guess_still_serves_the_value_rows_it_fetched(
     saver: PostgresSaver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -436,12 +436,15 @@ def _with_chains(page: str) -> str:
     The ORDER BY keeps the LATERAL subquery from being flattened into a join, which a generic
     plan (it cannot see how few spans a page has) turned into a hash join over a scan of the
     whole table. NOT IN is hashed, so dropping the page's own rows stays linear in the page
-    (up to 1024 rows)."""
+    (up to 1024 rows).
+
+    The last parameter names a checkpoint whose whole blob the reader keeps (or is NULL): its
+    chain is not read."""
     return f"""
 WITH page AS MATERIALIZED ({page}), spans AS (
     SELECT thread_id, checkpoint_ns, chain_start AS low,
         (array_agg(checkpoint_id ORDER BY checkpoint_id DESC))[1] AS high  -- no max() for bytea
-    FROM page WHERE chain_start IS NOT NULL
+    FROM page WHERE chain_start IS NOT NULL AND checkpoint_id IS DISTINCT FROM %b::bytea
     GROUP BY 1, 2, 3
 )
 SELECT false AS chain, * FROM page
@@ -573,6 +576,7 @@ def _load_page(
     filter: dict[str, Any] | None = None,
     guessed: tuple[RelatedKeys, Statement] | None = None,
     newest: bool = False,
+    kept: Mapping[tuple[str, str, str], dict[str, Any]] | None = None,
 ) -> Plan[tuple[list[CheckpointRow], list[CheckpointTuple]]]:
     """The checkpoint rows SQL ``found`` (newest first, then the rows of their chains: see
     ``_with_chains``) and the tuples of those that match ``filter``, with their value rows and
@@ -580,12 +584,13 @@ def _load_page(
     decoded). ``guessed``: keys and the statement sent ahead with the one that found the
     rows; if the keys are right, that statement's rows are used, and the read took one round
     trip; if not, its value rows that the found rows name too are. ``newest``: the one row
-    found is its namespace's newest (``heads`` learns what it names)."""
+    found is its namespace's newest (``heads`` learns what it names). ``kept``: blobs the
+    reader holds (``ChainHeads.blob``), whose chains SQL did not read."""
     rows: list[CheckpointRow] = []
     chains: list[CheckpointRow] = []
     for chain, *fields in found:
         (chains if chain else rows).append(_checkpoint_row(fields))
-    candidates = page_candidates(serde, rows, filter, chains, heads)
+    candidates = page_candidates(serde, rows, filter, chains, heads, kept)
     if not candidates:
         return rows, []
     keys = related_keys(candidates)
@@ -653,20 +658,23 @@ def get_tuple(
         where += " AND checkpoint_id = %b"
         params.append(encode(checkpoint_id))
     guessed = None
+    kept: dict[tuple[str, str, str], dict[str, Any]] = {}
     if heads is not None and (guess := heads.guess(thread_id, checkpoint_ns, checkpoint_id)):
         guessed_id, stored = guess
-        keys: RelatedKeys = (
-            [(thread_id, checkpoint_ns, channel, version) for channel, version in stored],
-            [(thread_id, checkpoint_ns, guessed_id)],
-        )
+        key = (thread_id, checkpoint_ns, guessed_id)
+        keys: RelatedKeys = ([(*key[:2], channel, version) for channel, version in stored], [key])
         guessed = (keys, _select_related(keys))
+        if (blob := heads.blob(key)) is not None:
+            kept[key] = blob
     rows = yield Statement(
         _SELECT_CHECKPOINTS.format(where=where),
-        (*params, 1),
+        (*params, 1, encode(guessed_id) if kept else None),  # a kept blob's chain is not read
         fetch=True,
         ahead=guessed[1] if guessed else None,
     )
-    _, found = yield from _load_page(serde, heads, rows, guessed=guessed, newest=not checkpoint_id)
+    _, found = yield from _load_page(
+        serde, heads, rows, guessed=guessed, newest=not checkpoint_id, kept=kept
+    )
     return found[0] if found else None
 
 
@@ -713,10 +721,11 @@ def list_page(
     if query.thread_id is not None and query.checkpoint_ns is None:
         thread = encode(query.thread_id)
         sql = _SELECT_THREAD_CHECKPOINTS.format(where=where)
-        found = yield Statement(sql, (thread, thread, *params, query.size, query.size), fetch=True)
+        params = [thread, thread, *params, query.size, query.size, None]
+        found = yield Statement(sql, params, fetch=True)
     else:
         sql = _SELECT_CHECKPOINTS.format(where=where)
-        found = yield Statement(sql, (*params, query.size), fetch=True)
+        found = yield Statement(sql, (*params, query.size, None), fetch=True)
     return (yield from _load_page(serde, heads, found, query.filter))
 
 
