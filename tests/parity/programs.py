@@ -9,6 +9,7 @@ the thread's history as ``(metadata source, step, next)``. Nothing in it depends
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import operator
@@ -32,14 +33,20 @@ def load_api(root: str) -> SimpleNamespace:
     types = importlib.import_module(f"{root}.types")
     errors = importlib.import_module(f"{root}.errors")
     memory = importlib.import_module(f"{root}.checkpoint.memory")
+    func = importlib.import_module(f"{root}.func")
+    runtime = importlib.import_module(f"{root}.runtime")
     return SimpleNamespace(
         StateGraph=graph.StateGraph,
         START=graph.START,
         END=graph.END,
         Send=types.Send,
         Command=types.Command,
+        interrupt=types.interrupt,
         GraphRecursionError=errors.GraphRecursionError,
         InMemorySaver=memory.InMemorySaver,
+        entrypoint=func.entrypoint,
+        task=func.task,
+        Runtime=runtime.Runtime,
     )
 
 
@@ -456,6 +463,115 @@ def async_api(api: SimpleNamespace) -> Observation:
     return asyncio.run(run())
 
 
+def command_goto_end(api: SimpleNamespace) -> Observation:
+    """Command(goto=END) routes nowhere, as a conditional edge returning END does."""
+
+    def route(state: Log) -> Any:
+        return api.Command(update={"log": ["route"]}, goto=api.END)
+
+    builder = api.StateGraph(Log)
+    builder.add_node("route", route, destinations=(api.END,))
+    builder.add_edge(api.START, "route")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return observe_run(graph, {"log": []})
+
+
+def default_stream_mode(api: SimpleNamespace) -> Observation:
+    """stream() without stream_mode: "updates" for a compiled StateGraph and an entrypoint."""
+    builder = api.StateGraph(Log)
+    builder.add_node("one", lambda s: {"log": ["one"]})
+    builder.add_node("two", lambda s: {"log": ["two"]})
+    builder.add_edge(api.START, "one")
+    builder.add_edge("one", "two")
+    graph = builder.compile()
+
+    @api.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    @api.entrypoint()
+    def workflow(x: int) -> int:
+        return double(x).result() + 1
+
+    return {
+        "graph": jsonable(list(graph.stream({"log": []}))),
+        "entrypoint": jsonable(list(workflow.stream(3))),
+    }
+
+
+def write_order(api: SimpleNamespace) -> Observation:
+    """A reducer sees a step's writes by node name, then Send tasks in the order sent,
+    whatever order the nodes were added or finished in."""
+
+    def fan_out(state: Log) -> list[Any]:
+        return [api.Send("worker", {"log": [f"w{i}"]}) for i in (3, 1, 2)]
+
+    builder = api.StateGraph(Log)
+    for name in ("zeta", "alpha", "mid"):
+        builder.add_node(name, lambda s, name=name: {"log": [name]})
+        builder.add_edge(api.START, name)
+    builder.add_node("worker", lambda s: {"log": [s["log"][-1] + "!"]})
+    builder.add_conditional_edges("mid", fan_out, ["worker"])
+    builder.add_node("plain", lambda s: {"log": ["plain"]})
+    builder.add_edge("mid", "plain")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    return observe_run(graph, {"log": []})
+
+
+def interrupt_beside_a_finished_task(api: SimpleNamespace) -> Observation:
+    """A node interrupts while its sibling in the step finishes: the run's output and a last
+    values chunk show the sibling's writes; resuming answers the interrupt."""
+
+    def ask(state: Log) -> dict:
+        return {"log": [f"ask={api.interrupt('ask?')}"]}
+
+    builder = api.StateGraph(Log)
+    builder.add_node("start", lambda s: {"log": ["start"]})
+    builder.add_node("ask", ask)
+    builder.add_node("plain", lambda s: {"log": ["plain"]})
+    builder.add_edge(api.START, "start")
+    builder.add_edge("start", "ask")
+    builder.add_edge("start", "plain")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    config = new_thread()
+
+    def without_ids(output: Any) -> Any:
+        return {k: v if k != "__interrupt__" else [i.value for i in v] for k, v in output.items()}
+
+    first = graph.invoke({"log": []}, config, durability=DURABILITY)
+    values = [
+        without_ids(chunk)
+        for chunk in graph.stream({"log": []}, new_thread(), stream_mode="values")
+    ]
+    resumed = graph.invoke(api.Command(resume="yes"), config, durability=DURABILITY)
+    return {
+        "invoke": jsonable(without_ids(first)),
+        "stream_values": jsonable(values),
+        "state": state(graph, config),
+        "resumed": jsonable(resumed),
+        "history": history(graph, config),
+    }
+
+
+@dataclasses.dataclass
+class UserContext:
+    user: str
+    greeting: str = "hello"
+
+
+def context_as_a_dict(api: SimpleNamespace) -> Observation:
+    """context= given as a dict is made into the dataclass context_schema."""
+
+    def greet(state: Text, runtime: Any) -> dict:
+        return {"text": f"{runtime.context.greeting} {runtime.context.user}"}
+
+    builder = api.StateGraph(Text, context_schema=UserContext)
+    builder.add_node("greet", greet)
+    builder.add_edge(api.START, "greet")
+    graph = builder.compile()
+    return {"invoke": jsonable(graph.invoke({"text": ""}, context={"user": "amy"}))}
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -471,6 +587,11 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         interrupt_before,
         recursion_limit,
         async_api,
+        command_goto_end,
+        default_stream_mode,
+        write_order,
+        interrupt_beside_a_finished_task,
+        context_as_a_dict,
     )
 }
 

@@ -350,9 +350,9 @@ def test_a_blob_the_saver_keeps_spares_reading_its_chain(postgres_uri: str) -> N
         reader = PostgresSaver(conn)
         reader.setup()
         for saver, rows in ((writer, 1), (reader, 6)):  # the reader gets the chain's rows
-            found: list[Any] = []
-            messages = protocol_messages(conn, lambda: found.append(saver.get_tuple(config)))
-            assert found[0].checkpoint == previous
+            with traced(conn) as messages:
+                found = saver.get_tuple(config)
+            assert found is not None and found.checkpoint == previous
             assert messages.count("B:DataRow") == rows
 
 

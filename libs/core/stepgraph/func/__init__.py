@@ -311,6 +311,8 @@ class entrypoint(Generic[T]):
             checkpointer=self.checkpointer,
             name=name,
         )
+        graph.stream_mode = "updates"  # LangGraph's default for an entrypoint's stream()
+        graph.context_schema = self.context_schema
         graph.__doc__ = func.__doc__
         return graph
 

@@ -33,7 +33,7 @@ from stepgraph.graph._schema import (
 )
 from stepgraph.pregel._algo import PregelNode, Task, Writes
 from stepgraph.pregel.main import Pregel
-from stepgraph.types import CachePolicy, Command, RetryPolicy, Send
+from stepgraph.types import CachePolicy, Command, RetryPolicy, Send, StreamMode
 
 __all__ = ["CompiledStateGraph", "StateGraph"]
 
@@ -322,6 +322,8 @@ class StateGraph:
 class CompiledStateGraph(Pregel):
     """A compiled ``StateGraph``."""
 
+    stream_mode: StreamMode = "updates"
+
 
 class _Compiler:
     """Turns a validated builder into the nodes and channels of a ``Pregel``."""
@@ -425,6 +427,7 @@ class _Compiler:
             builder=builder,
             state_keys=self.state_keys_in_order,
         )
+        compiled.context_schema = builder.context_schema
         for node_name, spec in builder.nodes.items():
             subgraph = _find_subgraph(spec.action)
             if subgraph is not None:
@@ -590,7 +593,7 @@ def _command_update(name: str, command: Command, keys: frozenset[str]) -> _Updat
     pairs = command.update_writes()
     writes = [(k, v) for k, v in pairs if k in keys]
     update = _Update(writes, dict(writes) if pairs else None)
-    update.goto = command.goto_targets()
+    update.goto = [target for target in command.goto_targets() if target != END]  # routes nowhere
     return update
 
 

@@ -442,12 +442,14 @@ class RunLoop:
     def apply(
         self, tasks: Sequence[Task], *, source: str = "loop", new_checkpoint: bool = True
     ) -> set[str]:
-        """Apply the step's writes in task order, then make the step's checkpoint current."""
+        """Apply the step's writes in ``_apply_order``, then make the step's checkpoint current."""
         channels = self.channels
         versions = self.channel_versions
         versions_seen = self.versions_seen
         updated: set[str] = set()
         writes_by_channel: dict[str, list[Any]] = {}
+        if len(tasks) > 1:
+            tasks = sorted(tasks, key=_apply_order)
         for task in tasks:
             if task.path[0] == PULL:
                 seen = dict(versions_seen.get(task.name, ()))
@@ -640,6 +642,18 @@ class RunLoop:
         if interrupts and "values" in self.stream_modes:
             self.output.append(("values", with_interrupts(self.emitted_values(), interrupts)))
 
+    def show_finished_writes(self, tasks: Sequence[Task]) -> None:
+        """A top-level run paused on interrupts and saved all it had to: apply, in memory
+        only, the writes of the step's tasks that finished (they are saved as pending writes
+        of the checkpoint, which stays as it was), so the run's output and a last ``values``
+        chunk show them, as LangGraph's do."""
+        finished = [task for task in tasks if not task.paused and task.error is None]
+        if not any(task.writes for task in finished):
+            return
+        updated = self.apply(finished, new_checkpoint=False)
+        if "values" in self.stream_modes and not updated.isdisjoint(self.values_keys):
+            self.emit_values()
+
     # -- output ------------------------------------------------------------------------------
 
     def _write_custom(self, chunk: Any) -> None:
@@ -747,9 +761,9 @@ class RunLoop:
             interrupts = tuple(i for c, v in writes if c == INTERRUPT for i in v)
             result = None
             if any(c not in (ERROR, INTERRUPT, RESUME) for c, _ in writes):
+                # Finished after an error or an answered interrupt: as in LangGraph, the record
+                # keeps both (a checkpoint's history shows what happened in its step).
                 result = _result(writes, output_channels)
-                error = None
-                interrupts = ()
             report.append(
                 PregelTask(
                     task.id,
@@ -812,6 +826,12 @@ def _discard(chunk: Any) -> None:
 
 def _task_path(task: Task) -> str:
     return "~".join(map(str, task.path))
+
+
+def _apply_order(task: Task) -> tuple[str, ...]:
+    """LangGraph's order for applying a step's writes (a reducer sees them in it): nodes by
+    name, then ``Send`` tasks in the order they were sent."""
+    return tuple(f"{part:010d}" if isinstance(part, int) else str(part) for part in task.path[:3])
 
 
 def _describe_error(error: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections import deque
@@ -50,6 +51,13 @@ class Pregel:
 
     Built by ``StateGraph.compile()``; the constructor is the contract with builders.
     """
+
+    stream_mode: StreamMode = "values"
+    """What ``stream`` yields when no ``stream_mode`` is given (a compiled ``StateGraph`` and
+    an ``@entrypoint``: ``"updates"``, as in LangGraph)."""
+    context_schema: Any = None
+    """The ``context_schema`` of the builder: a dict passed as ``context=`` is made into it
+    when it is a dataclass or a pydantic model."""
 
     def __init__(
         self,
@@ -108,6 +116,8 @@ class Pregel:
         for target in command.goto_targets():
             if isinstance(target, Send):
                 writes.append((TASKS, target))
+            elif target == END:
+                continue  # routes nowhere, as a conditional edge returning END
             elif target not in self.nodes:
                 raise InvalidUpdateError(f"Command(goto=...) names unknown node '{target}'")
             else:
@@ -146,7 +156,9 @@ class Pregel:
         output_keys: str | Sequence[str] | None = None,
     ) -> tuple[RunLoop, Durability | None, bool]:
         parent = CURRENT_TASK.get()
-        if parent is not None:
+        if parent is None:
+            context = _coerce_context(self.context_schema, context)
+        else:
             config = _nested_config(parent, recast=self.checkpointer is True, config=config)
             if context is None:
                 context = parent.loop.context
@@ -238,6 +250,7 @@ class Pregel:
         holding = self._hold(loop, input)
         completed = False
         failure: BaseException | None = None
+        paused_step: Sequence[Task] = ()
         try:
             loop.load(saver.get_tuple(loop.config) if saver is not None else None)
             made = loop.start(input, addressed=addressed, limit=loop.config["recursion_limit"])
@@ -264,6 +277,7 @@ class Pregel:
                 paused = _paused(tasks)
                 if paused is not None:
                     loop.stop_for_interrupts(paused)
+                    paused_step = tasks
                     break
                 updated = loop.apply(tasks)
                 write(persistence.on_step_done())
@@ -290,6 +304,8 @@ class Pregel:
             finally:
                 if holding is not None:
                     self._let_go(holding, loop, failure)
+        if paused_step and loop.parent_task is None:
+            loop.show_finished_writes(paused_step)
         while output:
             yield output.popleft()
         if loop.paused and loop.parent_task is not None:
@@ -347,6 +363,7 @@ class Pregel:
         holding, beat = await self._ahold(loop, input)
         completed = False
         failure: BaseException | None = None
+        paused_step: Sequence[Task] = ()
         try:
             loop.load(await saver.aget_tuple(loop.config) if saver is not None else None)
             made = loop.start(input, addressed=addressed, limit=loop.config["recursion_limit"])
@@ -379,6 +396,7 @@ class Pregel:
                 paused = _paused(tasks)
                 if paused is not None:
                     loop.stop_for_interrupts(paused)
+                    paused_step = tasks
                     break
                 updated = loop.apply(tasks)
                 await write(persistence.on_step_done())
@@ -410,6 +428,8 @@ class Pregel:
             finally:
                 if holding is not None and beat is not None:
                     await self._alet_go(holding, beat, loop, failure)
+        if paused_step and loop.parent_task is None:
+            loop.show_finished_writes(paused_step)
         while output:
             yield output.popleft()
         if loop.paused and loop.parent_task is not None:
@@ -521,7 +541,7 @@ class Pregel:
     ) -> Iterator[Any]:
         """Run the graph, yielding chunks of ``stream_mode`` (``(mode, chunk)`` for a list)."""
         durability = _durability(durability, kwargs)
-        stream_mode = stream_mode or "values"
+        stream_mode = stream_mode or self.stream_mode
         loop, mode, addressed = self._prepare(
             config,
             stream_mode,
@@ -558,7 +578,7 @@ class Pregel:
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         durability = _durability(durability, kwargs)
-        stream_mode = stream_mode or "values"
+        stream_mode = stream_mode or self.stream_mode
         loop, mode, addressed = self._prepare(
             config,
             stream_mode,
@@ -1057,6 +1077,17 @@ def _durability(durability: Durability | None, kwargs: dict[str, Any]) -> Durabi
     if durability is None and during is not None:
         return "async" if during else "exit"
     return durability
+
+
+def _coerce_context(schema: Any, context: Any) -> Any:
+    """A dict given as ``context=`` made into the graph's ``context_schema``, as LangGraph
+    does when the schema is a dataclass or a pydantic model (a TypedDict stays a dict)."""
+    if not isinstance(context, dict) or not isinstance(schema, type):
+        return context
+    if dataclasses.is_dataclass(schema):
+        return schema(**context)
+    validate = getattr(schema, "model_validate", None)  # pydantic v2
+    return validate(context) if callable(validate) else context
 
 
 def _is_live(config: RunnableConfig) -> bool:

@@ -458,12 +458,12 @@ async def test_async_nodes_and_apis() -> None:
     builder.add_edge(START, "fast")
     builder.add_conditional_edges("slow", route, ["sync_node"])
     graph = builder.compile()
-    assert (await graph.ainvoke({"x": 0}))["log"] == ["slow", "fast", "sync"]
+    assert (await graph.ainvoke({"x": 0}))["log"] == ["fast", "slow", "sync"]  # by node name
     chunks = [c async for c in graph.astream({"x": 0}, stream_mode="updates")]
     assert sorted(next(iter(c)) for c in chunks) == ["fast", "slow", "sync_node"]
     assert await graph.abatch([{"x": 1}, {"x": 2}]) == [
-        {"x": 1, "log": ["slow", "fast", "sync"]},
-        {"x": 2, "log": ["slow", "fast", "sync"]},
+        {"x": 1, "log": ["fast", "slow", "sync"]},
+        {"x": 2, "log": ["fast", "slow", "sync"]},
     ]
     with pytest.raises(TypeError, match="async"):
         graph.invoke({"x": 0})

@@ -196,12 +196,12 @@ def test_sync_tasks_finishing_during_a_save_are_saved_together(is_async: bool) -
 
         saver.put_writes = slow_put_writes  # type: ignore[method-assign]
         result = graph.invoke({"x": 0}, config("g"), durability="sync")
-    assert result["log"] == ["first", "a", "b", "c", "last"]
+    assert result["log"] == ["a", "b", "c", "first", "last"]  # applied by node name
     # ``first`` was saved alone; a, b and c finished meanwhile and went in one batch; the
     # last task's writes went with the checkpoint.
     assert saver.calls == ["put", "put_step", "put_writes", "put_writes_batch", "put_step"]
     state = graph.get_state(config("g"))
-    assert state.values["log"] == ["first", "a", "b", "c", "last"]
+    assert state.values["log"] == ["a", "b", "c", "first", "last"]
     parent = saver.get_tuple(state.parent_config)
     assert parent is not None
     assert sorted(v for _, c, v in parent.pending_writes if c == "log") == [
@@ -341,7 +341,7 @@ def test_resume_after_failure_reruns_only_unfinished_tasks(mode: str) -> None:
     assert record.values["log"] == []
     fail["on"] = False
     result = graph.invoke(None, config(mode), durability=mode)
-    assert result["log"] == ["ok", "flaky", "after"]
+    assert result["log"] == ["flaky", "ok", "after"]  # a step's writes by node name
     assert calls == {"ok": 1, "flaky": 2, "after": 1}
 
 
@@ -439,7 +439,7 @@ async def test_async_api_saves_each_parallel_task_as_it_finishes() -> None:
     builder.add_edge(START, "fast")
     graph = builder.compile(checkpointer=saver)
     result = await graph.ainvoke({"x": 0}, config("ap"), durability="sync")
-    assert result["log"] == ["slow", "fast"]
+    assert result["log"] == ["fast", "slow"]  # applied by node name
     assert saver.calls == ["put", "put_step", "put_writes", "put_step"]
 
 

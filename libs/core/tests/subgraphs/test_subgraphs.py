@@ -260,7 +260,7 @@ def test_command_parent_goto_and_update() -> None:
     result = graph.invoke({"log": []}, thread())
     # The static edge sub -> after_sub applies too, as with any Command(goto=...).
     assert runs[0] == "escalate" and sorted(runs[1:]) == ["after_sub", "handler"]
-    assert result["log"] == ["escalated", "handler", "after_sub"]
+    assert result["log"] == ["escalated", "after_sub", "handler"]  # applied by node name
 
 
 def test_command_parent_at_the_root_is_an_error() -> None:
@@ -296,7 +296,7 @@ async def test_async_subgraph_interrupt_and_resume() -> None:
     snapshot = await graph.aget_state(config, subgraphs=True)
     assert snapshot.tasks[0].state.next == ("ask",)
     chunks = [c async for c in graph.astream(Command(resume=2), config, subgraphs=True)]
-    assert chunks[-1] == ((), {"log": ["s1", "ask=2"]})
+    assert chunks[-1] == ((), {"sub": {"log": ["s1", "ask=2"]}})  # "updates" by default
     assert runs == ["s1", "ask", "ask"]
 
 
