@@ -572,6 +572,39 @@ def context_as_a_dict(api: SimpleNamespace) -> Observation:
     return {"invoke": jsonable(graph.invoke({"text": ""}, context={"user": "amy"}))}
 
 
+def stream_details(api: SimpleNamespace) -> Observation:
+    """output_keys as one string, debug events without a checkpointer, and the task events
+    of an entrypoint's @task calls."""
+    builder = api.StateGraph(Reduced)
+    builder.add_node("add", lambda s: {"log": ["add"], "total": 2, "last": "add"})
+    builder.add_edge(api.START, "add")
+    graph = builder.compile()
+
+    @api.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    @api.entrypoint()
+    def workflow(x: int) -> int:
+        return double(double(x).result()).result()
+
+    def kinds(events: list[Any]) -> list[Any]:
+        return [(event.get("type"), event.get("payload", event).get("name")) for event in events]
+
+    start = {"log": [], "total": 0, "last": ""}
+    return {
+        "output_key": jsonable(graph.invoke(start, output_keys="total")),
+        "debug_without_saver": jsonable(kinds(list(graph.stream(start, stream_mode="debug")))),
+        "checkpoints_without_saver": jsonable(list(graph.stream(start, stream_mode="checkpoints"))),
+        "entrypoint_tasks": jsonable(
+            [
+                (event["name"], "result" in event)
+                for event in workflow.stream(1, stream_mode="tasks")
+            ]
+        ),
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -592,6 +625,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         write_order,
         interrupt_beside_a_finished_task,
         context_as_a_dict,
+        stream_details,
     )
 }
 

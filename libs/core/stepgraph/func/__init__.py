@@ -129,6 +129,8 @@ class _TaskFunction(Generic[P, T]):
         call = Task(loop, self.node, (args, kwargs), (PUSH, caller.id, index), (PUSH,))
         call.resume = caller.resume
         recorded = _recorded(loop.pending_writes, call.id)
+        if recorded is None:
+            loop.emit_task_starts([call])  # its result event follows when it finishes
         if self.is_async:
             if recorded is not None:
                 done = asyncio.get_running_loop().create_future()

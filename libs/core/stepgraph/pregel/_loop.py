@@ -668,11 +668,12 @@ class RunLoop:
         self.output.append(("values", self.emitted_values()))
 
     def emit_step(self, tasks: Sequence[Task], updated: set[str]) -> None:
-        """Output for a finished step: values (if the output changed), checkpoint events."""
+        """Output for a finished step: values (if the output changed), checkpoint events (only
+        with a checkpointer: without one there is no checkpoint, as in LangGraph)."""
         modes = self.stream_modes
         if "values" in modes and not updated.isdisjoint(self.values_keys):
             self.emit_values()
-        if modes & {"checkpoints", "debug"}:
+        if modes & {"checkpoints", "debug"} and self.checkpointer is not None:
             self.emit_checkpoint()
 
     def emit_checkpoint(self) -> None:

@@ -187,7 +187,10 @@ class Pregel:
             # debug=True prints debug events instead of streaming them (LangGraph's behaviour).
             loop.printed_modes = frozenset({"debug"})
         if output_keys is not None:
-            keys = (output_keys,) if isinstance(output_keys, str) else tuple(output_keys)
+            # One key given as a string: its bare value, as LangGraph returns it.
+            keys = (
+                OneChannel((output_keys,)) if isinstance(output_keys, str) else tuple(output_keys)
+            )
             loop.output_keys = loop.values_keys = keys
         loop.interrupt_before = _breakpoints(interrupt_before, self.interrupt_before_nodes)
         loop.interrupt_after = _breakpoints(interrupt_after, self.interrupt_after_nodes)

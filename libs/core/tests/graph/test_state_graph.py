@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypedDict
 import pytest
 from pydantic import BaseModel
 
+from stepgraph.checkpoint.memory import InMemorySaver
 from stepgraph.config import get_config, get_stream_writer
 from stepgraph.errors import GraphRecursionError, InvalidUpdateError
 from stepgraph.graph import END, START, StateGraph
@@ -412,7 +413,12 @@ def test_stream_tasks_and_debug_modes() -> None:
     assert [(e["name"], "result" in e) for e in events] == [("a", False), ("a", True)]
     assert events[1]["result"] == {"log": ["a"]}
     assert events[0]["id"] == events[1]["id"]
+    # Without a checkpointer there are no checkpoints to report (as in LangGraph).
     debug = list(graph.stream({"x": 0}, stream_mode="debug"))
+    assert [e["type"] for e in debug] == ["task", "task_result"]
+    assert list(graph.stream({"x": 0}, stream_mode="checkpoints")) == []
+    saved = chain("a").compile(checkpointer=InMemorySaver())
+    debug = list(saved.stream({"x": 0}, {"configurable": {"thread_id": "d"}}, stream_mode="debug"))
     assert [e["type"] for e in debug] == [
         "checkpoint",
         "checkpoint",
@@ -421,7 +427,8 @@ def test_stream_tasks_and_debug_modes() -> None:
         "checkpoint",
     ]
     assert [e["step"] for e in debug] == [-1, 0, 1, 1, 1]
-    checkpoints = list(graph.stream({"x": 0}, stream_mode="checkpoints"))
+    config = {"configurable": {"thread_id": "c"}}
+    checkpoints = list(saved.stream({"x": 0}, config, stream_mode="checkpoints"))
     assert [c["next"] for c in checkpoints] == [["__start__"], ["a"], []]
     assert [c["metadata"]["source"] for c in checkpoints] == ["input", "loop", "loop"]
 
