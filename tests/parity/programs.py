@@ -43,6 +43,8 @@ def load_api(root: str) -> SimpleNamespace:
         Command=types.Command,
         interrupt=types.interrupt,
         GraphRecursionError=errors.GraphRecursionError,
+        NodeInterrupt=errors.NodeInterrupt,
+        GraphBubbleUp=errors.GraphBubbleUp,
         InMemorySaver=memory.InMemorySaver,
         entrypoint=func.entrypoint,
         task=func.task,
@@ -605,6 +607,46 @@ def stream_details(api: SimpleNamespace) -> Observation:
     }
 
 
+def node_interrupt_and_subgraphs(api: SimpleNamespace) -> Observation:
+    """A node raising NodeInterrupt pauses the run until the state lets it pass; the graphs a
+    graph's nodes run, by get_subgraphs."""
+
+    def guard(state: Reduced) -> dict:
+        if state["total"] < 10:
+            raise api.NodeInterrupt(f"total {state['total']} is too small")
+        return {"log": ["passed"]}
+
+    inner_builder = api.StateGraph(Reduced)
+    inner_builder.add_node("guard", guard)
+    inner_builder.add_edge(api.START, "guard")
+    inner = inner_builder.compile()
+    middle_builder = api.StateGraph(Reduced)
+    middle_builder.add_node("inner", inner)
+    middle_builder.add_edge(api.START, "inner")
+    outer_builder = api.StateGraph(Reduced)
+    outer_builder.add_node("middle", middle_builder.compile())
+    outer_builder.add_node("plain", lambda s: {"log": ["plain"]})
+    outer_builder.add_edge(api.START, "plain")
+    outer_builder.add_edge("plain", "middle")
+    graph = outer_builder.compile(checkpointer=api.InMemorySaver())
+
+    config = new_thread()
+    first = graph.invoke({"log": [], "total": 1, "last": ""}, config)
+    graph.update_state(config, {"total": 20})
+    resumed = graph.invoke(None, config)
+    return {
+        "first": jsonable({k: v for k, v in first.items() if k != "__interrupt__"}),
+        "interrupts": [i.value for i in first["__interrupt__"]],
+        "is_bubble_up": issubclass(api.NodeInterrupt, api.GraphBubbleUp),
+        "resumed": jsonable(resumed),
+        "subgraphs": [name for name, _ in graph.get_subgraphs()],
+        "recursive": [name for name, _ in graph.get_subgraphs(recurse=True)],
+        "by_namespace": [
+            name for name, _ in graph.get_subgraphs(namespace="middle|inner", recurse=True)
+        ],
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -626,6 +668,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         interrupt_beside_a_finished_task,
         context_as_a_dict,
         stream_details,
+        node_interrupt_and_subgraphs,
     )
 }
 

@@ -8,10 +8,12 @@ __all__ = [
     "CheckpointNotFoundError",
     "EmptyChannelError",
     "EmptyInputError",
+    "GraphBubbleUp",
     "GraphInterrupt",
     "GraphRecursionError",
     "InvalidUpdateError",
     "LeaseLostError",
+    "NodeInterrupt",
     "ParentCommand",
     "RunIncompleteError",
     "SerializationError",
@@ -57,7 +59,12 @@ class EmptyChannelError(Exception):
     """A channel was read before it received a value."""
 
 
-class GraphInterrupt(Exception):
+class GraphBubbleUp(Exception):
+    """Raised inside a run for the run itself to handle (``GraphInterrupt``, ``ParentCommand``),
+    never a node's failure: retry policies and error handlers leave it alone."""
+
+
+class GraphInterrupt(GraphBubbleUp):
     """Raised inside a run to pause it; carries the ``Interrupt`` values."""
 
     def __init__(self, interrupts: tuple = ()) -> None:
@@ -65,7 +72,18 @@ class GraphInterrupt(Exception):
         self.interrupts = interrupts
 
 
-class ParentCommand(Exception):
+class NodeInterrupt(GraphInterrupt):
+    """Raised by a node to pause the run with ``value`` (LangGraph's older form of a dynamic
+    breakpoint; ``interrupt()`` is the newer one). Resuming runs the node again from its start:
+    change the state with ``update_state`` first, or it raises again."""
+
+    def __init__(self, value: Any, id: str = "") -> None:
+        from stepgraph.types import Interrupt
+
+        super().__init__((Interrupt(value=value, id=id),))
+
+
+class ParentCommand(GraphBubbleUp):
     """Raised by a subgraph node that returned ``Command(graph=Command.PARENT)``: the node of the
     parent graph that runs the subgraph catches it and applies ``command`` as its own output."""
 

@@ -19,11 +19,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import replace
+from hashlib import blake2b
 
 from stepgraph.errors import GraphInterrupt, InvalidUpdateError, ParentCommand
 from stepgraph.pregel._algo import Task
 from stepgraph.runtime import CURRENT_TASK
-from stepgraph.types import RetryPolicy
+from stepgraph.types import Interrupt, RetryPolicy
 
 __all__ = ["arun_step", "run_step", "shared_pool"]
 
@@ -69,6 +71,19 @@ def _retry_policy(task: Task, error: Exception, attempt: int) -> RetryPolicy | N
     return None
 
 
+def _with_ids(task: Task, interrupts: Sequence[Interrupt]) -> tuple[Interrupt, ...]:
+    """The interrupts a task paused on, each with an id (a ``NodeInterrupt`` comes without
+    one): the same on every rerun of the task, and never one an ``interrupt()`` call uses."""
+    return tuple(
+        found
+        if found.id
+        else replace(
+            found, id=blake2b(f"{task.id}:raised:{n}".encode(), digest_size=16).hexdigest()
+        )
+        for n, found in enumerate(interrupts)
+    )
+
+
 def _no_parent(command: ParentCommand) -> InvalidUpdateError:
     return InvalidUpdateError(
         "A node returned Command(graph=Command.PARENT), but this graph has no parent graph"
@@ -86,7 +101,7 @@ def run_task(task: Task) -> None:
                 task.writes = task.node.run(task, task.input)
                 return
             except GraphInterrupt as paused:
-                task.interrupts = tuple(paused.interrupts)
+                task.interrupts = _with_ids(task, paused.interrupts)
                 task.paused = True
                 task.writes = []
                 return
@@ -121,7 +136,7 @@ async def arun_task(task: Task) -> None:
                     task.writes = node.run(task, task.input)
                 return
             except GraphInterrupt as paused:
-                task.interrupts = tuple(paused.interrupts)
+                task.interrupts = _with_ids(task, paused.interrupts)
                 task.paused = True
                 task.writes = []
                 return

@@ -794,6 +794,25 @@ class Pregel:
             "configurable": {"thread_id": configurable["thread_id"], "checkpoint_ns": namespace}
         }
 
+    def get_subgraphs(
+        self, *, namespace: str | None = None, recurse: bool = False
+    ) -> Iterator[tuple[str, Pregel]]:
+        """The graphs this graph's nodes run, as ``(node name, graph)``; ``recurse``: theirs too,
+        named ``"outer|inner"``. ``namespace`` (``"outer"`` or ``"outer|inner"``) picks one,
+        as LangGraph's does."""
+        for name, graph in self.subgraphs.items():
+            if namespace is not None and not namespace.startswith(name):
+                continue
+            if name == namespace:
+                yield name, graph
+                return
+            if namespace is None:
+                yield name, graph
+            if recurse:
+                inner = None if namespace is None else namespace[len(name) + 1 :]
+                for found, subgraph in graph.get_subgraphs(namespace=inner, recurse=True):
+                    yield f"{name}|{found}", subgraph
+
     def get_state(self, config: RunnableConfig, *, subgraphs: bool = False) -> StateSnapshot:
         """The thread's latest state, or the checkpoint ``config`` names; ``subgraphs`` puts the
         state of each task's subgraph in ``task.state`` (else the config naming it)."""
