@@ -41,6 +41,7 @@ def load_api(root: str) -> SimpleNamespace:
         END=graph.END,
         Send=types.Send,
         Command=types.Command,
+        StateUpdate=types.StateUpdate,
         interrupt=types.interrupt,
         GraphRecursionError=errors.GraphRecursionError,
         NodeInterrupt=errors.NodeInterrupt,
@@ -647,6 +648,65 @@ def node_interrupt_and_subgraphs(api: SimpleNamespace) -> Observation:
     }
 
 
+def bulk_update(api: SimpleNamespace) -> Observation:
+    """bulk_update_state: each superstep of updates (as parallel nodes) makes one checkpoint."""
+    builder = api.StateGraph(Reduced)
+    builder.add_node("left", lambda s: {"log": ["left"], "total": 1})
+    builder.add_node("right", lambda s: {"log": ["right"], "total": 10})
+    builder.add_node("join", lambda s: {"log": ["join"], "last": "join"})
+    builder.add_edge(api.START, "left")
+    builder.add_edge(api.START, "right")
+    builder.add_edge(["left", "right"], "join")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    config = new_thread()
+    graph.bulk_update_state(
+        config,
+        [
+            [api.StateUpdate({"log": [], "total": 0, "last": ""}, "__start__")],
+            [
+                api.StateUpdate({"log": ["l"], "total": 1}, "left"),
+                api.StateUpdate({"log": ["r"], "total": 10}, "right"),
+            ],
+        ],
+    )
+    observed = {"state": state(graph, config), "history": history(graph, config)}
+    observed["resumed"] = jsonable(graph.invoke(None, config, durability=DURABILITY))
+    observed["ambiguous"] = raised(
+        lambda: graph.bulk_update_state(
+            config, [[api.StateUpdate({"total": 1}), api.StateUpdate({"total": 2})]]
+        )
+    )
+    return observed
+
+
+def partial_resume(api: SimpleNamespace) -> Observation:
+    """Two parallel interrupts, one answered by id: the live state asks only the other, which
+    a plain resume value then answers; the step's record keeps both."""
+
+    def ask(name: str) -> Callable[[Log], dict]:
+        return lambda state: {"log": [f"{name}={api.interrupt(name + '?')}"]}
+
+    builder = api.StateGraph(Log)
+    for name in ("a", "b"):
+        builder.add_node(name, ask(name))
+        builder.add_edge(api.START, name)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    config = new_thread()
+    first = graph.invoke({"log": []}, config, durability=DURABILITY)
+    ids = {i.value: i.id for i in first["__interrupt__"]}
+    partial = graph.invoke(api.Command(resume={ids["a?"]: "A"}), config, durability=DURABILITY)
+    live = graph.get_state(config)
+    record = next(iter(graph.get_state_history(config)))
+    done = graph.invoke(api.Command(resume="B"), config, durability=DURABILITY)
+    return {
+        "partial": jsonable(partial["log"]),
+        "live_interrupts": [i.value for i in live.interrupts],
+        "live_tasks": [(t.name, [i.value for i in t.interrupts]) for t in live.tasks],
+        "record_tasks": [(t.name, [i.value for i in t.interrupts]) for t in record.tasks],
+        "done": jsonable(done),
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -669,6 +729,8 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         context_as_a_dict,
         stream_details,
         node_interrupt_and_subgraphs,
+        bulk_update,
+        partial_resume,
     )
 }
 

@@ -24,6 +24,7 @@ __all__ = [
     "RetryPolicy",
     "Send",
     "StateSnapshot",
+    "StateUpdate",
     "StreamMode",
     "StreamWriter",
     "default_retry_on",
@@ -174,6 +175,15 @@ class Command(Generic[N]):
         if isinstance(goto, (str, Send)):
             return [goto]
         return list(goto)  # type: ignore[arg-type]
+
+
+class StateUpdate(NamedTuple):
+    """One update of ``bulk_update_state``: ``values`` as if node ``as_node`` returned them."""
+
+    values: Any
+    as_node: str | None = None
+    task_id: str | None = None
+    """Accepted for LangGraph's signature; the update's task id is derived as usual."""
 
 
 class PregelTask(NamedTuple):

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["OneChannel", "RunLoop", "StepSave", "read_channels", "with_interrupts"]
 
 _SPECIAL_CHANNELS = frozenset({ERROR, INTERRUPT, RESUME, NO_WRITES})
+# Pending writes that are not a task's results: a task with any other write has finished.
+_NOT_RESULTS = frozenset({ERROR, INTERRUPT, RESUME})
 
 
 def _next_int_version(current: Any, channel: Any = None) -> int:
@@ -318,7 +320,10 @@ class RunLoop:
         if command.resume is not None:
             interrupted: dict[str, list[str]] = {}
             answered: dict[str, dict[str, Any]] = {}
+            finished = {t for t, c, _ in self.pending_writes if c not in _NOT_RESULTS}
             for task_id, channel, value in self.pending_writes:
+                if task_id in finished:
+                    continue  # its interrupts were answered and it ran to its end
                 if channel == INTERRUPT:
                     interrupted[task_id] = [i.id for i in value]
                 elif channel == RESUME:
@@ -750,8 +755,8 @@ class RunLoop:
             saved.setdefault(task_id, []).append((channel, value))
         tasks = self.plan(restore=live)
         finished: list[Task] = [task for task in tasks if task.done]
-        if NULL_TASK_ID in saved:
-            finished.append(self._pseudo_task(saved[NULL_TASK_ID]))
+        if NULL_TASK_ID in saved:  # a Command's update: applied first, on its own, as a run does
+            self.apply([self._pseudo_task(saved[NULL_TASK_ID])], new_checkpoint=False)
         if finished:
             self.apply(finished, new_checkpoint=False)
         report = []
@@ -761,10 +766,13 @@ class RunLoop:
             error = next((v for c, v in writes if c == ERROR), None)
             interrupts = tuple(i for c, v in writes if c == INTERRUPT for i in v)
             result = None
-            if any(c not in (ERROR, INTERRUPT, RESUME) for c, _ in writes):
+            if any(c not in _NOT_RESULTS for c, _ in writes):
                 # Finished after an error or an answered interrupt: as in LangGraph, the record
-                # keeps both (a checkpoint's history shows what happened in its step).
+                # keeps both (a checkpoint's history shows what happened in its step), and the
+                # live state no longer counts its interrupts as pending.
                 result = _result(writes, output_channels)
+                if live:
+                    interrupts = ()
             report.append(
                 PregelTask(
                     task.id,

@@ -37,6 +37,7 @@ from stepgraph.types import (
     PregelTask,
     Send,
     StateSnapshot,
+    StateUpdate,
     StreamMode,
 )
 
@@ -156,9 +157,7 @@ class Pregel:
         output_keys: str | Sequence[str] | None = None,
     ) -> tuple[RunLoop, Durability | None, bool]:
         parent = CURRENT_TASK.get()
-        if parent is None:
-            context = _coerce_context(self.context_schema, context)
-        else:
+        if parent is not None:
             config = _nested_config(parent, recast=self.checkpointer is True, config=config)
             if context is None:
                 context = parent.loop.context
@@ -167,6 +166,7 @@ class Pregel:
             if parent.loop.forward_to is not None and not stream_mode:
                 # An invoke under a root streaming subgraphs makes the root's chunks.
                 stream_mode = tuple(parent.loop.stream_modes)  # type: ignore[arg-type]
+        context = _coerce_context(self.context_schema, context)
         config = merge_configs(self.config, config) if config or self.config else {}
         if "recursion_limit" not in config:
             config["recursion_limit"] = DEFAULT_RECURSION_LIMIT
@@ -887,33 +887,54 @@ class Pregel:
         self,
         config: RunnableConfig,
         saved: CheckpointTuple | None,
-        values: Any,
-        as_node: str | None,
+        supersteps: Sequence[Sequence[StateUpdate]],
         fence: int | None,
-    ) -> tuple[RunLoop, Any]:
+    ) -> tuple[RunLoop, list[StepSave]]:
+        """The saves of ``supersteps`` of updates applied to ``saved``: one ``source="update"``
+        checkpoint per superstep, each update written as if its node had returned it."""
         loop = self._state_loop(self._lookup_config(config))
         loop.fence = fence
         loop.load(saved)
         if saved is None:
             loop.step = 0  # LangGraph numbers an update of an empty thread step 0
-        if as_node is None:
-            as_node = _last_writer(loop) if saved is not None else START
-        if as_node == END:
-            raise InvalidUpdateError("Cannot update the state as END")
-        writers = self.update_writers.get(as_node)
-        if writers is None:
-            raise InvalidUpdateError(f"Node {as_node} does not exist")
-        node = self.nodes[as_node]
-        task = Task(loop, node, values, (PULL, as_node), node.triggers)
-        task.writes = writers(task, values)
-        loop.apply([task], source="update")
-        return loop, loop.save_checkpoint([])
+        saves = []
+        for updates in supersteps:
+            if not updates:
+                raise InvalidUpdateError("A superstep of bulk_update_state has no update")
+            tasks = []
+            for values, as_node, *_ in updates:
+                if as_node is None:
+                    if len(updates) > 1:
+                        raise InvalidUpdateError(
+                            "as_node is required when a superstep has several updates"
+                        )
+                    as_node = _last_writer(loop) if loop.checkpoint_is_saved else START
+                if as_node == END:
+                    raise InvalidUpdateError("Cannot update the state as END")
+                writers = self.update_writers.get(as_node)
+                if writers is None:
+                    raise InvalidUpdateError(f"Node {as_node} does not exist")
+                node = self.nodes[as_node]
+                task = Task(loop, node, values, (PULL, as_node), node.triggers)
+                task.writes = writers(task, values)
+                tasks.append(task)
+            loop.apply(tasks, source="update")
+            saves.append(loop.save_checkpoint([]))
+        return loop, saves
 
     def update_state(
         self, config: RunnableConfig, values: Any, as_node: str | None = None
     ) -> RunnableConfig:
         """Write ``values`` as if node ``as_node`` had returned them: a ``source="update"``
         checkpoint whose next nodes are those that follow ``as_node``."""
+        return self.bulk_update_state(config, [[StateUpdate(values, as_node)]])
+
+    def bulk_update_state(
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
+    ) -> RunnableConfig:
+        """Several ``update_state`` steps under one lease: each superstep's updates (each as
+        if its ``as_node`` had returned its ``values``, as parallel nodes of one step) make
+        one checkpoint."""
         saver = self._saver()
         lookup = _update_config(self._lookup_config(config))
         before = saver.get_run(lookup["configurable"]["thread_id"])
@@ -922,14 +943,20 @@ class Pregel:
         try:
             _check_took_from_live_or_finished(holding, before)
             saved = saver.get_tuple(lookup)
-            loop, save = self._update(config, saved, values, as_node, holding.epoch)
-            _save(saver, save)
+            loop, saves = self._update(config, saved, supersteps, holding.epoch)
+            for save in saves:
+                _save(saver, save)
         finally:
             _lease.release(holding, *_status_kept(before, holding))
         return loop.checkpoint_config()
 
     async def aupdate_state(
         self, config: RunnableConfig, values: Any, as_node: str | None = None
+    ) -> RunnableConfig:
+        return await self.abulk_update_state(config, [[StateUpdate(values, as_node)]])
+
+    async def abulk_update_state(
+        self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
     ) -> RunnableConfig:
         saver = self._saver()
         lookup = _update_config(self._lookup_config(config))
@@ -940,8 +967,9 @@ class Pregel:
         try:
             _check_took_from_live_or_finished(holding, before)
             saved = await saver.aget_tuple(lookup)
-            loop, save = self._update(config, saved, values, as_node, holding.epoch)
-            await _asave(saver, save)
+            loop, saves = self._update(config, saved, supersteps, holding.epoch)
+            for save in saves:
+                await _asave(saver, save)
         finally:
             await _lease.arelease(holding, beat, *_status_kept(before, holding))
         return loop.checkpoint_config()
@@ -1080,7 +1108,9 @@ def _nested_config(parent: Task, *, recast: bool, config: RunnableConfig | None)
     if recast:
         namespace = "|".join(part.split(":")[0] for part in namespace.split("|"))
     merged = merge_configs(parent.loop.config, config)
-    configurable = {k: v for k, v in merged["configurable"].items() if k != "checkpoint_id"}
+    configurable = {
+        k: v for k, v in (merged.get("configurable") or {}).items() if k != "checkpoint_id"
+    }
     merged["configurable"] = {**configurable, "checkpoint_ns": namespace}
     return merged
 
