@@ -707,6 +707,42 @@ def partial_resume(api: SimpleNamespace) -> Observation:
     }
 
 
+def node_streams_a_subgraph(api: SimpleNamespace) -> Observation:
+    """A node streams a graph itself while the root streams subgraphs: the node gets the
+    chunks it asked for, the root's stream the subgraph's chunks of its own modes."""
+    inner_builder = api.StateGraph(Log)
+    inner_builder.add_node("s1", lambda s: {"log": ["s1"]})
+    inner_builder.add_node("s2", lambda s: {"log": ["s2"]})
+    inner_builder.add_edge(api.START, "s1")
+    inner_builder.add_edge("s1", "s2")
+    inner = inner_builder.compile()
+    seen: list[Any] = []
+
+    def node(state: Log) -> dict:
+        chunks = list(inner.stream({"log": []}))
+        seen.append(jsonable(chunks))
+        return {"log": [f"{len(chunks)} chunks"]}
+
+    builder = api.StateGraph(Log)
+    builder.add_node("node", node)
+    builder.add_edge(api.START, "node")
+    graph = builder.compile()
+
+    def run(**kwargs: Any) -> Any:
+        return jsonable(
+            [
+                ([part.split(":")[0] for part in chunk[0]], *chunk[1:])
+                for chunk in graph.stream({"log": []}, subgraphs=True, **kwargs)
+            ]
+        )
+
+    return {
+        "updates": run(),
+        "values": run(stream_mode=["values"]),
+        "node_saw": seen,
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -731,6 +767,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         node_interrupt_and_subgraphs,
         bulk_update,
         partial_resume,
+        node_streams_a_subgraph,
     )
 }
 

@@ -188,6 +188,8 @@ class RunLoop:
         self.durability: Any = None
         self.forward_to: deque[Any] | None = None
         """The root stream's queue, when it streams subgraphs (``subgraphs=True``)."""
+        self.forward_modes: frozenset[str] = frozenset()
+        """The modes the root streams, for ``forward_to``."""
         self.save_task_writes: Callable[[TaskWrites], None] | None = None
         """Saves the outcome of a ``@task`` call as soon as it finishes (set by the driver)."""
         self.asave_calls: Callable[[], Awaitable[None]] | None = None

@@ -163,16 +163,21 @@ class Pregel:
                 context = parent.loop.context
             if durability is None:
                 durability = parent.loop.durability
-            if parent.loop.forward_to is not None and not stream_mode:
-                # An invoke under a root streaming subgraphs makes the root's chunks.
-                stream_mode = tuple(parent.loop.stream_modes)  # type: ignore[arg-type]
+        forwarded: frozenset[str] = frozenset()
+        if parent is not None and parent.loop.forward_to is not None:
+            # Under a root streaming subgraphs, a graph run in a node makes the root's chunks
+            # too: all of an invoke's, and a stream's besides those its caller asked for.
+            forwarded = parent.loop.forward_modes
+            if not stream_mode:
+                stream_mode = tuple(forwarded)  # type: ignore[arg-type]
         context = _coerce_context(self.context_schema, context)
         config = merge_configs(self.config, config) if config or self.config else {}
         if "recursion_limit" not in config:
             config["recursion_limit"] = DEFAULT_RECURSION_LIMIT
         elif config["recursion_limit"] < 1:
             raise ValueError("recursion_limit must be at least 1")
-        modes = requested = _modes(stream_mode)
+        requested = _modes(stream_mode)
+        modes = requested | forwarded
         printed = debug if debug is not None else self.debug
         if printed:
             modes = modes | {"debug"}
@@ -222,6 +227,7 @@ class Pregel:
         loop.parent_task = parent
         loop.resume_map = parent.resume
         loop.forward_to = outer.forward_to
+        loop.forward_modes = outer.forward_modes
         loop.parents = {**outer.parents, outer.namespace: outer.checkpoint_id}
         loop.fence, loop.holding = outer.fence, outer.holding  # the root run's lease covers it
         # Under a per-task namespace a saved checkpoint can only be an earlier attempt of this
@@ -558,11 +564,14 @@ class Pregel:
         shape = _chunk_shape(stream_mode, subgraphs)
         printed = loop.printed_modes
         if subgraphs and loop.parent_task is None:
-            loop.forward_to = loop.output
+            loop.forward_to, loop.forward_modes = loop.output, loop.stream_modes
+        own, teed = _teeing(loop, stream_mode)
         for chunk in self._run(loop, input, mode, addressed):
+            if teed and chunk[0] in loop.forward_modes:
+                _pass_on(loop, chunk)
             if chunk[0] in printed:
                 _print_event(chunk[1])
-            else:
+            elif chunk[0] in own:
                 yield shape(chunk)
 
     async def astream(
@@ -595,11 +604,14 @@ class Pregel:
         shape = _chunk_shape(stream_mode, subgraphs)
         printed = loop.printed_modes
         if subgraphs and loop.parent_task is None:
-            loop.forward_to = loop.output
+            loop.forward_to, loop.forward_modes = loop.output, loop.stream_modes
+        own, teed = _teeing(loop, stream_mode)
         async for chunk in self._arun(loop, input, mode, addressed):
+            if teed and chunk[0] in loop.forward_modes:
+                _pass_on(loop, chunk)
             if chunk[0] in printed:
                 _print_event(chunk[1])
-            else:
+            elif chunk[0] in own:
                 yield shape(chunk)
 
     def invoke(
@@ -1087,6 +1099,13 @@ async def _while_running(
 
 def _keys(channels: Sequence[str]) -> tuple[str, ...]:
     return channels if isinstance(channels, OneChannel) else tuple(channels)
+
+
+def _teeing(loop: RunLoop, stream_mode: Any) -> tuple[frozenset[str], bool]:
+    """The modes a ``stream`` call yields to its caller, and whether its run is a graph run in a
+    node under a root streaming subgraphs, whose chunks of the root's modes go there too."""
+    own = _modes(stream_mode) | loop.printed_modes
+    return own, loop.parent_task is not None and loop.forward_to is not None
 
 
 def _pass_on(loop: RunLoop, chunk: tuple[str, Any]) -> None:
