@@ -27,8 +27,8 @@ from stepgraph.checkpoint.base import (
     PendingWrite,
     TaskWrites,
     get_checkpoint_metadata,
-    uuid6,
 )
+from stepgraph.checkpoint.base.id import uuid6_str
 from stepgraph.checkpoint.base.runs import with_fence
 from stepgraph.constants import (
     ERROR,
@@ -210,7 +210,7 @@ class RunLoop:
     @property
     def checkpoint_id(self) -> str:
         if self._checkpoint_id is None:
-            self._checkpoint_id = str(uuid6())
+            self._checkpoint_id = uuid6_str()
         return self._checkpoint_id
 
     @property
@@ -563,7 +563,7 @@ class RunLoop:
         self._parent_config = None
         self._parent_id = self._checkpoint_id or None
         self.source = source
-        self._checkpoint_id = str(uuid6()) if self.keeps_checkpoints else None
+        self._checkpoint_id = uuid6_str() if self.keeps_checkpoints else None
         self.checkpoint_ts = None
         self.pending_writes = []
         self.checkpoint_is_saved = False

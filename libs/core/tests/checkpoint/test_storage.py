@@ -165,6 +165,26 @@ def test_metadata_that_json_holds_exactly_is_stored_once(metadata: Any, json_onl
     assert repr(loaded) == repr(metadata)  # types and key order too
 
 
+def test_metadata_judged_plain_json_copies_unchanged() -> None:
+    """The one-pass check that spares the executor's metadata its JSON copy never says yes
+    where the copy would differ (it may say no where it would not)."""
+    from stepgraph.checkpoint import storage
+
+    values: list[Any] = [
+        "a", "é", "a\x00", "\ud800", 0, -(2**53), 2**53, 2**53 + 1, 2**60, 0.5, 1.0, -0.0,
+        float("nan"), True, None, Decimal("0.5"), (1,), [1, [2, {"a": 0.25}]], {"k": 1},
+        {"k": (1,)}, {1: 2}, {"é": 1}, {"a\x00": 1}, [1.0], {"n": {"m": [None, False]}},
+    ]  # fmt: skip
+    for value in values:
+        if storage._plain_json(value, 0):
+            copy = metadata_json({"v": value})["v"]
+            assert storage._same_json(value, copy), value
+    deep: Any = 1
+    for _ in range(70):
+        deep = [deep]
+    assert not storage._plain_json(deep, 0)
+
+
 def test_a_tasks_regular_writes_share_one_row() -> None:
     checkpoint = make_checkpoint({}, {})
     rows = checkpoint_rows(serde, thread("t"), checkpoint, {}, {})

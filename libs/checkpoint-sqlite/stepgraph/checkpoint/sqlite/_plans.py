@@ -154,10 +154,9 @@ WHERE excluded.idx < 0
 """
 
 
-def _to_json(value: Any) -> str:
-    # ASCII escapes keep every string storable; SQLite decodes both sides of a comparison the
-    # same way.
-    return json.dumps(value, separators=(",", ":"))
+# ASCII escapes keep every string storable; SQLite decodes both sides of a comparison the
+# same way. One encoder for all: json.dumps would build one per call (separators given).
+_to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 _HAS_CHECKPOINT = (

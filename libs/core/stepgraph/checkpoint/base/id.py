@@ -15,7 +15,7 @@ import threading
 import time
 from uuid import UUID
 
-__all__ = ["uuid6"]
+__all__ = ["uuid6", "uuid6_str"]
 
 # 100-ns intervals between the Gregorian epoch (1582-10-15) and the Unix epoch.
 _GREGORIAN_OFFSET = 0x01B21DD213814000
@@ -43,6 +43,16 @@ if hasattr(os, "register_at_fork"):
 
 def uuid6() -> UUID:
     """Return a new UUIDv6 that sorts after every id this process returned before."""
+    return UUID(int=_uuid6_int())
+
+
+def uuid6_str() -> str:
+    """``str(uuid6())``, made without a ``UUID`` object (a checkpoint id at every step)."""
+    h = f"{_uuid6_int():032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _uuid6_int() -> int:
     global _last_timestamp
     with _lock:
         timestamp = time.time_ns() // 100 + _GREGORIAN_OFFSET
@@ -53,5 +63,4 @@ def uuid6() -> UUID:
     time_high_and_mid = (timestamp >> 12) & 0xFFFF_FFFF_FFFF
     time_low = timestamp & 0x0FFF
     value = (time_high_and_mid << 80) | (0x6 << 76) | (time_low << 64)
-    value |= (0b10 << 62) | (clock_seq << 48) | _node
-    return UUID(int=value)
+    return value | (0b10 << 62) | (clock_seq << 48) | _node

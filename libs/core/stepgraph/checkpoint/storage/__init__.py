@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import msgpack
 
 from stepgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
     ChannelVersions,
     Checkpoint,
     CheckpointMetadata,
@@ -54,7 +55,6 @@ from stepgraph.checkpoint.base import (
     get_checkpoint_metadata,
     get_checkpoint_ns,
     get_thread_id,
-    write_index,
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.config import RunnableConfig
@@ -495,6 +495,27 @@ def check_key(part: str, text: str) -> None:
         )
 
 
+def check_row_key(
+    thread_id: str, checkpoint_ns: str, checkpoint_id: str, task_id: str = ""
+) -> None:
+    """``check_key`` for each part of a row's key; one quick test passes the usual short ids."""
+    if not (
+        len(thread_id) <= 256
+        and len(checkpoint_ns) <= 256
+        and len(checkpoint_id) <= 128
+        and checkpoint_id.isascii()
+        and len(task_id) <= 64
+    ):
+        check_key("thread_id", thread_id)
+        check_key("checkpoint_ns", checkpoint_ns)
+        check_key("checkpoint_id", checkpoint_id)
+        check_key("task_id", task_id)
+
+
+_SHORT_CHANNEL = KEY_LIMITS["channel"] // 4
+"""A channel name this long or shorter fits whatever its characters."""
+
+
 def checkpoint_config(thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> RunnableConfig:
     """The config naming one stored checkpoint (what ``put`` returns)."""
     return {
@@ -558,16 +579,15 @@ def checkpoint_rows(
     thread_id = get_thread_id(config)
     checkpoint_ns = get_checkpoint_ns(config)
     checkpoint_id = checkpoint["id"]
-    check_key("thread_id", thread_id)
-    check_key("checkpoint_ns", checkpoint_ns)
-    check_key("checkpoint_id", checkpoint_id)
+    check_row_key(thread_id, checkpoint_ns, checkpoint_id)
     if self_contained:
         new_versions = checkpoint["channel_versions"]
         deltas = False
     # Only value rows have a channel in their key; the other channels are names inside the
     # checkpoint blob (and were checked when their values were stored).
     for channel in new_versions:
-        check_key("channel", channel)
+        if len(channel) > _SHORT_CHANNEL:
+            check_key("channel", channel)
     where = _Where(thread_id, checkpoint_ns, checkpoint_id)
 
     blob = {key: value for key, value in checkpoint.items() if key not in _NOT_IN_BLOB}
@@ -605,8 +625,10 @@ def checkpoint_rows(
         link = link._replace(blob=_copy_blob(blob))
     checkpoint_type, checkpoint_bytes = where.dumps(serde, stored, "the checkpoint")
     merged = get_checkpoint_metadata(config, metadata)
-    shadow = metadata_json(merged) if json_metadata else None
-    if shadow is not None and _same_json_or_not(merged, shadow):
+    shadow = None
+    if json_metadata:  # the executor's metadata is plain JSON: then it is its own copy
+        shadow = merged if _plain_json_or_not(merged) else metadata_json(merged)
+    if shadow is not None and (shadow is merged or _same_json_or_not(merged, shadow)):
         metadata_type, metadata_bytes = METADATA_IN_JSON, b""
     else:
         metadata_type, metadata_bytes = where.dumps(serde, merged, "the metadata")
@@ -639,11 +661,10 @@ def checkpoint_rows(
             values.append(ValueRow(thread_id, checkpoint_ns, channel, version, None, None))
             continue
         value = channel_values[channel]
-        part = f"channel {channel!r}"
         appended = appends.get(channel) if appends else None
         if appended is not None and _store_appended(value, version, *appended):
             base_version, items = appended
-            type_, data = where.dumps(serde, items, part)
+            type_, data = where.dumps(serde, items, "channel %r", channel)
             values.append(
                 ValueRow(
                     thread_id,
@@ -657,11 +678,46 @@ def checkpoint_rows(
                 )
             )
         else:
-            type_, data = where.dumps(serde, value, part)
+            type_, data = where.dumps(serde, value, "channel %r", channel)
             values.append(ValueRow(thread_id, checkpoint_ns, channel, version, type_, data))
 
     writes_rows = task_write_rows(serde, config, writes)
     return CheckpointRows(row, values, writes_rows, merged, link, shadow)
+
+
+def _plain_json_or_not(value: Any) -> bool:
+    try:
+        return _plain_json(value, 0)
+    except RecursionError:
+        return False
+
+
+def _plain_json(value: Any, depth: int) -> bool:
+    """Whether ``metadata_json`` would copy ``value`` unchanged (``_same_json``), judged in one
+    pass without copying: exact JSON types, ASCII strings without NULs, integers a float
+    holds, finite floats that are not whole, nested at most 64 deep. False for some values
+    that do copy unchanged (non-ASCII strings, say): those take the copy and compare."""
+    kind = type(value)
+    if kind is str:
+        return value.isascii() and "\x00" not in value
+    if kind is int:
+        return -_EXACT_INT <= value <= _EXACT_INT
+    if kind is bool or value is None:
+        return True
+    if depth > 64:
+        return False
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or not key.isascii() or "\x00" in key:
+                return False
+            if not _plain_json(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        return all(_plain_json(item, depth + 1) for item in value)
+    if kind is float:
+        return math.isfinite(value) and not value.is_integer()
+    return False
 
 
 def _same_json_or_not(value: Any, copy: Any) -> bool:
@@ -905,28 +961,45 @@ def write_rows(
             'Saving writes requires config["configurable"]["checkpoint_id"]: the checkpoint '
             "the writes belong to."
         )
-    check_key("thread_id", thread_id)
-    check_key("checkpoint_ns", checkpoint_ns)
-    check_key("checkpoint_id", checkpoint_id)
-    check_key("task_id", task_id)
+    check_row_key(thread_id, checkpoint_ns, checkpoint_id, task_id)
     where = _Where(thread_id, checkpoint_ns, checkpoint_id)
-    key = (thread_id, checkpoint_ns, checkpoint_id, task_id)
     special: list[WriteRow] = []
-    regular: list[WriteRow] = []
+    # (idx, channel, type, data) of the regular writes, in order
+    regular: list[tuple[int, str, str, bytes]] = []
     for idx, (channel, value) in enumerate(writes):
-        check_key("channel", channel)
-        index = write_index(channel, idx)
-        type_, data = where.dumps(serde, value, _write_part(channel, task_id))
-        row = WriteRow(*key, index, channel, type_, data, task_path)
-        (regular if index >= 0 else special).append(row)
+        if len(channel) > _SHORT_CHANNEL:
+            check_key("channel", channel)
+        index = WRITES_IDX_MAP.get(channel, idx)
+        type_, data = where.dumps(serde, value, _WRITE_PART, channel, task_id)
+        if index >= 0:
+            regular.append((index, channel, type_, data))
+        else:
+            special.append(
+                WriteRow(
+                    thread_id,
+                    checkpoint_ns,
+                    checkpoint_id,
+                    task_id,
+                    index,
+                    channel,
+                    type_,
+                    data,
+                    task_path,
+                )
+            )
+    if not regular:
+        return special
     # One row for the task's regular writes when their indices follow each other (a special
     # write between them, as in ``[("a", 1), (INTERRUPT, 2), ("b", 3)]``, keeps a row each),
     # keyed by the last: a repeated call with more writes is a row of its own.
-    if len(regular) > 1 and regular[-1].idx - regular[0].idx == len(regular) - 1:
-        last = regular[-1]
-        packed = _pack_writes([(row.channel, row.type, row.value) for row in regular])
-        regular = [last._replace(channel="", type=regular[0].type, value=packed, kind=TASK_WRITES)]
-    return special + regular
+    key = (thread_id, checkpoint_ns, checkpoint_id, task_id)
+    if len(regular) > 1 and regular[-1][0] - regular[0][0] == len(regular) - 1:
+        packed = _pack_writes([write[1:] for write in regular])
+        return [
+            *special,
+            WriteRow(*key, regular[-1][0], "", regular[0][2], packed, task_path, TASK_WRITES),
+        ]
+    return special + [WriteRow(*key, *write, task_path) for write in regular]
 
 
 def _pack_writes(writes: Sequence[tuple[str, str, bytes]]) -> bytes:
@@ -956,8 +1029,11 @@ def _unpack_writes(row: WriteRow) -> list[tuple[str, str, bytes]]:
     return found
 
 
+_WRITE_PART = "write to channel %r of task %r"
+
+
 def _write_part(channel: str, task_id: str) -> str:
-    return f"write to channel {channel!r} of task {task_id!r}"
+    return _WRITE_PART % (channel, task_id)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -1794,12 +1870,16 @@ class _Where(NamedTuple):
             f"namespace {self.checkpoint_ns!r}): {problem}"
         )
 
-    def dumps(self, serde: SerializerProtocol, value: Any, part: str) -> tuple[str, bytes]:
+    def dumps(
+        self, serde: SerializerProtocol, value: Any, part: str, *args: object
+    ) -> tuple[str, bytes]:
+        """``serde.dumps_typed(value)``; an error names the row and ``part % args`` (formatted
+        only then: this runs for every value of every step)."""
         try:
             return serde.dumps_typed(value)
         except SerializationError as exc:
             error = UnknownTypeError if isinstance(exc, UnknownTypeError) else SerializationError
-            message = self.describe(f"Cannot save {part}", exc)
+            message = self.describe(f"Cannot save {part % args if args else part}", exc)
             raise error(message, type_name=exc.type_name, path=exc.path) from exc
 
     def loads(self, serde: SerializerProtocol, data: tuple[str, bytes], part: str) -> Any:
