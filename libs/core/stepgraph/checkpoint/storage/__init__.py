@@ -625,9 +625,7 @@ def checkpoint_rows(
         link = link._replace(blob=_copy_blob(blob))
     checkpoint_type, checkpoint_bytes = where.dumps(serde, stored, "the checkpoint")
     merged = get_checkpoint_metadata(config, metadata)
-    shadow = None
-    if json_metadata:  # the executor's metadata is plain JSON: then it is its own copy
-        shadow = merged if _plain_json_or_not(merged) else metadata_json(merged)
+    shadow = metadata_json(merged) if json_metadata else None
     if shadow is not None and (shadow is merged or _same_json_or_not(merged, shadow)):
         metadata_type, metadata_bytes = METADATA_IN_JSON, b""
     else:
@@ -1590,7 +1588,10 @@ _UNCONSTRAINED: Any = object()
 
 def metadata_json(metadata: Mapping[str, Any]) -> Any:
     """The JSON copy of stored metadata (plain ``dict``/``list``/``str``/``int``/``float``/
-    ``bool``/``None``, ready for ``json.dumps`` or a jsonb parameter)."""
+    ``bool``/``None``, ready for ``json.dumps`` or a jsonb parameter): ``metadata`` itself
+    when it is plain JSON already, as the executor's metadata is."""
+    if _plain_json_or_not(metadata):
+        return metadata
     return _json_copy(metadata, for_filter=False)
 
 
