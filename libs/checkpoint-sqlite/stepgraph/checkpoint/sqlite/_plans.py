@@ -59,6 +59,7 @@ from stepgraph.checkpoint.storage import (
     checkpoint_rows,
     deleted_values,
     id_list,
+    load_guessed,
     metadata_filter_json,
     page_candidates,
     prune_doomed,
@@ -488,15 +489,12 @@ def _guessed_read(
     rows = [CheckpointRow(*fields) for part, *fields in found if part == 2]
     if not rows:
         return None
-    kept = heads.kept(rows)
-    if rows[0].checkpoint_id != guessed_id or (rows[0].chain_start and not kept):
-        return _GUESSED_WRONG
-    candidates = page_candidates(serde, rows, None, (), heads, kept)
-    if set(related_keys(candidates)[0]) != set(value_keys):
+    if rows[0].checkpoint_id != guessed_id:
         return _GUESSED_WRONG
     values = [ValueRow(*fields[:8]) for part, *fields in found if part == 0]
     writes = [WriteRow(*fields[:10]) for part, *fields in found if part == 1]
-    return next(assemble_page(serde, candidates, values, writes))
+    loaded = load_guessed(serde, heads, rows[0], stored, values, writes)
+    return _GUESSED_WRONG if loaded is None else loaded
 
 
 # -- list filter --------------------------------------------------------------------------------

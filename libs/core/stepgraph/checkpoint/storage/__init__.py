@@ -94,6 +94,7 @@ __all__ = [
     "id_list",
     "index_values",
     "load_checkpoint",
+    "load_guessed",
     "load_metadata",
     "load_tuple",
     "metadata_filter_json",
@@ -378,6 +379,15 @@ class ChainHeads:
                 return None
             self._blobs.move_to_end(key)
             return _open_blob(found[0])
+
+    def whole(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
+        """The whole blob of checkpoint ``key``, the caller's own, if kept (``load_checkpoint``)."""
+        with self._lock:
+            found = self._blobs.get(key)
+            if found is None:
+                return None
+            self._blobs.move_to_end(key)
+            return _close_blob(found[0])
 
     def remember(self, key: tuple[str, str, str], opened: Mapping[str, Any]) -> None:
         """Keep (a copy of) the open blob a reader built for checkpoint ``key``."""
@@ -1030,25 +1040,27 @@ def _unpack_writes(row: WriteRow) -> list[tuple[str, str, bytes]]:
 _WRITE_PART = "write to channel %r of task %r"
 
 
-def _write_part(channel: str, task_id: str) -> str:
-    return _WRITE_PART % (channel, task_id)
-
-
 # -- reading ---------------------------------------------------------------------------------
 
 
 def load_checkpoint(
-    serde: SerializerProtocol, row: CheckpointRow, blobs: ChainedBlobs | None = None
+    serde: SerializerProtocol,
+    row: CheckpointRow,
+    blobs: ChainedBlobs | None = None,
+    *,
+    whole: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """The checkpoint stored in ``row``; ``load_tuple`` completes its ``channel_values``.
 
     Until then they only mark what the row itself holds (``inline``): read them through
     ``load_tuple`` only. ``stored_versions`` names the value rows to fetch: ``(channel,
     version)`` pairs. A row of changes (``chain_start`` set) is read through ``blobs``, which
-    holds the rows of its chain.
+    holds the rows of its chain, or from ``whole``, its whole blob (``ChainHeads.whole``).
     """
     where = _Where.of(row)
-    if row.chain_start is None:
+    if whole is not None:
+        blob = whole
+    elif row.chain_start is None:
         blob = where.loads(serde, (row.checkpoint_type, row.checkpoint), "the checkpoint")
     elif blobs is None:
         raise CorruptCheckpointError(
@@ -1228,8 +1240,8 @@ def load_tuple(
             missing.append(channel)
         elif found.kind == FULL_VALUE:
             if found.type is not None:
-                part = f"channel {channel!r}"
-                channel_values[channel] = where.loads(serde, (found.type, found.value or b""), part)
+                data = (found.type, found.value or b"")
+                channel_values[channel] = where.loads(serde, data, "channel %r", channel)
         else:
             value = _resolve_appended(serde, where, found, by_key)
             if value is None:
@@ -1279,8 +1291,8 @@ def pending_writes(
         candidates: list[tuple[int, int, WriteRow, list[tuple[str, str, bytes]] | None]] = []
         for write in rows:
             if write.idx < 0:  # special: one row each, in key order
-                part = _write_part(write.channel, task_id)
-                found.append((task_id, write.channel, where.loads(serde, write[6:8], part)))
+                value = where.loads(serde, write[6:8], _WRITE_PART, write.channel, task_id)
+                found.append((task_id, write.channel, value))
             elif write.kind == ONE_WRITE:
                 candidates.append((-1, write.idx, write, None))
             else:
@@ -1291,7 +1303,7 @@ def pending_writes(
             entries = [(write.channel, write.type, write.value)] if unpacked is None else unpacked
             for index, (channel, type_, data) in enumerate(entries, idx - len(entries) + 1):
                 if index not in regular:
-                    value = where.loads(serde, (type_, data), _write_part(channel, task_id))
+                    value = where.loads(serde, (type_, data), _WRITE_PART, channel, task_id)
                     regular[index] = (task_id, channel, value)
         found += (regular[index] for index in sorted(regular))
     return found
@@ -1306,13 +1318,14 @@ def _task_of(write: WriteRow) -> str:
 
 
 def _read_packed(where: _Where, write: WriteRow) -> list[tuple[str, str, bytes]]:
-    part = f"Cannot read writes of task {write.task_id!r}"
+    part = "Cannot read writes of task %r"
     if write.kind != TASK_WRITES:
-        raise CorruptCheckpointError(where.describe(part, f"unknown kind {write.kind!r}"))
+        problem = f"unknown kind {write.kind!r}"
+        raise CorruptCheckpointError(where.describe(part % (write.task_id,), problem))
     try:
         return _unpack_writes(write)
     except Exception as exc:
-        raise CorruptCheckpointError(where.describe(part, repr(exc))) from exc
+        raise CorruptCheckpointError(where.describe(part % (write.task_id,), repr(exc))) from exc
 
 
 def index_values(values: Iterable[ValueRow]) -> dict[tuple[str, str], ValueRow]:
@@ -1415,6 +1428,32 @@ def related_keys(
             values[thread_id, ns, channel, version] = None
         checkpoints.append((thread_id, ns, checkpoint_id))
     return list(values), checkpoints
+
+
+def load_guessed(
+    serde: SerializerProtocol,
+    heads: ChainHeads,
+    row: CheckpointRow,
+    stored: Iterable[tuple[str, str]],
+    values: Iterable[ValueRow],
+    writes: Iterable[WriteRow],
+) -> CheckpointTuple | None:
+    """The tuple of ``row``, read with the value rows a guess named (``ChainHeads.guess``:
+    ``stored``) and its writes; None if the guess does not hold: the row names other value
+    rows, or it is a row of changes whose whole blob ``heads`` no longer keeps."""
+    whole = None
+    if row.chain_start is not None and (whole := heads.whole(row[:3])) is None:
+        return None
+    checkpoint = load_checkpoint(serde, row, whole=whole)
+    named = stored_versions(checkpoint)
+    count = 0
+    for channel, version in stored:
+        if named.get(channel) != version:
+            return None
+        count += 1
+    if count != len(named):
+        return None
+    return load_tuple(serde, row, checkpoint, values, writes)
 
 
 def assemble_page(
@@ -1883,12 +1922,16 @@ class _Where(NamedTuple):
             message = self.describe(f"Cannot save {part % args if args else part}", exc)
             raise error(message, type_name=exc.type_name, path=exc.path) from exc
 
-    def loads(self, serde: SerializerProtocol, data: tuple[str, bytes], part: str) -> Any:
+    def loads(
+        self, serde: SerializerProtocol, data: tuple[str, bytes], part: str, *args: object
+    ) -> Any:
+        """``serde.loads_typed(data)``; an error names the row and ``part % args``."""
         try:
             return serde.loads_typed(data)
         except UnknownTypeError as exc:
-            message = self.describe(f"Cannot read {part}", exc)
+            message = self.describe(f"Cannot read {part % args if args else part}", exc)
             raise UnknownTypeError(message, type_name=exc.type_name) from exc
         except Exception as exc:
             # Truncated or corrupted bytes surface as whatever the decoder raises.
-            raise CorruptCheckpointError(self.describe(f"Cannot read {part}", exc)) from exc
+            what = part % args if args else part
+            raise CorruptCheckpointError(self.describe(f"Cannot read {what}", exc)) from exc
