@@ -40,7 +40,8 @@ def run_plan(conn: Connection[Any], plan: Plan[T], scope: Scope) -> T:
         with conn.transaction():  # a savepoint in the caller's transaction
             return _steps(cursor, plan)
     autocommit = conn.autocommit
-    conn.autocommit = True
+    if not autocommit:  # setting it costs psycopg a lock and a wait, even to the same value
+        conn.autocommit = True
     try:
         if (first := _plans.begin(scope)) is None:
             return _steps(cursor, plan)
@@ -52,7 +53,7 @@ def run_plan(conn: Connection[Any], plan: Plan[T], scope: Scope) -> T:
     finally:
         if conn.info.transaction_status in _UNFINISHED:  # failed or interrupted
             conn.rollback()
-        if conn.info.transaction_status == TransactionStatus.IDLE:
+        if not autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
             conn.autocommit = autocommit
 
 

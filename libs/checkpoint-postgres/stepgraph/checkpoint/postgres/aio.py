@@ -35,7 +35,8 @@ async def arun_plan(conn: AsyncConnection[Any], plan: Plan[T], scope: Scope) -> 
         async with conn.transaction():  # a savepoint in the caller's transaction
             return await _steps(cursor, plan)
     autocommit = conn.autocommit
-    await conn.set_autocommit(True)
+    if not autocommit:  # as in ``run_plan``: setting it costs a lock and a wait
+        await conn.set_autocommit(True)
     try:
         if (first := _plans.begin(scope)) is None:
             return await _steps(cursor, plan)
@@ -47,7 +48,7 @@ async def arun_plan(conn: AsyncConnection[Any], plan: Plan[T], scope: Scope) -> 
     finally:
         if conn.info.transaction_status in _UNFINISHED:  # failed or interrupted
             await conn.rollback()
-        if conn.info.transaction_status == TransactionStatus.IDLE:
+        if not autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
             await conn.set_autocommit(autocommit)
 
 
