@@ -185,6 +185,16 @@ def test_metadata_judged_plain_json_copies_unchanged() -> None:
     assert not storage._plain_json(deep, 0)
 
 
+def test_the_json_copy_of_metadata_shares_nothing_with_it() -> None:
+    """Postgres hands the copy to a jsonb parameter, encoded only when the statement runs:
+    changes the caller makes to its metadata meanwhile must not reach it."""
+    metadata = {"info": {"k": "a"}, "tags": ["x"]}
+    copy = metadata_json(metadata)
+    metadata["info"]["k"] = "b"
+    metadata["tags"].append("y")
+    assert copy == {"info": {"k": "a"}, "tags": ["x"]}
+
+
 def test_a_tasks_regular_writes_share_one_row() -> None:
     checkpoint = make_checkpoint({}, {})
     rows = checkpoint_rows(serde, thread("t"), checkpoint, {}, {})

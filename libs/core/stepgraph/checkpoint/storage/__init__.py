@@ -582,7 +582,8 @@ def checkpoint_rows(
     rows are committed. ``self_contained`` rows are always whole.
 
     ``json_metadata``: the saver stores ``CheckpointRows.metadata_json`` as JSON text that reads
-    back exactly as written (key order included), and when reading a row whose
+    back exactly as written (key order included), encoding it at once (plain metadata comes as
+    itself, not a copy, and the caller may change it later), and when reading a row whose
     ``metadata_type`` is ``METADATA_IN_JSON`` gives that text as its ``metadata``. Then
     metadata that JSON holds exactly (the executor's always is) is not serialized a second time.
     """
@@ -635,7 +636,9 @@ def checkpoint_rows(
         link = link._replace(blob=_copy_blob(blob))
     checkpoint_type, checkpoint_bytes = where.dumps(serde, stored, "the checkpoint")
     merged = get_checkpoint_metadata(config, metadata)
-    shadow = metadata_json(merged) if json_metadata else None
+    shadow = None
+    if json_metadata:  # encoded by the caller at once, so plain metadata is its own copy
+        shadow = merged if _plain_json_or_not(merged) else metadata_json(merged)
     if shadow is not None and (shadow is merged or _same_json_or_not(merged, shadow)):
         metadata_type, metadata_bytes = METADATA_IN_JSON, b""
     else:
@@ -1445,13 +1448,7 @@ def load_guessed(
     if row.chain_start is not None and (whole := heads.whole(row[:3])) is None:
         return None
     checkpoint = load_checkpoint(serde, row, whole=whole)
-    named = stored_versions(checkpoint)
-    count = 0
-    for channel, version in stored:
-        if named.get(channel) != version:
-            return None
-        count += 1
-    if count != len(named):
+    if dict(stored) != stored_versions(checkpoint):
         return None
     return load_tuple(serde, row, checkpoint, values, writes)
 
@@ -1627,10 +1624,9 @@ _UNCONSTRAINED: Any = object()
 
 def metadata_json(metadata: Mapping[str, Any]) -> Any:
     """The JSON copy of stored metadata (plain ``dict``/``list``/``str``/``int``/``float``/
-    ``bool``/``None``, ready for ``json.dumps`` or a jsonb parameter): ``metadata`` itself
-    when it is plain JSON already, as the executor's metadata is."""
-    if _plain_json_or_not(metadata):
-        return metadata
+    ``bool``/``None``, ready for ``json.dumps`` or a jsonb parameter). A copy always: a jsonb
+    parameter is encoded only when its statement runs, and the caller may have changed its
+    metadata by then."""
     return _json_copy(metadata, for_filter=False)
 
 
