@@ -67,7 +67,7 @@ from stepgraph.checkpoint.storage import (
     deleted_values,
     id_list,
     metadata_filter_json,
-    metadata_json,
+    metadata_json_text,
     page_candidates,
     prune_doomed,
     related_keys,
@@ -320,7 +320,7 @@ def put_step(
         )
 
     first = rows(False)
-    shadow = Jsonb(metadata_json(first.metadata))
+    shadow = metadata_json_text(first.metadata)  # text now: the statement may run later
     fence = fence_of(config)
     statement = _put_statement(first, shadow, fence, require_parent=True)
     row = first.checkpoint
@@ -354,7 +354,7 @@ def _check_fence(thread_id: str, fence: int | None, result: Sequence[Any]) -> No
 
 
 def _put_statement(
-    rows: CheckpointRows, shadow: Jsonb, fence: int | None, *, require_parent: bool
+    rows: CheckpointRows, shadow: str, fence: int | None, *, require_parent: bool
 ) -> Statement:
     row = rows.checkpoint
     params = _writes_params(row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id, rows.writes)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -59,6 +58,7 @@ from stepgraph.checkpoint.storage import (
     checkpoint_rows,
     deleted_values,
     id_list,
+    json_text,
     load_guessed,
     metadata_filter_json,
     page_candidates,
@@ -155,9 +155,8 @@ WHERE excluded.idx < 0
 """
 
 
-# ASCII escapes keep every string storable; SQLite decodes both sides of a comparison the
-# same way. One encoder for all: json.dumps would build one per call (separators given).
-_to_json = json.JSONEncoder(separators=(",", ":")).encode
+# SQLite decodes both sides of a comparison the same way, escapes included.
+_to_json = json_text
 
 
 _HAS_CHECKPOINT = (

@@ -93,12 +93,14 @@ __all__ = [
     "deleted_values",
     "id_list",
     "index_values",
+    "json_text",
     "load_checkpoint",
     "load_guessed",
     "load_metadata",
     "load_tuple",
     "metadata_filter_json",
     "metadata_json",
+    "metadata_json_text",
     "metadata_matches",
     "page_candidates",
     "prune_doomed",
@@ -1628,6 +1630,17 @@ def metadata_json(metadata: Mapping[str, Any]) -> Any:
     parameter is encoded only when its statement runs, and the caller may have changed its
     metadata by then."""
     return _json_copy(metadata, for_filter=False)
+
+
+json_text = json.JSONEncoder(separators=(",", ":")).encode
+"""Compact JSON text. Escapes keep it ASCII, so every string is storable; one encoder for
+all calls (``json.dumps`` builds one per call when given separators)."""
+
+
+def metadata_json_text(metadata: Mapping[str, Any]) -> str:
+    """``metadata_json(metadata)`` as JSON text, made at once (plain metadata is not copied
+    first: ``_plain_json``)."""
+    return json_text(metadata if _plain_json_or_not(metadata) else metadata_json(metadata))
 
 
 def metadata_filter_json(filter: Mapping[str, Any]) -> dict[str, Any]:
