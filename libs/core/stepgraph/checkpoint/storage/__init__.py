@@ -373,23 +373,15 @@ class ChainHeads:
                 found[row[:3]] = blob
         return found
 
-    def blob(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
-        """A copy of the open blob of checkpoint ``key`` (thread, namespace, id), if kept."""
+    def blob(self, key: tuple[str, str, str], *, whole: bool = False) -> dict[str, Any] | None:
+        """A copy of the blob of checkpoint ``key`` (thread, namespace, id), if kept: open, or
+        with ``whole`` a whole one (for ``load_checkpoint``)."""
         with self._lock:
             found = self._blobs.get(key)
             if found is None:
                 return None
             self._blobs.move_to_end(key)
-            return _open_blob(found[0])
-
-    def whole(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
-        """The whole blob of checkpoint ``key``, the caller's own, if kept (``load_checkpoint``)."""
-        with self._lock:
-            found = self._blobs.get(key)
-            if found is None:
-                return None
-            self._blobs.move_to_end(key)
-            return _close_blob(found[0])
+            return _close_blob(found[0]) if whole else _open_blob(found[0])
 
     def remember(self, key: tuple[str, str, str], opened: Mapping[str, Any]) -> None:
         """Keep (a copy of) the open blob a reader built for checkpoint ``key``."""
@@ -1060,7 +1052,7 @@ def load_checkpoint(
     Until then they only mark what the row itself holds (``inline``): read them through
     ``load_tuple`` only. ``stored_versions`` names the value rows to fetch: ``(channel,
     version)`` pairs. A row of changes (``chain_start`` set) is read through ``blobs``, which
-    holds the rows of its chain, or from ``whole``, its whole blob (``ChainHeads.whole``).
+    holds the rows of its chain, or from ``whole``, its whole blob (``ChainHeads.blob``).
     """
     where = _Where.of(row)
     if whole is not None:
@@ -1447,7 +1439,7 @@ def load_guessed(
     ``stored``) and its writes; None if the guess does not hold: the row names other value
     rows, or it is a row of changes whose whole blob ``heads`` no longer keeps."""
     whole = None
-    if row.chain_start is not None and (whole := heads.whole(row[:3])) is None:
+    if row.chain_start is not None and (whole := heads.blob(row[:3], whole=True)) is None:
         return None
     checkpoint = load_checkpoint(serde, row, whole=whole)
     if dict(stored) != stored_versions(checkpoint):
