@@ -470,6 +470,13 @@ async def read_fails(
         await api.get_tuple(thread(victim.thread_id, VICTIM_NS))
     with pytest.raises(error):
         await api.list({"configurable": {"thread_id": victim.thread_id}})  # every namespace
+    # A run's start (lease and read in one call) fails too, and lets go of the lease.
+    with pytest.raises(error):
+        start = "acquire_lease_and_get_tuple"
+        await api.call(start, thread(victim.thread_id, VICTIM_NS), "run-start", ttl=30)
+    run = await api.call("get_run", victim.thread_id)
+    assert (run.status, run.expires_at) == ("error", None)
+    assert run.error.startswith(error.__name__)
     return caught
 
 

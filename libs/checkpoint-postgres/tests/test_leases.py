@@ -272,6 +272,43 @@ def test_a_fenced_write_is_one_statement_and_one_round_trip(
             assert messages[-1] == "B:ReadyForQuery"
 
 
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "no-autocommit"])
+def test_a_run_starts_with_one_round_trip(postgres_uri: str, autocommit: bool) -> None:
+    """Taking the thread and reading it: one round trip for a new thread and for one the saver
+    knows (the checkpoint row, its value rows and writes are sent ahead of the lease's
+    statement); on a busy thread the rows read ahead are dropped and nothing is taken."""
+    with psycopg.connect(postgres_uri, autocommit=autocommit) as conn:
+        saver = PostgresSaver(conn)
+        saver.setup()
+        config = run_steps(saver, thread("t"), 3)  # "log" is a list: value rows to fetch
+        saver.put_writes(config, [("count", 7)], "pending")
+        for number in range(6):  # psycopg prepares a statement at its fifth use: one more Sync
+            for thread_id in ("t", f"new-{number}"):
+                warm, _ = saver.acquire_lease_and_get_tuple(thread(thread_id), "warm", ttl=30)
+                saver.release_lease(warm, "done")
+
+        for thread_id in ("t", "new"):
+            started: list[Any] = []
+
+            def start(thread_id: str = thread_id, started: list[Any] = started) -> None:
+                started.append(saver.acquire_lease_and_get_tuple(thread(thread_id), "run", ttl=30))
+
+            messages = protocol_messages(conn, start)
+            assert messages.count("F:Sync") == 1, thread_id
+            lease, found = started[0]
+            assert (lease.thread_id, lease.owner) == (thread_id, "run")
+            assert found == saver.get_tuple(thread(thread_id))
+        assert found is None
+        assert started and lease.attempts == 1
+        known = saver.get_tuple(thread("t"))
+        assert known is not None and known.pending_writes == [("pending", "count", 7)]
+
+        with pytest.raises(ThreadBusyError):
+            saver.acquire_lease_and_get_tuple(thread("t"), "another", ttl=30)
+        run = saver.get_run("t")
+        assert run is not None and (run.run_id, run.status) == ("run", "running")
+
+
 def test_a_takeover_waits_for_a_fenced_write_in_flight(postgres_uri: str) -> None:
     # The fenced write's transaction stays open: the take-over must wait for it to commit and
     # then its new holder reads what it wrote.

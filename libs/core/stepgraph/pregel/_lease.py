@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from stepgraph._twins import call, drive
-from stepgraph.checkpoint.base import BaseCheckpointSaver, Lease, RunStatus
-from stepgraph.checkpoint.base.runs import RECOVER_EPOCH_KEY
+from stepgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple, Lease, RunStatus
+from stepgraph.checkpoint.base.runs import RECOVER_EPOCH_KEY, failure_text
 from stepgraph.config import RunnableConfig
 from stepgraph.errors import LeaseLostError, SerializationError, ThreadBusyError
 
@@ -84,18 +84,17 @@ class Holding:
 
 async def _take(
     saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any, use_async: bool
-) -> Lease:
+) -> tuple[Lease, CheckpointTuple | None]:
+    """The lease, and the checkpoint ``config`` names read under it (one call to the saver)."""
     configurable = config["configurable"]
-    thread_id = str(configurable["thread_id"])
     options = {"ttl": saver.lease_ttl, "expect_epoch": configurable.get(RECOVER_EPOCH_KEY)}
+    name = "acquire_lease_and_get_tuple"
     try:
-        return await call(
-            saver, "acquire_lease", use_async, thread_id, owner, **options, input=input
-        )
+        return await call(saver, name, use_async, config, owner, **options, input=input)
     except SerializationError:
         # The input is kept only so recovery can restart a run that saved nothing: an input
         # the serializer refuses is not a reason to refuse the run.
-        return await call(saver, "acquire_lease", use_async, thread_id, owner, **options)
+        return await call(saver, name, use_async, config, owner, **options)
 
 
 class _Waiting:
@@ -118,18 +117,21 @@ class _Waiting:
         return wait
 
 
-def acquire(saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any) -> Holding:
-    """Take the lease of ``config``'s thread for run ``owner``, as the run's policy says."""
+def acquire(
+    saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any
+) -> tuple[Holding, CheckpointTuple | None]:
+    """Take the lease of ``config``'s thread for run ``owner``, as the run's policy says; also
+    returns the checkpoint ``config`` names (``get_tuple``), read under the lease."""
     waiting = _Waiting(config)
     while True:
         try:
-            lease = drive(_take(saver, config, owner, input, use_async=False))
+            lease, found = drive(_take(saver, config, owner, input, use_async=False))
             break
         except ThreadBusyError as busy:
             time.sleep(waiting.after(busy))
     holding = Holding(saver, lease, saver.lease_ttl)
     _KEEPER.add(holding)
-    return holding
+    return holding, found
 
 
 async def aacquire(
@@ -138,7 +140,7 @@ async def aacquire(
     owner: str,
     input: Any,
     on_cancel: tuple[RunStatus, str | None] = ("cancelled", "CancelledError"),
-) -> tuple[Holding, asyncio.Task[None]]:
+) -> tuple[Holding, asyncio.Task[None], CheckpointTuple | None]:
     """``acquire`` for async runs: also returns the task that renews the lease. Cancelled
     while the lease is being taken, the lease is let go with ``on_cancel`` once taken."""
     waiting = _Waiting(config)
@@ -147,7 +149,7 @@ async def aacquire(
         try:
             # Shielded: a caller cancelled meanwhile must not leave a lease taken in its name
             # (it would look like a run that died, and recovery would run it).
-            lease = await asyncio.shield(taking)
+            lease, found = await asyncio.shield(taking)
             break
         except ThreadBusyError as busy:
             await asyncio.sleep(waiting.after(busy))
@@ -156,18 +158,20 @@ async def aacquire(
             taking.add_done_callback(lambda done: _let_go_when_taken(saver, done, on_cancel))
             raise
     holding = Holding(saver, lease, saver.lease_ttl)
-    return holding, asyncio.ensure_future(_heartbeat(holding))
+    return holding, asyncio.ensure_future(_heartbeat(holding)), found
 
 
 _LETTING_GO: set[asyncio.Future[None]] = set()  # keeps those release tasks alive until done
 
 
 def _let_go_when_taken(
-    saver: BaseCheckpointSaver, taking: asyncio.Future[Lease], outcome: tuple[RunStatus, Any]
+    saver: BaseCheckpointSaver,
+    taking: asyncio.Future[tuple[Lease, CheckpointTuple | None]],
+    outcome: tuple[RunStatus, Any],
 ) -> None:
     if taking.cancelled() or taking.exception() is not None:
         return  # nothing was taken
-    letting_go = asyncio.ensure_future(saver.arelease_lease(taking.result(), *outcome))
+    letting_go = asyncio.ensure_future(saver.arelease_lease(taking.result()[0], *outcome))
     _LETTING_GO.add(letting_go)
     letting_go.add_done_callback(_LETTING_GO.discard)
 
@@ -197,7 +201,7 @@ def outcome(error: BaseException | None, paused: bool) -> tuple[RunStatus, str |
     if error is None:
         return ("interrupted" if paused else "done"), None
     if isinstance(error, Exception):
-        return "error", f"{type(error).__name__}: {error}"[:2000]
+        return "error", failure_text(error)
     # Closed stream, KeyboardInterrupt, task cancelled: the caller stopped the run on purpose.
     return "cancelled", type(error).__name__
 

@@ -256,12 +256,12 @@ class Pregel:
 
         if mode is not None:
             loop.save_task_writes = lambda writes: write(persistence.on_call_done(writes))
-        holding = self._hold(loop, input)
+        holding, saved = self._hold(loop, input)
         completed = False
         failure: BaseException | None = None
         paused_step: Sequence[Task] = ()
         try:
-            loop.load(saver.get_tuple(loop.config) if saver is not None else None)
+            loop.load(saved)
             made = loop.start(input, addressed=addressed, limit=loop.config["recursion_limit"])
             for save in persistence.on_start(made):
                 write(save)
@@ -369,12 +369,12 @@ class Pregel:
         if mode is not None:
             loop.save_task_writes = save_call
             loop.asave_calls = save_calls
-        holding, beat = await self._ahold(loop, input)
+        holding, beat, saved = await self._ahold(loop, input)
         completed = False
         failure: BaseException | None = None
         paused_step: Sequence[Task] = ()
         try:
-            loop.load(await saver.aget_tuple(loop.config) if saver is not None else None)
+            loop.load(saved)
             made = loop.start(input, addressed=addressed, limit=loop.config["recursion_limit"])
             for save in persistence.on_start(made):
                 await write(save)
@@ -446,25 +446,29 @@ class Pregel:
 
     # -- the run's lease (``_lease``) ---------------------------------------------------------
 
-    def _hold(self, loop: RunLoop, input: Any) -> _lease.Holding | None:
-        """Take the thread's lease for a top-level run with a checkpointer."""
+    def _hold(
+        self, loop: RunLoop, input: Any
+    ) -> tuple[_lease.Holding | None, CheckpointTuple | None]:
+        """The run's checkpoint to start from; for a top-level run with a checkpointer, read
+        under the thread's lease, taken in the same call."""
         saver = loop.checkpointer
         if saver is None or loop.parent_task is not None:
-            return None
-        holding = _lease.acquire(saver, loop.config, _owner(), _request(self, loop, input))
+            return None, saver.get_tuple(loop.config) if saver is not None else None
+        request = _request(self, loop, input)
+        holding, saved = _lease.acquire(saver, loop.config, _owner(), request)
         loop.fence, loop.holding = holding.epoch, holding
-        return holding
+        return holding, saved
 
     async def _ahold(
         self, loop: RunLoop, input: Any
-    ) -> tuple[_lease.Holding | None, asyncio.Task[None] | None]:
+    ) -> tuple[_lease.Holding | None, asyncio.Task[None] | None, CheckpointTuple | None]:
         saver = loop.checkpointer
         if saver is None or loop.parent_task is not None:
-            return None, None
+            return None, None, await saver.aget_tuple(loop.config) if saver is not None else None
         request = _request(self, loop, input)
-        holding, beat = await _lease.aacquire(saver, loop.config, _owner(), request)
+        holding, beat, saved = await _lease.aacquire(saver, loop.config, _owner(), request)
         loop.fence, loop.holding = holding.epoch, holding
-        return holding, beat
+        return holding, beat, saved
 
     def _let_go(
         self, holding: _lease.Holding, loop: RunLoop, failure: BaseException | None
@@ -951,10 +955,9 @@ class Pregel:
         lookup = _update_config(self._lookup_config(config))
         before = saver.get_run(lookup["configurable"]["thread_id"])
         _check_updatable(before)
-        holding = _lease.acquire(saver, lookup, _owner(), None)
+        holding, saved = _lease.acquire(saver, lookup, _owner(), None)
         try:
             _check_took_from_live_or_finished(holding, before)
-            saved = saver.get_tuple(lookup)
             loop, saves = self._update(config, saved, supersteps, holding.epoch)
             for save in saves:
                 _save(saver, save)
@@ -975,10 +978,9 @@ class Pregel:
         before = await saver.aget_run(lookup["configurable"]["thread_id"])
         _check_updatable(before)
         kept = _status_kept(before, None)
-        holding, beat = await _lease.aacquire(saver, lookup, _owner(), None, on_cancel=kept)
+        holding, beat, saved = await _lease.aacquire(saver, lookup, _owner(), None, on_cancel=kept)
         try:
             _check_took_from_live_or_finished(holding, before)
-            saved = await saver.aget_tuple(lookup)
             loop, saves = self._update(config, saved, supersteps, holding.epoch)
             for save in saves:
                 await _asave(saver, save)

@@ -58,22 +58,21 @@ def run_plan(conn: Connection[Any], plan: Plan[T], scope: Scope) -> T:
 
 
 def _steps(cursor: Cursor[Any], plan: Plan[T]) -> T:
-    sent_ahead: list[Any] = []  # a Statement.ahead sent, and the cursor holding its rows
+    pending: list[tuple[Statement, Cursor[Any]]] = []  # sent ahead, with their rows' cursors
 
     def execute(statement: Statement) -> list[Any]:
-        if sent_ahead and sent_ahead[0] is statement:
-            ahead_cursor = sent_ahead.pop()
-            sent_ahead.clear()
+        if pending and pending[0][0] is statement:
+            ahead_cursor = pending.pop(0)[1]
             return ahead_cursor.fetchall() if statement.fetch else []
-        sent_ahead.clear()
+        pending.clear()
         if statement.ahead is None:
             cursor.execute(statement.sql, statement.params)
-        else:  # both in one round trip
-            ahead_cursor = _plans.cursor_of(cursor.connection, ahead=True)
+        else:  # all in one round trip
+            pending[:] = _plans.sent_ahead(cursor.connection, statement)
             with cursor.connection.pipeline():
                 cursor.execute(statement.sql, statement.params)
-                ahead_cursor.execute(statement.ahead.sql, statement.ahead.params)
-            sent_ahead[:] = [statement.ahead, ahead_cursor]
+                for ahead, ahead_cursor in pending:
+                    ahead_cursor.execute(ahead.sql, ahead.params)
         return cursor.fetchall() if statement.fetch else []
 
     return run_steps(plan, execute)

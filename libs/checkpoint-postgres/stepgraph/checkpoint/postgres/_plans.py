@@ -1269,20 +1269,32 @@ _CURSOR = "_stepgraph_cursor"
 _AHEAD_CURSOR = "_stepgraph_ahead_cursor"
 
 
-def cursor_of(conn: Any, ahead: bool = False) -> Any:
+def cursor_of(conn: Any, ahead: int = 0) -> Any:
     """The saver's cursor on ``conn`` (sync or async): binary, tuple rows, made once; with
-    ``ahead``, a second one, for a ``Statement.ahead`` sent in the same pipeline.
+    ``ahead`` n, the one for the n-th statement sent ahead in the same pipeline
+    (``Statement.ahead``, that statement's own ``ahead``, ...).
 
     Kept on the connection itself, so it lives and dies with it: a cursor caches how each
     parameter type is adapted, and rebuilding that for every call costs more than the plan's
     own Python work.
     """
-    name = _AHEAD_CURSOR if ahead else _CURSOR
+    name = f"{_AHEAD_CURSOR}_{ahead}" if ahead else _CURSOR
     cursor = conn.__dict__.get(name)
     if cursor is None or cursor.closed:
         cursor = conn.__dict__[name] = conn.cursor(binary=True, row_factory=tuple_row)
         _arrays.register(cursor.adapters)
     return cursor
+
+
+def sent_ahead(conn: Any, statement: Statement) -> list[tuple[Statement, Any]]:
+    """What ``statement`` sends ahead (its ``ahead``, that one's ``ahead``, ...), in order,
+    each with the cursor that will hold its rows."""
+    chain: list[tuple[Statement, Any]] = []
+    ahead = statement.ahead
+    while ahead is not None:
+        chain.append((ahead, cursor_of(conn, ahead=len(chain) + 1)))
+        ahead = ahead.ahead
+    return chain
 
 
 ATTEMPTS = 3

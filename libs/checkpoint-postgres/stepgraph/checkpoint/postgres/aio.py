@@ -53,22 +53,21 @@ async def arun_plan(conn: AsyncConnection[Any], plan: Plan[T], scope: Scope) -> 
 
 
 async def _steps(cursor: AsyncCursor[Any], plan: Plan[T]) -> T:
-    sent_ahead: list[Any] = []  # as in ``PostgresSaver``'s ``_steps``
+    pending: list[tuple[Statement, AsyncCursor[Any]]] = []  # as in ``PostgresSaver``'s
 
     async def execute(statement: Statement) -> list[Any]:
-        if sent_ahead and sent_ahead[0] is statement:
-            ahead_cursor = sent_ahead.pop()
-            sent_ahead.clear()
+        if pending and pending[0][0] is statement:
+            ahead_cursor = pending.pop(0)[1]
             return await ahead_cursor.fetchall() if statement.fetch else []
-        sent_ahead.clear()
+        pending.clear()
         if statement.ahead is None:
             await cursor.execute(statement.sql, statement.params)
         else:
-            ahead_cursor = _plans.cursor_of(cursor.connection, ahead=True)
+            pending[:] = _plans.sent_ahead(cursor.connection, statement)
             async with cursor.connection.pipeline():
                 await cursor.execute(statement.sql, statement.params)
-                await ahead_cursor.execute(statement.ahead.sql, statement.ahead.params)
-            sent_ahead[:] = [statement.ahead, ahead_cursor]
+                for ahead, ahead_cursor in pending:
+                    await ahead_cursor.execute(ahead.sql, ahead.params)
         return await cursor.fetchall() if statement.fetch else []
 
     return await arun_steps(plan, execute)

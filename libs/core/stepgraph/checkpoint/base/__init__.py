@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import itertools
 import random
 from abc import ABC, abstractmethod
@@ -24,8 +25,16 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal, NamedTuple, NotRequired, TypedDict, TypeVar
 
+from stepgraph._twins import call, drive
 from stepgraph.checkpoint.base.id import uuid6
-from stepgraph.checkpoint.base.runs import Lease, Retention, RunInfo, RunStatus, StorageReport
+from stepgraph.checkpoint.base.runs import (
+    Lease,
+    Retention,
+    RunInfo,
+    RunStatus,
+    StorageReport,
+    failure_text,
+)
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.config import RunnableConfig, ensure_thread_id
 
@@ -443,6 +452,34 @@ class BaseCheckpointSaver(ABC):
         expect_epoch: int | None = None,
     ) -> Lease: ...
 
+    def acquire_lease_and_get_tuple(
+        self,
+        config: RunnableConfig,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> tuple[Lease, CheckpointTuple | None]:
+        """``acquire_lease`` on ``config``'s thread, then ``get_tuple(config)`` under the lease:
+        how a run starts. If the read fails, the lease is let go (status ``"error"``) before
+        the error is raised. A database saver does both in one call (Postgres: one round
+        trip); this default makes the calls one after the other."""
+        options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
+        return drive(_lease_then_read(self, False, config, owner, options))
+
+    async def aacquire_lease_and_get_tuple(
+        self,
+        config: RunnableConfig,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> tuple[Lease, CheckpointTuple | None]:
+        options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
+        return await _lease_then_read(self, True, config, owner, options)
+
     @abstractmethod
     def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         """Extend ``lease`` to ``ttl`` seconds from now; ``LeaseLostError`` if the epoch moved
@@ -510,6 +547,22 @@ class BaseCheckpointSaver(ABC):
         """
         counter = int(current.split(".", 1)[0], 16) + 1 if current else 1
         return f"{counter:08x}.{random.getrandbits(64):016x}"
+
+
+async def _lease_then_read(
+    saver: BaseCheckpointSaver,
+    use_async: bool,
+    config: RunnableConfig,
+    owner: str,
+    options: dict[str, Any],
+) -> tuple[Lease, CheckpointTuple | None]:
+    lease = await call(saver, "acquire_lease", use_async, get_thread_id(config), owner, **options)
+    try:
+        return lease, await call(saver, "get_tuple", use_async, config)
+    except Exception as error:
+        with contextlib.suppress(Exception):  # unreleased, the lease simply runs out
+            await call(saver, "release_lease", use_async, lease, "error", failure_text(error))
+        raise
 
 
 # -- twins written once ------------------------------------------------------------------------
@@ -612,6 +665,24 @@ class AsyncFromSyncSaver(BaseCheckpointSaver):
     ) -> Lease:
         return await self._call(
             self.acquire_lease, thread_id, owner, ttl=ttl, input=input, expect_epoch=expect_epoch
+        )
+
+    async def aacquire_lease_and_get_tuple(
+        self,
+        config: RunnableConfig,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> tuple[Lease, CheckpointTuple | None]:
+        return await self._call(
+            self.acquire_lease_and_get_tuple,
+            config,
+            owner,
+            ttl=ttl,
+            input=input,
+            expect_epoch=expect_epoch,
         )
 
     async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease:
@@ -746,6 +817,21 @@ class SyncFromAsyncSaver(BaseCheckpointSaver):
     ) -> Lease:
         return self._wait(
             self.aacquire_lease(thread_id, owner, ttl=ttl, input=input, expect_epoch=expect_epoch)
+        )
+
+    def acquire_lease_and_get_tuple(
+        self,
+        config: RunnableConfig,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> tuple[Lease, CheckpointTuple | None]:
+        return self._wait(
+            self.aacquire_lease_and_get_tuple(
+                config, owner, ttl=ttl, input=input, expect_epoch=expect_epoch
+            )
         )
 
     def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:

@@ -28,6 +28,7 @@ __all__ = [
     "RunInfo",
     "RunStatus",
     "StorageReport",
+    "failure_text",
     "fence_of",
     "with_fence",
 ]
@@ -139,3 +140,8 @@ def with_fence(config: RunnableConfig, epoch: int | None) -> RunnableConfig:
         **config,
         "configurable": {**(config.get("configurable") or {}), LEASE_EPOCH_KEY: epoch},
     }
+
+
+def failure_text(error: BaseException) -> str:
+    """How a run's error is recorded with its status ``"error"`` (``RunInfo.error``)."""
+    return f"{type(error).__name__}: {error}"[:2000]

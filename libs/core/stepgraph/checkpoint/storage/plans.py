@@ -14,9 +14,10 @@ asks the backend's ``SaverPlans`` for the ``Job`` of the operation and runs it w
 from __future__ import annotations
 
 import builtins
+import contextlib
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -34,7 +35,9 @@ from stepgraph.checkpoint.base import (
     StorageReport,
     SyncFromAsyncSaver,
     TaskWrites,
+    get_thread_id,
 )
+from stepgraph.checkpoint.base.runs import failure_text
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import ChainHeads, CheckpointRow, ListPager, PageQuery
 from stepgraph.checkpoint.storage.runs import check_limit
@@ -112,6 +115,65 @@ class Job(Generic[T_co, S_co]):
     scope: S_co
     """What the backend's runner needs around the plan (Postgres: a ``Scope``; SQLite, whose
     plans open their own transactions: None)."""
+
+
+def lease_then_read(
+    take: Job[Lease, S_co], read: Job[T_co, S_co], taken: list[Lease]
+) -> Job[tuple[Lease, T_co], S_co]:
+    """``take`` then ``read`` as one job (both need the same scope); the lease is appended to
+    ``taken`` once it is taken, so a caller whose read failed can let go of it. The read's
+    first statement is sent ahead of the lease's (``Statement.ahead``): where the driver
+    pipelines, taking a thread and reading it cost one round trip. If the lease is refused,
+    those rows are dropped."""
+
+    def plan() -> Plan[tuple[Lease, T_co]]:
+        reading = read.make()
+        try:
+            first = next(reading)
+        except StopIteration as done:  # a read that needs no statement
+            taken.append((yield from take.make()))
+            return taken[-1], done.value
+        taken.append((yield from _sending_ahead(take.make(), first)))
+        return taken[-1], (yield from _resumed(reading, (yield first)))
+
+    return Job(plan, take.scope)
+
+
+def _start(
+    plans: SaverPlans[S],
+    serde: SerializerProtocol,
+    heads: ChainHeads,
+    config: RunnableConfig,
+    owner: str,
+    ttl: float,
+    input: Any,
+    expect_epoch: int | None,
+) -> tuple[Job[Lease, S], Job[CheckpointTuple | None, S]]:
+    """The jobs ``acquire_lease_and_get_tuple`` runs as one: how a run starts."""
+    take = plans.acquire_lease(serde, get_thread_id(config), owner, ttl, input, expect_epoch)
+    return take, plans.get_tuple(serde, config, heads)
+
+
+def _sending_ahead(plan: Plan[T], ahead: Statement) -> Plan[T]:
+    """``plan``, its first statement carrying ``ahead`` (unless it has one of its own)."""
+    try:
+        statement = next(plan)
+        if statement.ahead is None:
+            statement = replace(statement, ahead=ahead)
+        while True:
+            statement = plan.send((yield statement))
+    except StopIteration as done:
+        return done.value
+
+
+def _resumed(plan: Plan[T], rows: list[Any]) -> Plan[T]:
+    """The rest of ``plan``, whose first statement was run and gave ``rows``."""
+    try:
+        statement = plan.send(rows)
+        while True:
+            statement = plan.send((yield statement))
+    except StopIteration as done:
+        return done.value
 
 
 class SaverPlans(Protocol[S_co]):
@@ -311,6 +373,25 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
         job = self.plans.acquire_lease(self.serde, thread_id, owner, ttl, input, expect_epoch)
         return self._run(job)
 
+    def acquire_lease_and_get_tuple(
+        self,
+        config: RunnableConfig,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> tuple[Lease, CheckpointTuple | None]:
+        taken: builtins.list[Lease] = []
+        job = _start(self.plans, self.serde, self.heads, config, owner, ttl, input, expect_epoch)
+        try:
+            return self._run(lease_then_read(*job, taken))
+        except Exception as error:
+            if taken:  # as the default: the lease was taken, the read failed
+                with contextlib.suppress(Exception):
+                    self.release_lease(taken[-1], "error", failure_text(error))
+            raise
+
     def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         return self._run(self.plans.renew_lease(lease, ttl))
 
@@ -442,6 +523,25 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
     ) -> Lease:
         job = self.plans.acquire_lease(self.serde, thread_id, owner, ttl, input, expect_epoch)
         return await self._run(job)
+
+    async def aacquire_lease_and_get_tuple(
+        self,
+        config: RunnableConfig,
+        owner: str,
+        *,
+        ttl: float,
+        input: Any = None,
+        expect_epoch: int | None = None,
+    ) -> tuple[Lease, CheckpointTuple | None]:
+        taken: builtins.list[Lease] = []
+        job = _start(self.plans, self.serde, self.heads, config, owner, ttl, input, expect_epoch)
+        try:
+            return await self._run(lease_then_read(*job, taken))
+        except Exception as error:
+            if taken:
+                with contextlib.suppress(Exception):
+                    await self.arelease_lease(taken[-1], "error", failure_text(error))
+            raise
 
     async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         return await self._run(self.plans.renew_lease(lease, ttl))

@@ -919,6 +919,32 @@ async def lease_is_exclusive(api: SaverApi) -> None:
     assert await api.call("get_run", new_id("never-leased")) is None
 
 
+async def a_run_starts_with_one_call(api: SaverApi) -> None:
+    """``acquire_lease_and_get_tuple`` takes the thread and reads the checkpoint the config
+    names, as ``acquire_lease`` then ``get_tuple`` would; on a busy thread it raises
+    ``ThreadBusyError`` and takes nothing."""
+    history = History(api, new_id("start"))
+    start = "acquire_lease_and_get_tuple"
+    lease, found = await api.call(start, history.config, "run-a", ttl=30, input={"q": 1})
+    assert found is None
+    assert (lease.thread_id, lease.owner, lease.attempts) == (history.thread_id, "run-a", 1)
+    run = await api.call("get_run", history.thread_id)
+    assert (run.status, run.run_id, run.input, run.epoch) == ("running", "run-a", {"q": 1}, 1)
+    with pytest.raises(ThreadBusyError) as busy:
+        await api.call(start, history.config, "run-b", ttl=30)
+    assert busy.value.holder == "run-a"
+    await api.call("release_lease", lease, "done")
+
+    configs = [await history.step({"n": n}) for n in range(3)]
+    await api.put_writes(configs[-1], [("n", 9)], "task-1")
+    for config, expected in ((thread_config(history.thread_id), configs[-1]), (configs[0],) * 2):
+        lease, found = await api.call(start, config, "run-b", ttl=30)
+        assert found is not None and found.config == expected
+        assert found == await api.get_tuple(config)
+        assert (await api.call("get_run", history.thread_id)).head == checkpoint_id_of(configs[-1])
+        await api.call("release_lease", lease, "done")
+
+
 async def expired_lease_is_taken_over_and_fenced(api: SaverApi) -> None:
     """After a lease runs out another run may take the thread; every later write of the old
     holder is refused and leaves nothing behind, so the history cannot fork."""
@@ -1134,6 +1160,7 @@ SCENARIOS: list[Scenario] = [
     a_version_keeps_its_first_value,
     appended_items_read_back_exactly,
     lease_is_exclusive,
+    a_run_starts_with_one_call,
     expired_lease_is_taken_over_and_fenced,
     writes_after_delete_thread_are_refused,
     incomplete_runs_are_listed,
