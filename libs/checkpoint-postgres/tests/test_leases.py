@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import psycopg
 import pytest
@@ -32,6 +32,7 @@ from stepgraph.checkpoint.postgres import PostgresSaver
 from stepgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from stepgraph.config import RunnableConfig
 from stepgraph.errors import LeaseLostError, ThreadBusyError
+from stepgraph.graph import END, START, StateGraph
 
 WORKER = Path(__file__).with_name("pg_worker.py")
 T = TypeVar("T")
@@ -307,6 +308,32 @@ def test_a_run_starts_with_one_round_trip(postgres_uri: str, autocommit: bool) -
             saver.acquire_lease_and_get_tuple(thread("t"), "another", ttl=30)
         run = saver.get_run("t")
         assert run is not None and (run.run_id, run.status) == ("run", "running")
+
+
+class Count(TypedDict):
+    n: int
+
+
+def test_a_one_node_run_is_four_round_trips(postgres_uri: str) -> None:
+    """Take the thread and read it; the input's checkpoint; START's step; the node's step,
+    whose statement also lets go of the lease."""
+    builder = StateGraph(Count)
+    builder.add_node("add", lambda state: {"n": state["n"] + 1})
+    builder.add_edge(START, "add")
+    builder.add_edge("add", END)
+    with psycopg.connect(postgres_uri, autocommit=True) as conn:
+        saver = PostgresSaver(conn)
+        saver.setup()
+        graph = builder.compile(checkpointer=saver)
+        for number in range(6):  # psycopg prepares a statement at its fifth use: one more Sync
+            graph.invoke({"n": 1}, thread(f"warm-{number}"), durability="sync")
+        messages = protocol_messages(
+            conn, lambda: graph.invoke({"n": 1}, thread("t"), durability="sync")
+        )
+        assert messages.count("F:Sync") == 4
+        run = saver.get_run("t")
+        assert run is not None and (run.status, run.expires_at) == ("done", None)
+        assert graph.get_state(thread("t")).values == {"n": 2}
 
 
 def test_a_takeover_waits_for_a_fenced_write_in_flight(postgres_uri: str) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -33,6 +33,7 @@ from stepgraph.checkpoint.sqlite._schema import SCHEMA_VERSION
 from stepgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from stepgraph.config import RunnableConfig
 from stepgraph.errors import LeaseLostError, ThreadBusyError
+from stepgraph.graph import END, START, StateGraph
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
@@ -268,6 +269,47 @@ def test_only_fenced_writes_read_the_run_registry(saver: SqliteSaver) -> None:
     ).fetchall()
     tables = [step for *_, step in plan if "SCAN" in step and "CONSTANT" not in step]
     assert tables == ["SCAN (subquery-2)"], plan  # the one constant row; the rest are seeks
+
+
+class Count(TypedDict):
+    n: int
+
+
+def one_node_graph(saver: SqliteSaver, **compile_options: Any) -> Any:
+    builder = StateGraph(Count)
+    builder.add_node("add", lambda state: {"n": state["n"] + 1})
+    builder.add_edge(START, "add")
+    builder.add_edge("add", END)
+    return builder.compile(checkpointer=saver, **compile_options)
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_a_runs_last_commit_lets_go_of_its_lease(tmp_path: Path, durability: str) -> None:
+    """A run of one node commits four times: its lease, the input's checkpoint, START's step,
+    and the node's step, which also lets go of the lease. Not when the run stops on a
+    breakpoint, or when a retention policy must run under the lease first."""
+    cases: list[tuple[dict[str, Any], dict[str, Any], int, str]] = [
+        ({}, {}, 4, "done"),
+        ({}, {"interrupt_after": ["add"]}, 5, "interrupted"),
+        ({"retention": Retention(keep_last=10)}, {}, 6, "done"),  # and one to prune
+    ]
+    for number, (options, compile_options, commits, status) in enumerate(cases):
+        path = tmp_path / f"run{number}.sqlite"
+        with SqliteSaver.from_conn_string(path, **options) as saver:
+            saver.setup()
+            graph = one_node_graph(saver, **compile_options)
+            statements: list[str] = []
+            saver.conn.set_trace_callback(statements.append)
+            try:
+                result = graph.invoke({"n": 1}, thread("t"), durability=durability)
+            finally:
+                saver.conn.set_trace_callback(None)
+            assert result == {"n": 2}
+            assert statements.count("BEGIN IMMEDIATE") == commits, options or compile_options
+            run = saver.get_run("t")
+            assert run is not None and (run.status, run.expires_at) == (status, None)
+            assert graph.get_state(thread("t")).values == {"n": 2}
+            assert saver.acquire_lease("t", "next", ttl=30).epoch == run.epoch + 1
 
 
 def test_refused_write_inside_the_callers_transaction_undoes_only_itself(tmp_path: Path) -> None:

@@ -51,13 +51,15 @@ def policy(config: RunnableConfig) -> tuple[str, float]:
 class Holding:
     """A lease a run holds, and whether its renewals found it lost."""
 
-    __slots__ = ("due", "lease", "lost", "saver", "ttl")
+    __slots__ = ("due", "lease", "lost", "released", "saver", "ttl")
 
     def __init__(self, saver: BaseCheckpointSaver, lease: Lease, ttl: float) -> None:
         self.saver = saver
         self.lease = lease
         self.ttl = ttl
         self.lost: LeaseLostError | None = None
+        self.released = False
+        """The run's last save let go of the lease (``put_step_and_release``)."""
         self.due = time.monotonic() + ttl / 3
 
     @property
@@ -184,6 +186,8 @@ async def _heartbeat(holding: Holding) -> None:
 
 def release(holding: Holding, status: RunStatus, error: str | None) -> None:
     _KEEPER.discard(holding)
+    if holding.released:  # by the run's last save, with status "done"
+        return
     with contextlib.suppress(Exception):  # unreleased, the lease simply runs out
         holding.saver.release_lease(holding.lease, status, error)
 
@@ -192,6 +196,8 @@ async def arelease(
     holding: Holding, beat: asyncio.Task[None], status: RunStatus, error: str | None
 ) -> None:
     beat.cancel()
+    if holding.released:
+        return
     with contextlib.suppress(Exception):
         await holding.saver.arelease_lease(holding.lease, status, error)
 

@@ -74,7 +74,7 @@ _INPUT_NODE = _input_node("__input__")
 class StepSave:
     """What one save hands to the checkpointer: writes of tasks and, optionally, a checkpoint."""
 
-    __slots__ = ("checkpoint", "config", "metadata", "new_versions", "writes")
+    __slots__ = ("checkpoint", "config", "metadata", "new_versions", "release", "writes")
 
     def __init__(
         self,
@@ -90,6 +90,9 @@ class StepSave:
         self.checkpoint = checkpoint
         self.metadata = metadata
         self.new_versions = new_versions
+        self.release: Any = None
+        """The run's lease (``_lease.Holding``) when this save ends the run: the saver lets
+        go of it in the same transaction (``put_step_and_release``)."""
 
 
 class RunLoop:
@@ -161,6 +164,8 @@ class RunLoop:
         self.live_ephemeral: set[str] = set()
         self.pending_writes: list[PendingWrite] = []
         """Writes saved against the current checkpoint by an earlier attempt of this step."""
+        self.planned: list[Task] | None = None
+        """The next step's tasks, when ``ends_after_step`` planned them already."""
         self.saved_config: RunnableConfig | None = None
         """Names the last checkpoint handed to the checkpointer: the next one's parent."""
         self.saved_metadata: CheckpointMetadata = {}
@@ -375,6 +380,9 @@ class RunLoop:
 
     def plan(self, *, restore: bool = True) -> list[Task]:
         """The tasks of the next step, in a deterministic order: ``Send`` tasks, then nodes."""
+        if (planned := self.planned) is not None:
+            self.planned = None
+            return planned
         graph = self.graph
         channels = self.channels
         tasks: list[Task] = []
@@ -428,6 +436,17 @@ class RunLoop:
             if any(c not in (ERROR, INTERRUPT, RESUME) for c, _ in saved):
                 task.writes = [(c, v) for c, v in saved if c not in _SPECIAL_CHANNELS]
                 task.done = True
+
+    def ends_after_step(self, tasks: Sequence[Task]) -> bool:
+        """Whether the step of ``tasks``, just applied, is the run's last: the run will stop
+        with nothing to run (no next task, no deferred node to fire), not on a breakpoint or
+        the recursion limit. Plans the next step (``plan`` hands those tasks out next)."""
+        if self.graph.finish_channels or self.step > self.stop:
+            return False
+        if self.should_interrupt(self.interrupt_after, tasks):
+            return False
+        self.planned = self.plan()
+        return not self.planned
 
     def finish(self) -> bool:
         """Nothing is left to run: let deferred nodes' channels fire. True if any did."""

@@ -289,7 +289,7 @@ class Pregel:
                     paused_step = tasks
                     break
                 updated = loop.apply(tasks)
-                write(persistence.on_step_done())
+                write(persistence.on_step_done(tasks, holding))
                 loop.emit_step(tasks, updated)
                 if loop.should_interrupt(loop.interrupt_after, tasks):
                     loop.stop_for_interrupts(())
@@ -408,7 +408,7 @@ class Pregel:
                     paused_step = tasks
                     break
                 updated = loop.apply(tasks)
-                await write(persistence.on_step_done())
+                await write(persistence.on_step_done(tasks, holding))
                 loop.emit_step(tasks, updated)
                 if loop.should_interrupt(loop.interrupt_after, tasks):
                     loop.stop_for_interrupts(())

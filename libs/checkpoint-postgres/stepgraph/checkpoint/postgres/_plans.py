@@ -216,17 +216,18 @@ WITH {fence}parent AS (
         AS k (channel, version, type, value, kind, base_version)
     WHERE (SELECT ok FROM saving)
     ON CONFLICT DO NOTHING
-), writes AS ({writes})
+), writes AS ({writes}){release}
 SELECT saving.ok{fence_columns} FROM saving{fence_from}
 """
-_PUT_STEP = _PUT_STEP_TEMPLATE.format(
-    fence="",
-    fence_if="",
-    fence_end="",
-    writes=_UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)"),
-    fence_columns="",
-    fence_from="",
-)
+_PUT_STEP_PARTS = {
+    "fence": "",
+    "fence_if": "",
+    "fence_end": "",
+    "writes": _UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)"),
+    "fence_columns": "",
+    "fence_from": "",
+}
+_PUT_STEP = _PUT_STEP_TEMPLATE.format(**_PUT_STEP_PARTS, release="")
 
 # Lease times are the database's clock (unix seconds): workers on many hosts share one server,
 # and their own clocks may disagree.
@@ -249,14 +250,29 @@ fence AS MATERIALIZED (
         f.epoch, f.status
     FROM (SELECT) AS one LEFT JOIN fence AS f ON TRUE
 ), """
-_FENCED_PUT_STEP = _PUT_STEP_TEMPLATE.format(
-    fence=_FENCE,
+_FENCED_PUT_STEP_PARTS = {
+    "fence": _FENCE,
     # CASE: the parent is looked at (and locked) only once the fence let the write through.
-    fence_if="CASE WHEN (SELECT ok FROM fenced) THEN ",
-    fence_end=" ELSE false END",
-    writes=_UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)"),
-    fence_columns=", fenced.ok, fenced.epoch, fenced.status",
-    fence_from=", fenced",
+    "fence_if": "CASE WHEN (SELECT ok FROM fenced) THEN ",
+    "fence_end": " ELSE false END",
+    "writes": _UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)"),
+    "fence_columns": ", fenced.ok, fenced.epoch, fenced.status",
+    "fence_from": ", fenced",
+}
+_FENCED_PUT_STEP = _PUT_STEP_TEMPLATE.format(**_FENCED_PUT_STEP_PARTS, release="")
+# The run's last step lets go of its lease in the same statement (``put_step_and_release``),
+# as ``_RELEASE`` below does, and only if the step was saved.
+_RELEASE_IF_SAVED = f"""
+, released AS (
+    UPDATE stepgraph_thread_runs
+    SET expires_at = NULL, status = %(release_status)b::text, updated_at = {_NOW},
+        error = NULL, input_type = NULL, input_blob = NULL
+    WHERE thread_id = %(thread_id)b::bytea AND epoch = %(release_epoch)b::bigint
+        AND owner = %(release_owner)b::bytea AND (SELECT ok FROM saving)
+)"""
+_PUT_STEP_AND_RELEASE = _PUT_STEP_TEMPLATE.format(**_PUT_STEP_PARTS, release=_RELEASE_IF_SAVED)
+_FENCED_PUT_STEP_AND_RELEASE = _PUT_STEP_TEMPLATE.format(
+    **_FENCED_PUT_STEP_PARTS, release=_RELEASE_IF_SAVED
 )
 _FENCED_UPSERT_WRITES = f"""
 WITH {_FENCE}writes AS ({_UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM fenced)")})
@@ -297,13 +313,15 @@ def put_step(
     metadata: CheckpointMetadata,
     new_versions: ChannelVersions,
     heads: ChainHeads,
+    release: tuple[Lease, RunStatus] | None = None,
 ) -> Callable[[], Plan[RunnableConfig]]:
     """The plan of ``put_step`` (and, with no writes, ``put``), returning the config of the
     saved checkpoint. Run with ``Scope.STATEMENT``: one statement, unless the parent checkpoint
     is gone (then a second one saves a self-contained checkpoint). Everything is serialized
     here, before any connection is taken. A fenced write (``fence_of(config)``) raises
     ``LeaseLostError`` and writes nothing when its lease was lost. ``heads`` learns of the
-    checkpoint once its statement succeeded."""
+    checkpoint once its statement succeeded. With ``release``, the statement that saves the
+    step also lets go of the lease."""
 
     def rows(self_contained: bool) -> CheckpointRows:
         return checkpoint_rows(
@@ -322,7 +340,7 @@ def put_step(
     first = rows(False)
     shadow = metadata_json_text(first.metadata)  # text now: the statement may run later
     fence = fence_of(config)
-    statement = _put_statement(first, shadow, fence, require_parent=True)
+    statement = _put_statement(first, shadow, fence, release, require_parent=True)
     row = first.checkpoint
     config_of_saved = checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
 
@@ -336,7 +354,7 @@ def put_step(
             heads.saved(first, serde)
         else:  # the parent is gone: its unchanged channels' rows may be too
             whole = rows(True)
-            again = yield _put_statement(whole, shadow, fence, require_parent=False)
+            again = yield _put_statement(whole, shadow, fence, release, require_parent=False)
             _check_fence(row.thread_id, fence, again[0])
             if again[0][0]:
                 heads.saved(whole, serde)
@@ -354,7 +372,12 @@ def _check_fence(thread_id: str, fence: int | None, result: Sequence[Any]) -> No
 
 
 def _put_statement(
-    rows: CheckpointRows, shadow: str, fence: int | None, *, require_parent: bool
+    rows: CheckpointRows,
+    shadow: str,
+    fence: int | None,
+    release: tuple[Lease, RunStatus] | None,
+    *,
+    require_parent: bool,
 ) -> Statement:
     row = rows.checkpoint
     params = _writes_params(row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id, rows.writes)
@@ -377,10 +400,18 @@ def _put_statement(
         value_kinds=Int2Array([value.kind for value in rows.values]),
         value_bases=ByteaArray([_encode_optional(value.base_version) for value in rows.values]),
     )
+    if release is not None:
+        lease, status = release
+        params.update(
+            release_status=status, release_epoch=lease.epoch, release_owner=encode(lease.owner)
+        )
     if fence is None:
-        return Statement(_PUT_STEP, params, fetch=True)
+        return Statement(
+            _PUT_STEP if release is None else _PUT_STEP_AND_RELEASE, params, fetch=True
+        )
     params["fence"] = fence
-    return Statement(_FENCED_PUT_STEP, params, fetch=True)
+    sql = _FENCED_PUT_STEP if release is None else _FENCED_PUT_STEP_AND_RELEASE
+    return Statement(sql, params, fetch=True)
 
 
 def put_writes(
@@ -1382,9 +1413,10 @@ class PostgresPlans:
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
         heads: ChainHeads,
+        release: tuple[Lease, RunStatus] | None = None,
     ) -> Job[RunnableConfig, Scope]:
-        plan = put_step(serde, config, writes, checkpoint, metadata, new_versions, heads)
-        return Job(plan, Scope.STATEMENT)
+        step = (config, writes, checkpoint, metadata, new_versions, heads, release)
+        return Job(put_step(serde, *step), Scope.STATEMENT)
 
     def put_writes(
         self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]

@@ -188,6 +188,7 @@ def _store(
     self_contained: Callable[[], CheckpointRows],
     fence: int | None,
     heads: ChainHeads,
+    release: tuple[Lease, RunStatus] | None,
 ) -> Plan[RunnableConfig]:
     row = rows.checkpoint
     yield BEGIN_WRITE
@@ -209,6 +210,8 @@ def _store(
     if rows.values:
         yield Statement(_INSERT_VALUE, rows.values, many=True)
     yield Statement(_INSERT_CHECKPOINT, (*rows.checkpoint, shadow))
+    if release is not None:
+        yield from _let_go(*release, None)
     yield COMMIT
     heads.saved(rows, serde)
     return checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
@@ -222,8 +225,10 @@ def put_step(
     metadata: CheckpointMetadata,
     new_versions: ChannelVersions,
     heads: ChainHeads,
+    release: tuple[Lease, RunStatus] | None = None,
 ) -> Plan[RunnableConfig]:
-    """``put_step`` and (with no writes) ``put``: one transaction, one commit."""
+    """``put_step`` and (with no writes) ``put``: one transaction, one commit; with
+    ``release``, the lease is let go in it too."""
     # Everything is serialized before the write lock is taken, so other writers wait only for
     # the inserts.
     rows = functools.partial(
@@ -241,7 +246,8 @@ def put_step(
     first = rows(heads=heads)
     shadow = _to_json(first.metadata_json)
     self_contained = functools.partial(rows, self_contained=True)
-    return (yield from _store(serde, first, shadow, self_contained, fence_of(config), heads))
+    fence = fence_of(config)
+    return (yield from _store(serde, first, shadow, self_contained, fence, heads, release))
 
 
 def put_writes(
@@ -786,11 +792,16 @@ def renew_lease(lease: Lease, ttl: float) -> Plan[Lease]:
 
 def release_lease(lease: Lease, status: RunStatus, error: str | None) -> Plan[None]:
     yield BEGIN_WRITE
+    yield from _let_go(lease, status, error)
+    yield COMMIT
+
+
+def _let_go(lease: Lease, status: RunStatus, error: str | None) -> Plan[None]:
+    """Release ``lease`` inside the caller's write transaction."""
     row = yield from _select_run(lease.thread_id)
     after = released(row, lease, status, error, time.time())
     if after is not None:  # None: the lease was lost, the row is another run's now
         yield Statement(_UPSERT_RUN, after)
-    yield COMMIT
 
 
 def get_run(serde: SerializerProtocol, thread_id: str) -> Plan[RunInfo | None]:
@@ -878,11 +889,10 @@ class SqlitePlans:
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
         heads: ChainHeads,
+        release: tuple[Lease, RunStatus] | None = None,
     ) -> Job[RunnableConfig, None]:
-        plan = functools.partial(
-            put_step, serde, config, writes, checkpoint, metadata, new_versions, heads
-        )
-        return Job(plan, None)
+        step = (config, writes, checkpoint, metadata, new_versions, heads, release)
+        return Job(functools.partial(put_step, serde, *step), None)
 
     def put_writes(
         self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]

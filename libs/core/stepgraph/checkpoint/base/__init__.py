@@ -33,6 +33,7 @@ from stepgraph.checkpoint.base.runs import (
     RunInfo,
     RunStatus,
     StorageReport,
+    check_finished_status,
     failure_text,
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
@@ -370,6 +371,36 @@ class BaseCheckpointSaver(ABC):
             await self.aput_writes(config, task.writes, task.task_id, task.task_path)
         return await self.aput(config, checkpoint, metadata, new_versions)
 
+    def put_step_and_release(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        lease: Lease,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        """``put_step``, then ``release_lease(lease, status)``: the save that ends a run.
+
+        Database savers commit both in one transaction (the lease is let go only if the step
+        is saved); this default makes the two calls."""
+        options = (config, writes, checkpoint, metadata, new_versions, lease, status)
+        return drive(_step_then_release(self, False, *options))
+
+    async def aput_step_and_release(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        lease: Lease,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        options = (config, writes, checkpoint, metadata, new_versions, lease, status)
+        return await _step_then_release(self, True, *options)
+
     # -- thread management -------------------------------------------------------------------
 
     @abstractmethod
@@ -549,6 +580,24 @@ class BaseCheckpointSaver(ABC):
         return f"{counter:08x}.{random.getrandbits(64):016x}"
 
 
+async def _step_then_release(
+    saver: BaseCheckpointSaver,
+    use_async: bool,
+    config: RunnableConfig,
+    writes: Sequence[TaskWrites],
+    checkpoint: Checkpoint,
+    metadata: CheckpointMetadata,
+    new_versions: ChannelVersions,
+    lease: Lease,
+    status: RunStatus,
+) -> RunnableConfig:
+    check_finished_status(status)
+    step = (config, writes, checkpoint, metadata, new_versions)
+    saved = await call(saver, "put_step", use_async, *step)
+    await call(saver, "release_lease", use_async, lease, status)
+    return saved
+
+
 async def _lease_then_read(
     saver: BaseCheckpointSaver,
     use_async: bool,
@@ -632,6 +681,19 @@ class AsyncFromSyncSaver(BaseCheckpointSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         return await self._call(self.put_step, config, writes, checkpoint, metadata, new_versions)
+
+    async def aput_step_and_release(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        lease: Lease,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        options = (config, writes, checkpoint, metadata, new_versions, lease, status)
+        return await self._call(self.put_step_and_release, *options)
 
     async def adelete_thread(self, thread_id: str) -> None:
         await self._call(self.delete_thread, thread_id)
@@ -784,6 +846,19 @@ class SyncFromAsyncSaver(BaseCheckpointSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         return self._wait(self.aput_step(config, writes, checkpoint, metadata, new_versions))
+
+    def put_step_and_release(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        lease: Lease,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        options = (config, writes, checkpoint, metadata, new_versions, lease, status)
+        return self._wait(self.aput_step_and_release(*options))
 
     def delete_thread(self, thread_id: str) -> None:
         self._wait(self.adelete_thread(thread_id))

@@ -28,6 +28,7 @@ __all__ = [
     "RunInfo",
     "RunStatus",
     "StorageReport",
+    "check_finished_status",
     "failure_text",
     "fence_of",
     "with_fence",
@@ -145,3 +146,11 @@ def with_fence(config: RunnableConfig, epoch: int | None) -> RunnableConfig:
 def failure_text(error: BaseException) -> str:
     """How a run's error is recorded with its status ``"error"`` (``RunInfo.error``)."""
     return f"{type(error).__name__}: {error}"[:2000]
+
+
+def check_finished_status(status: str) -> None:
+    """The status a run's last save (``put_step_and_release``) lets go of its lease with."""
+    if status not in FINISHED:
+        raise ValueError(
+            f"A run's last save lets go of its lease with one of {sorted(FINISHED)}, not {status!r}"
+        )

@@ -37,7 +37,7 @@ from stepgraph.checkpoint.base import (
     TaskWrites,
     get_thread_id,
 )
-from stepgraph.checkpoint.base.runs import failure_text
+from stepgraph.checkpoint.base.runs import check_finished_status, failure_text
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import ChainHeads, CheckpointRow, ListPager, PageQuery
 from stepgraph.checkpoint.storage.runs import check_limit
@@ -199,10 +199,12 @@ class SaverPlans(Protocol[S_co]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
         heads: ChainHeads,
+        release: tuple[Lease, RunStatus] | None = None,
     ) -> Job[RunnableConfig, S_co]:
         """Stores the checkpoint's blob as changes to its parent's when ``heads`` allows
         (``storage.checkpoint_rows``), and calls ``heads.saved(rows, serde)`` once the rows are
-        committed."""
+        committed. With ``release``, the lease is let go with that status in the same
+        transaction, once the step is saved."""
         ...
 
     def put_writes(
@@ -334,6 +336,20 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
                 self.serde, config, writes, checkpoint, metadata, new_versions, self.heads
             )
         )
+
+    def put_step_and_release(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        lease: Lease,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        check_finished_status(status)
+        step = (config, writes, checkpoint, metadata, new_versions, self.heads)
+        return self._run(self.plans.put_step(self.serde, *step, release=(lease, status)))
 
     # -- thread management -------------------------------------------------------------------
 
@@ -486,6 +502,20 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
                 self.serde, config, writes, checkpoint, metadata, new_versions, self.heads
             )
         )
+
+    async def aput_step_and_release(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[TaskWrites],
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        lease: Lease,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        check_finished_status(status)
+        step = (config, writes, checkpoint, metadata, new_versions, self.heads)
+        return await self._run(self.plans.put_step(self.serde, *step, release=(lease, status)))
 
     # -- thread management -------------------------------------------------------------------
 

@@ -945,6 +945,37 @@ async def a_run_starts_with_one_call(api: SaverApi) -> None:
         await api.call("release_lease", lease, "done")
 
 
+async def the_last_step_lets_go_of_the_lease(api: SaverApi) -> None:
+    """``put_step_and_release`` saves a run's last step and lets go of its lease (status
+    ``done``) together; a run whose lease was taken over saves nothing and lets go of
+    nothing."""
+    history = History(api, new_id("last"))
+    lease = await api.call("acquire_lease", history.thread_id, "run-a", ttl=30, input=[1])
+    history.config = with_fence(history.config, lease.epoch)
+    first = await history.step({"n": 1})
+    checkpoint, versions = history.next_checkpoint({"n": 2})
+    step = (first, [TaskWrites("task-1", [("n", 2)])], checkpoint, {"step": 1}, versions)
+    with pytest.raises(ValueError, match="'running'"):
+        await api.call("put_step_and_release", *step, lease, "running")
+    assert (await api.call("get_run", history.thread_id)).status == "running"
+
+    saved = await api.call("put_step_and_release", *step, lease)
+    latest = await must_get(api, thread_config(history.thread_id))
+    assert latest.config == saved and latest.checkpoint["channel_values"] == {"n": 2}
+    assert (await must_get(api, first)).pending_writes == [("task-1", "n", 2)]
+    run = await api.call("get_run", history.thread_id)
+    assert (run.status, run.expires_at, run.input, run.epoch) == ("done", None, None, lease.epoch)
+
+    new = await api.call("acquire_lease", history.thread_id, "run-b", ttl=30)
+    checkpoint, versions = history.next_checkpoint({"n": 3})
+    stale = with_fence(saved, lease.epoch)
+    with pytest.raises(LeaseLostError):
+        await api.call("put_step_and_release", stale, [], checkpoint, {"step": 2}, versions, lease)
+    assert (await must_get(api, thread_config(history.thread_id))).config == saved
+    run = await api.call("get_run", history.thread_id)
+    assert (run.status, run.run_id, run.epoch) == ("running", "run-b", new.epoch)
+
+
 async def expired_lease_is_taken_over_and_fenced(api: SaverApi) -> None:
     """After a lease runs out another run may take the thread; every later write of the old
     holder is refused and leaves nothing behind, so the history cannot fork."""
@@ -1161,6 +1192,7 @@ SCENARIOS: list[Scenario] = [
     appended_items_read_back_exactly,
     lease_is_exclusive,
     a_run_starts_with_one_call,
+    the_last_step_lets_go_of_the_lease,
     expired_lease_is_taken_over_and_fenced,
     writes_after_delete_thread_are_refused,
     incomplete_runs_are_listed,
