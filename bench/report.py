@@ -23,6 +23,7 @@ TITLES = {
     "long_thread": "4. Long thread: reads on a 1,000-checkpoint thread vs a 20-checkpoint one",
     "resume": "5. Resume: 20-node chain, node 15 raises once; the resume is timed (per step it ran)",
     "functional": "6. Functional API: an entrypoint calling 20 tasks in sequence (µs per task)",
+    "short_run": "7. Short run: START -> one node -> END (µs per invocation)",
 }
 
 

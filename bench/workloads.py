@@ -263,6 +263,27 @@ def run_functional(graph: Any, driver: Driver, thread_id: str) -> Sample:
     return Sample(ns, CHAIN_LENGTH, CHAIN_LENGTH)
 
 
+# 7. Short run -------------------------------------------------------------------------------------
+
+
+class ShortState(TypedDict):
+    x: int
+
+
+def short_node(state: ShortState) -> dict[str, Any]:
+    return {"x": state["x"] + 1}
+
+
+def build_short_run(api: Api, checkpointer: Any) -> Any:
+    """START -> one node -> END: a run that is mostly what every run pays besides its steps
+    (taking and reading the thread, the input's checkpoint, letting go)."""
+    return build_sequence(api, ShortState, {"only": short_node}, checkpointer)
+
+
+def run_short_run(graph: Any, driver: Driver, thread_id: str) -> Sample:
+    return Sample(driver.invoke(graph, {"x": 0}, thread_id), 1, 1)
+
+
 WORKLOADS = {
     w.name: w
     for w in [
@@ -276,6 +297,7 @@ WORKLOADS = {
             needs_checkpointer=True,
         ),
         Workload("functional", build_functional, run_functional, unit="task"),
+        Workload("short_run", build_short_run, run_short_run, unit="run"),
     ]
 }
 

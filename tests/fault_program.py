@@ -61,10 +61,12 @@ WRITE_METHODS = {
     "put_step": "put_step",
     "put_writes": "put_writes",
     "put_writes_batch": "put_writes_batch",
+    "put_step_and_release": "put_step_and_release",  # a run's last save, and its lease's release
     "aput": "put",
     "aput_step": "put_step",
     "aput_writes": "put_writes",
     "aput_writes_batch": "put_writes_batch",
+    "aput_step_and_release": "put_step_and_release",
 }
 # How long the fan-out's tasks take (p1 at once): p1's save is held up (PUT_WRITES_DELAY) until
 # p2 and p3 have finished, so their writes go together in one put_writes_batch, and p4 finishes
@@ -224,16 +226,19 @@ class Faults:
         return result
 
 
+CHECKPOINT_SAVES = ("put", "put_step", "put_step_and_release")
+
+
 def effect(kind: str, args: tuple) -> list[str]:
     """The nodes whose effect (their ``log`` entry) the write call makes durable: the
     checkpoint's ``log`` and the ``log`` writes it carries."""
     nodes: list[str] = []
-    if kind in ("put", "put_step"):
-        checkpoint = args[2] if kind == "put_step" else args[1]
+    if kind in CHECKPOINT_SAVES:
+        checkpoint = args[1] if kind == "put" else args[2]
         nodes.extend(checkpoint["channel_values"].get("log", []))
     if kind == "put_writes":
         pairs: list[Any] = list(args[1])
-    elif kind in ("put_step", "put_writes_batch"):
+    elif kind in ("put_step", "put_step_and_release", "put_writes_batch"):
         pairs = [pair for task in args[1] for pair in task.writes]
     else:
         pairs = []

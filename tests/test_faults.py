@@ -58,6 +58,9 @@ from stepgraph.checkpoint.sqlite import SqliteSaver
 PROGRAM = Path(__file__).with_name("fault_program.py")
 NODES = ("a", "p1", "p2", "p3", "p4", "z")
 BOUNDARIES = ("before", "commit", "mid", "after")
+# The write calls that save a checkpoint (fault_program.CHECKPOINT_SAVES); the last of a run
+# also lets go of its lease.
+CHECKPOINT_SAVES = ("put", "put_step", "put_step_and_release")
 FULL = os.environ.get("STEPGRAPH_CHAOS", "") not in ("", "0")
 PARALLEL = 4  # cases in flight at once (each is two short processes, mostly waiting)
 THREAD = "faulty"
@@ -93,7 +96,8 @@ def fault_summary(request: pytest.FixtureRequest) -> Iterator[None]:
     line = (
         f"fault injection ({'full' if FULL else 'bounded'}): {STATS['cases']} cases, "
         f"{STATS['processes']} processes, {STATS['kills']} SIGKILLs ({boundaries}), "
-        f"{STATS['resumes']} recoveries, {STATS['invariant checks']} invariant checks, "
+        f"{STATS['resumes']} recoveries, {STATS['finished at the kill']} runs done at the kill, "
+        f"{STATS['invariant checks']} invariant checks, "
         f"{STATS['reruns']} node re-runs (all of uncommitted work); killed inside a write: "
         f"{outcomes}; "
         f"{time.monotonic() - started:.1f} s"
@@ -368,7 +372,6 @@ def run_case(stores: Stores, clean: Clean, case: Case) -> None:
         f"{case.name}: the write calls differ from the clean run's: {calls.started}",
     )
     check(max(calls.started) == case.index, f"{case.name}: killed at the wrong call")
-    check(run is not None and run.status == "running", f"{case.name}: run record {run}")
     check(all(a == 1 for _, a in first), f"{case.name}: ledger {first}")
     check(committed <= {n for n, _ in first}, f"{case.name}: committed {committed} never ran")
     # (d) every call that returned is committed; the killed one is all or nothing.
@@ -385,8 +388,8 @@ def run_case(stores: Stores, clean: Clean, case: Case) -> None:
     )
     # The killed call itself: a checkpoint save is committed iff the store has one checkpoint
     # more than the saves that returned; a writes save iff its nodes are in the store.
-    returned = sum(calls.started[i][0] in ("put", "put_step") for i in calls.done - {case.index})
-    if case.kind in ("put", "put_step"):
+    returned = sum(calls.started[i][0] in CHECKPOINT_SAVES for i in calls.done - {case.index})
+    if case.kind in CHECKPOINT_SAVES:
         check(
             len(at_kill) in (returned, returned + 1),
             f"{case.name}: {len(at_kill)} checkpoints stored, {returned} saves returned",
@@ -407,6 +410,22 @@ def run_case(stores: Stores, clean: Clean, case: Case) -> None:
             check(at_kill == [], f"{case.name}: exit mode saved before the end: {at_kill}")
     if case.store == "sqlite":
         assert_sqlite_intact(target)
+    # The run's last save lets go of its lease in its own transaction: once it landed, the run
+    # is done, and there is nothing to recover. Before that, the dead run holds the thread.
+    finished = landed and case.kind == "put_step_and_release"
+    check(
+        run is not None and run.status == ("done" if finished else "running"),
+        f"{case.name}: run record {run}",
+    )
+    if finished:
+        check(at_kill[-1].values == clean.final, f"{case.name}: stored state {at_kill[-1].values}")
+        check(
+            [(s.source, s.step) for s in at_kill] == [(s.source, s.step) for s in clean.history],
+            f"{case.name}: history {[(s.source, s.step) for s in at_kill]}",
+        )
+        count("finished at the kill")
+        count("cases")
+        return
 
     # A new process recovers the run once its lease runs out.
     resume = spawn({**spec, "phase": "resume", "attempt": 2})

@@ -28,7 +28,7 @@ from pg_test_helpers import (
 
 from stepgraph.checkpoint.base import BaseCheckpointSaver, Retention, TaskWrites
 from stepgraph.checkpoint.base.runs import with_fence
-from stepgraph.checkpoint.postgres import PostgresSaver
+from stepgraph.checkpoint.postgres import PostgresSaver, _plans
 from stepgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from stepgraph.config import RunnableConfig
 from stepgraph.errors import LeaseLostError, ThreadBusyError
@@ -308,6 +308,30 @@ def test_a_run_starts_with_one_round_trip(postgres_uri: str, autocommit: bool) -
             saver.acquire_lease_and_get_tuple(thread("t"), "another", ttl=30)
         run = saver.get_run("t")
         assert run is not None and (run.run_id, run.status) == ("run", "running")
+
+
+def test_a_refused_start_locks_nothing(postgres_uri: str) -> None:
+    """The lease statement of a start refused because another run holds the thread proposes
+    no row, so no conflict locks the holder's row: a start reads the thread in the same
+    transaction, and the holder's renewals and saves must not wait for that read. (Here the
+    refused statement's transaction is left open.)"""
+    with psycopg.connect(postgres_uri, autocommit=True) as conn:
+        saver = PostgresSaver(conn)
+        saver.setup()
+        holder = saver.acquire_lease("t", "holder", ttl=30)
+        take = _plans.acquire_lease(saver.serde, "t", "other", 30, None, None)()
+        statement = next(take)
+        with psycopg.connect(postgres_uri) as refused:  # its locks last until the rollback
+            cursor = _plans.cursor_of(refused)
+            assert cursor.execute(statement.sql, statement.params).fetchall() == []
+            conn.execute(
+                "SELECT 1 FROM stepgraph_thread_runs WHERE thread_id = %b FOR UPDATE NOWAIT",
+                [b"t"],
+            )
+            refused.rollback()
+        assert saver.renew_lease(holder, ttl=30).epoch == holder.epoch
+        with pytest.raises(ThreadBusyError):
+            saver.acquire_lease_and_get_tuple(thread("t"), "other", ttl=30)
 
 
 class Count(TypedDict):

@@ -31,9 +31,12 @@ from stepgraph.checkpoint.base.runs import with_fence
 from stepgraph.checkpoint.sqlite import SqliteSaver, _plans
 from stepgraph.checkpoint.sqlite._schema import SCHEMA_VERSION
 from stepgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from stepgraph.checkpoint.storage import CorruptCheckpointError
+from stepgraph.checkpoint.storage.plans import Job, Statement
 from stepgraph.config import RunnableConfig
-from stepgraph.errors import LeaseLostError, ThreadBusyError
+from stepgraph.errors import InvalidUpdateError, LeaseLostError, ThreadBusyError
 from stepgraph.graph import END, START, StateGraph
+from stepgraph.types import Command, Send
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
@@ -283,17 +286,20 @@ def one_node_graph(saver: SqliteSaver, **compile_options: Any) -> Any:
     return builder.compile(checkpointer=saver, **compile_options)
 
 
-@pytest.mark.parametrize("durability", ["sync", "async"])
+@pytest.mark.parametrize("durability", ["sync", "async", "exit"])
 def test_a_runs_last_commit_lets_go_of_its_lease(tmp_path: Path, durability: str) -> None:
     """A run of one node commits four times: its lease, the input's checkpoint, START's step,
-    and the node's step, which also lets go of the lease. Not when the run stops on a
-    breakpoint, or when a retention policy must run under the lease first."""
-    cases: list[tuple[dict[str, Any], dict[str, Any], int, str]] = [
-        ({}, {}, 4, "done"),
-        ({}, {"interrupt_after": ["add"]}, 5, "interrupted"),
-        ({"retention": Retention(keep_last=10)}, {}, 6, "done"),  # and one to prune
+    and the node's step, which also lets go of the lease (``exit``: the lease, then the final
+    checkpoint). A run that stops on a breakpoint lets go in its last commit too. Not when a
+    retention policy must run under the lease first."""
+    folded = {"sync": 4, "async": 4, "exit": 2}[durability]
+    cases: list[tuple[dict[str, Any], dict[str, Any], int, str, int]] = [
+        ({}, {}, folded, "done", 2),
+        ({}, {"interrupt_after": ["add"]}, folded, "interrupted", 2),
+        ({}, {"interrupt_before": ["add"]}, folded - 1 if folded > 2 else 2, "interrupted", 1),
+        ({"retention": Retention(keep_last=10)}, {}, folded + 2, "done", 2),  # prune, release
     ]
-    for number, (options, compile_options, commits, status) in enumerate(cases):
+    for number, (options, compile_options, commits, status, n) in enumerate(cases):
         path = tmp_path / f"run{number}.sqlite"
         with SqliteSaver.from_conn_string(path, **options) as saver:
             saver.setup()
@@ -304,12 +310,122 @@ def test_a_runs_last_commit_lets_go_of_its_lease(tmp_path: Path, durability: str
                 result = graph.invoke({"n": 1}, thread("t"), durability=durability)
             finally:
                 saver.conn.set_trace_callback(None)
-            assert result == {"n": 2}
+            assert result == {"n": n}
             assert statements.count("BEGIN IMMEDIATE") == commits, options or compile_options
             run = saver.get_run("t")
             assert run is not None and (run.status, run.expires_at) == (status, None)
-            assert graph.get_state(thread("t")).values == {"n": 2}
+            assert graph.get_state(thread("t")).values == {"n": n}
             assert saver.acquire_lease("t", "next", ttl=30).epoch == run.epoch + 1
+
+
+def test_a_subclass_that_intercepts_a_save_still_sees_every_one(tmp_path: Path) -> None:
+    """A subclass overriding ``put_step`` or ``get_tuple`` (to log them, say) sees the run's
+    first read and last step too: the calls that fold them into one transaction make them
+    one after the other instead."""
+    calls: list[str] = []
+
+    class Logging(SqliteSaver):
+        def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+            calls.append("get_tuple")
+            return super().get_tuple(config)
+
+        def put_step(self, *args: Any, **kwargs: Any) -> RunnableConfig:
+            calls.append("put_step")
+            return super().put_step(*args, **kwargs)
+
+    with Logging.from_conn_string(tmp_path / "logged.sqlite") as saver:
+        assert one_node_graph(saver).invoke({"n": 1}, thread("t")) == {"n": 2}
+        # The read; the input's checkpoint (put calls put_step), START's step, the node's.
+        assert calls == ["get_tuple", "put_step", "put_step", "put_step"]
+        run = saver.get_run("t")
+        assert run is not None and (run.status, run.expires_at) == ("done", None)
+
+
+class FailingReads:
+    """A saver's plans whose next ``get_tuple`` fails after its first statement."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.failure: BaseException | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def get_tuple(self, serde: Any, config: RunnableConfig, heads: Any = None) -> Job[Any, Any]:
+        job = self.inner.get_tuple(serde, config, heads)
+        failure, self.failure = self.failure, None
+        if failure is None:
+            return job
+
+        def plan() -> Iterator[Statement]:
+            yield Statement("SELECT 1")
+            raise failure
+
+        return Job(plan, job.scope)
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        (sqlite3.OperationalError("disk I/O error (simulated)"), "error"),
+        (CorruptCheckpointError("a value row is gone (simulated)"), "error"),
+        (KeyboardInterrupt(), "cancelled"),
+    ],
+    ids=["transient", "corrupt", "ctrl-c"],
+)
+def test_a_run_whose_start_read_fails_lets_go_of_the_thread(
+    saver: SqliteSaver, failure: BaseException, status: str
+) -> None:
+    """The lease and the read are one call: when the read fails, the thread is let go, as the
+    run's failure says (not left to run out and be taken for a run that died), and taken once
+    only (a read's SerializationError is not the input's, which a run may drop)."""
+    plans = FailingReads(saver.plans)
+    saver.plans = plans  # type: ignore[assignment]
+    graph = one_node_graph(saver)
+    graph.invoke({"n": 1}, thread("t"))
+    epoch = saver.get_run("t").epoch  # type: ignore[union-attr]
+    plans.failure = failure
+    with pytest.raises(type(failure)):
+        graph.invoke({"n": 5}, thread("t"))
+    run = saver.get_run("t")
+    assert run is not None and (run.status, run.expires_at, run.epoch) == (status, None, epoch + 1)
+    assert saver.list_incomplete() == []
+    assert graph.invoke({"n": 5}, thread("t")) == {"n": 6}
+
+
+def test_update_state_whose_read_fails_keeps_the_run_record(saver: SqliteSaver) -> None:
+    """``update_state`` leaves the record as it found it, even when its read fails."""
+    plans = FailingReads(saver.plans)
+    saver.plans = plans  # type: ignore[assignment]
+    graph = one_node_graph(saver, interrupt_before=["add"])
+    graph.invoke({"n": 1}, thread("t"))
+    plans.failure = sqlite3.OperationalError("disk I/O error (simulated)")
+    with pytest.raises(sqlite3.OperationalError):
+        graph.update_state(thread("t"), {"n": 5})
+    run = saver.get_run("t")
+    assert run is not None and (run.status, run.error) == ("interrupted", None)
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_a_step_whose_next_plan_fails_is_saved(saver: SqliteSaver, durability: str) -> None:
+    """Knowing whether a step is the run's last plans the next step before the step's save:
+    a plan that raises (a ``Send`` to no node) must not cost the step its save."""
+    ran: list[int] = []
+
+    def send_nowhere(state: Count) -> Command[Any]:
+        ran.append(state["n"])
+        return Command(update={"n": state["n"] + 1}, goto=Send("nowhere", {"n": 0}))
+
+    builder = StateGraph(Count)
+    builder.add_node("a", send_nowhere)
+    builder.add_edge(START, "a")
+    graph = builder.compile(checkpointer=saver)
+    for graph_input in ({"n": 1}, None):
+        with pytest.raises(InvalidUpdateError, match="nowhere"):
+            graph.invoke(graph_input, thread("t"), durability=durability)
+    steps = [found.metadata["step"] for found in saver.list(thread("t"))]
+    assert (steps, ran) == ([1, 0, -1], [1])
+    assert saver.get_run("t").status == "error"  # type: ignore[union-attr]
 
 
 def test_refused_write_inside_the_callers_transaction_undoes_only_itself(tmp_path: Path) -> None:

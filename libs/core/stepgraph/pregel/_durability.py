@@ -83,28 +83,25 @@ class Persistence:
         return StepSave(self.loop.save_target(), [writes])
 
     def on_step_done(self, tasks: Sequence[Task], holding: Any) -> StepSave | None:
-        """The step of ``tasks`` was applied and its checkpoint is current. If it is the run's
-        last (``RunLoop.ends_after_step``), its save also lets go of the run's lease
-        (``holding``), in the same transaction: a commit fewer per run. Not when the saver
-        applies a retention policy: that runs once the run ends, still under the lease."""
+        """The step of ``tasks`` was applied and its checkpoint is current. If the run ends
+        right after it (``RunLoop.ends_after_step``), its save also lets go of the run's lease
+        (``holding``)."""
         held, self.held = self.held, []
         if self.mode not in ("sync", "async"):
             return None
         save = self.loop.save_checkpoint(held)  # type: ignore[arg-type]  # no Task held
-        if (
-            holding is not None
-            and holding.saver.retention is None
-            and self.loop.ends_after_step(tasks)
-        ):
-            save.release = holding
+        if _may_release(holding) and (status := self.loop.ends_after_step(tasks)) is not None:
+            save.release = (holding, status)
         return save
 
     def _writes(self, held: list[TaskWrites | Task]) -> list[TaskWrites]:
         task_writes = self.loop.task_writes
         return [task_writes(h) if isinstance(h, Task) else h for h in held]
 
-    def on_exit(self) -> list[StepSave]:
-        """Saves still due when the run ends, successfully or not."""
+    def on_exit(self, holding: Any = None) -> list[StepSave]:
+        """Saves still due when the run ends, successfully or not. ``holding``: the run's
+        lease, when it ended without an error: if its last save is a checkpoint's (``exit``),
+        that save also lets go of the lease."""
         if self.mode is None:
             return []
         saves = []
@@ -116,14 +113,24 @@ class Persistence:
         if self.held:
             saves.append(StepSave(self.loop.save_target(), self._writes(self.held)))
             self.held = []
+        if saves and saves[-1].checkpoint is not None and _may_release(holding):
+            saves[-1].release = (holding, "interrupted" if loop.paused else "done")
         return saves
+
+
+def _may_release(holding: Any) -> bool:
+    """Whether the run's last save may let go of its lease (``put_step_and_release``): a
+    run holds one, and the saver has no retention policy, which runs once the run ends, under
+    the lease."""
+    return holding is not None and holding.saver.retention is None
 
 
 def _save(saver: Any, save: StepSave) -> None:
     if save.release is not None:
         step = (save.config, save.writes, save.checkpoint, save.metadata, save.new_versions)
-        saver.put_step_and_release(*step, save.release.lease)
-        save.release.released = True
+        holding, status = save.release
+        saver.put_step_and_release(*step, holding.lease, status)
+        holding.released = True
     elif save.checkpoint is None:
         if len(save.writes) == 1:
             task = save.writes[0]
@@ -139,8 +146,9 @@ def _save(saver: Any, save: StepSave) -> None:
 async def _asave(saver: Any, save: StepSave) -> None:
     if save.release is not None:
         step = (save.config, save.writes, save.checkpoint, save.metadata, save.new_versions)
-        await saver.aput_step_and_release(*step, save.release.lease)
-        save.release.released = True
+        holding, status = save.release
+        await saver.aput_step_and_release(*step, holding.lease, status)
+        holding.released = True
     elif save.checkpoint is None:
         if len(save.writes) == 1:
             task = save.writes[0]

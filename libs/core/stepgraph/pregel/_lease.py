@@ -25,7 +25,7 @@ from typing import Any
 
 from stepgraph._twins import call, drive
 from stepgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple, Lease, RunStatus
-from stepgraph.checkpoint.base.runs import RECOVER_EPOCH_KEY, failure_text
+from stepgraph.checkpoint.base.runs import RECOVER_EPOCH_KEY, failure_outcome
 from stepgraph.config import RunnableConfig
 from stepgraph.errors import LeaseLostError, SerializationError, ThreadBusyError
 
@@ -85,18 +85,44 @@ class Holding:
 
 
 async def _take(
-    saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any, use_async: bool
+    saver: BaseCheckpointSaver,
+    config: RunnableConfig,
+    owner: str,
+    input: Any,
+    use_async: bool,
+    read: bool,
 ) -> tuple[Lease, CheckpointTuple | None]:
-    """The lease, and the checkpoint ``config`` names read under it (one call to the saver)."""
+    """The lease and, with ``read``, the checkpoint ``config`` names, read under it in the
+    same saver call (``acquire_lease_and_get_tuple``)."""
     configurable = config["configurable"]
     options = {"ttl": saver.lease_ttl, "expect_epoch": configurable.get(RECOVER_EPOCH_KEY)}
-    name = "acquire_lease_and_get_tuple"
+
+    async def take(**kept: Any) -> tuple[Lease, CheckpointTuple | None]:
+        if read:
+            name = "acquire_lease_and_get_tuple"
+            return await call(saver, name, use_async, config, owner, **options, **kept)
+        thread_id = str(configurable["thread_id"])
+        return await call(
+            saver, "acquire_lease", use_async, thread_id, owner, **options, **kept
+        ), None
+
     try:
-        return await call(saver, name, use_async, config, owner, **options, input=input)
+        return await take(input=input)
     except SerializationError:
         # The input is kept only so recovery can restart a run that saved nothing: an input
-        # the serializer refuses is not a reason to refuse the run.
-        return await call(saver, name, use_async, config, owner, **options)
+        # the serializer refuses is not a reason to refuse the run. (A read that fails on
+        # stored bytes raises a SerializationError too: that one is the run's error.)
+        if input is None or _serializes(saver, input):
+            raise
+        return await take()
+
+
+def _serializes(saver: BaseCheckpointSaver, value: Any) -> bool:
+    try:
+        saver.serde.dumps_typed(value)
+    except SerializationError:
+        return False
+    return True
 
 
 class _Waiting:
@@ -120,14 +146,15 @@ class _Waiting:
 
 
 def acquire(
-    saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any
+    saver: BaseCheckpointSaver, config: RunnableConfig, owner: str, input: Any, read: bool = True
 ) -> tuple[Holding, CheckpointTuple | None]:
-    """Take the lease of ``config``'s thread for run ``owner``, as the run's policy says; also
-    returns the checkpoint ``config`` names (``get_tuple``), read under the lease."""
+    """Take the lease of ``config``'s thread for run ``owner``, as the run's policy says; with
+    ``read``, also the checkpoint ``config`` names (``get_tuple``), read under the lease (if
+    that read fails, the saver lets go of the lease with status ``error``)."""
     waiting = _Waiting(config)
     while True:
         try:
-            lease, found = drive(_take(saver, config, owner, input, use_async=False))
+            lease, found = drive(_take(saver, config, owner, input, False, read))
             break
         except ThreadBusyError as busy:
             time.sleep(waiting.after(busy))
@@ -142,12 +169,13 @@ async def aacquire(
     owner: str,
     input: Any,
     on_cancel: tuple[RunStatus, str | None] = ("cancelled", "CancelledError"),
+    read: bool = True,
 ) -> tuple[Holding, asyncio.Task[None], CheckpointTuple | None]:
     """``acquire`` for async runs: also returns the task that renews the lease. Cancelled
     while the lease is being taken, the lease is let go with ``on_cancel`` once taken."""
     waiting = _Waiting(config)
     while True:
-        taking = asyncio.ensure_future(_take(saver, config, owner, input, use_async=True))
+        taking = asyncio.ensure_future(_take(saver, config, owner, input, True, read))
         try:
             # Shielded: a caller cancelled meanwhile must not leave a lease taken in its name
             # (it would look like a run that died, and recovery would run it).
@@ -206,10 +234,7 @@ def outcome(error: BaseException | None, paused: bool) -> tuple[RunStatus, str |
     """How a run ended, as recorded in the run registry."""
     if error is None:
         return ("interrupted" if paused else "done"), None
-    if isinstance(error, Exception):
-        return "error", failure_text(error)
-    # Closed stream, KeyboardInterrupt, task cancelled: the caller stopped the run on purpose.
-    return "cancelled", type(error).__name__
+    return failure_outcome(error)
 
 
 class _Keeper:

@@ -25,6 +25,7 @@ from stepgraph.checkpoint.base import (
     CheckpointMetadata,
     CheckpointTuple,
     PendingWrite,
+    RunStatus,
     TaskWrites,
     get_checkpoint_metadata,
 )
@@ -90,9 +91,9 @@ class StepSave:
         self.checkpoint = checkpoint
         self.metadata = metadata
         self.new_versions = new_versions
-        self.release: Any = None
-        """The run's lease (``_lease.Holding``) when this save ends the run: the saver lets
-        go of it in the same transaction (``put_step_and_release``)."""
+        self.release: tuple[Any, RunStatus] | None = None
+        """When this save ends the run: the run's lease (``_lease.Holding``) and the status
+        the saver lets go of it with, in the same transaction (``put_step_and_release``)."""
 
 
 class RunLoop:
@@ -437,16 +438,23 @@ class RunLoop:
                 task.writes = [(c, v) for c, v in saved if c not in _SPECIAL_CHANNELS]
                 task.done = True
 
-    def ends_after_step(self, tasks: Sequence[Task]) -> bool:
-        """Whether the step of ``tasks``, just applied, is the run's last: the run will stop
-        with nothing to run (no next task, no deferred node to fire), not on a breakpoint or
-        the recursion limit. Plans the next step (``plan`` hands those tasks out next)."""
-        if self.graph.finish_channels or self.step > self.stop:
-            return False
+    def ends_after_step(self, tasks: Sequence[Task]) -> RunStatus | None:
+        """How the run ends right after the step of ``tasks``, just applied: ``"done"`` (nothing
+        is left to run) or ``"interrupted"`` (a breakpoint stops it); None if it goes on, or
+        may (a deferred node to fire; the recursion limit, which fails it). Plans the next
+        step to know (``plan`` hands those tasks out next). Mirrors the order of ``_run``'s
+        checks."""
         if self.should_interrupt(self.interrupt_after, tasks):
-            return False
-        self.planned = self.plan()
-        return not self.planned
+            return "interrupted"
+        if self.step > self.stop or self.graph.finish_channels:
+            return None
+        try:
+            self.planned = self.plan()
+        except Exception:  # a bad Send, an input that fails validation: the loop's own plan()
+            return None  # raises it again, once this step is saved
+        if not self.planned:
+            return "done"
+        return "interrupted" if self.should_interrupt(self.interrupt_before, self.planned) else None
 
     def finish(self) -> bool:
         """Nothing is left to run: let deferred nodes' channels fire. True if any did."""

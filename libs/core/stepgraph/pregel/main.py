@@ -300,7 +300,7 @@ class Pregel:
             raise
         finally:
             try:
-                for save in persistence.on_exit():
+                for save in persistence.on_exit(holding if completed else None):
                     write(save)
                 if completed:
                     write.flush()
@@ -424,7 +424,7 @@ class Pregel:
                 else:
                     with contextlib.suppress(Exception):  # the run's own error is reported
                         await finish_calls()
-                for save in persistence.on_exit():
+                for save in persistence.on_exit(holding if completed else None):
                     await write(save)
                 if completed:
                     await write.flush()
@@ -955,9 +955,11 @@ class Pregel:
         lookup = _update_config(self._lookup_config(config))
         before = saver.get_run(lookup["configurable"]["thread_id"])
         _check_updatable(before)
-        holding, saved = _lease.acquire(saver, lookup, _owner(), None)
+        # Read apart from the lease: a failed read must leave the run record as it was.
+        holding, _ = _lease.acquire(saver, lookup, _owner(), None, read=False)
         try:
             _check_took_from_live_or_finished(holding, before)
+            saved = saver.get_tuple(lookup)
             loop, saves = self._update(config, saved, supersteps, holding.epoch)
             for save in saves:
                 _save(saver, save)
@@ -978,9 +980,12 @@ class Pregel:
         before = await saver.aget_run(lookup["configurable"]["thread_id"])
         _check_updatable(before)
         kept = _status_kept(before, None)
-        holding, beat, saved = await _lease.aacquire(saver, lookup, _owner(), None, on_cancel=kept)
+        holding, beat, _ = await _lease.aacquire(
+            saver, lookup, _owner(), None, on_cancel=kept, read=False
+        )
         try:
             _check_took_from_live_or_finished(holding, before)
+            saved = await saver.aget_tuple(lookup)
             loop, saves = self._update(config, saved, supersteps, holding.epoch)
             for save in saves:
                 await _asave(saver, save)

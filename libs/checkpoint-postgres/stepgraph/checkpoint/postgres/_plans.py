@@ -1042,8 +1042,15 @@ SELECT %(thread_id)b::bytea, 1, %(owner)b::bytea, clock.now + %(ttl)b::double pr
         ORDER BY checkpoint_id DESC LIMIT 1)
 FROM (SELECT {_NOW} AS now) AS clock
 -- Recovery takes over an existing row (the ON CONFLICT branch) or nothing.
-WHERE %(expect)b::bigint IS NULL
-    OR EXISTS (SELECT FROM stepgraph_thread_runs WHERE thread_id = %(thread_id)b::bytea)
+WHERE (%(expect)b::bigint IS NULL
+        OR EXISTS (SELECT FROM stepgraph_thread_runs WHERE thread_id = %(thread_id)b::bytea))
+    -- Another run holds the thread: propose nothing, so no conflict locks the holder's row
+    -- (a run's start reads the thread in the same transaction; the holder's renewals and
+    -- saves must not wait for that). A lease taken after this snapshot is still refused by
+    -- the WHERE below, once the conflict's lock is granted.
+    AND NOT EXISTS (SELECT FROM stepgraph_thread_runs
+        WHERE thread_id = %(thread_id)b::bytea AND expires_at > clock.now
+            AND owner <> %(owner)b::bytea)
 ON CONFLICT (thread_id) DO UPDATE SET
     epoch = CASE WHEN r.expires_at > excluded.updated_at THEN r.epoch ELSE r.epoch + 1 END,
     owner = excluded.owner,

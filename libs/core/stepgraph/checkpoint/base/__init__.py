@@ -34,7 +34,7 @@ from stepgraph.checkpoint.base.runs import (
     RunStatus,
     StorageReport,
     check_finished_status,
-    failure_text,
+    failure_outcome,
 )
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.config import RunnableConfig, ensure_thread_id
@@ -493,9 +493,11 @@ class BaseCheckpointSaver(ABC):
         expect_epoch: int | None = None,
     ) -> tuple[Lease, CheckpointTuple | None]:
         """``acquire_lease`` on ``config``'s thread, then ``get_tuple(config)`` under the lease:
-        how a run starts. If the read fails, the lease is let go (status ``"error"``) before
-        the error is raised. A database saver does both in one call (Postgres: one round
-        trip); this default makes the calls one after the other."""
+        how a run starts. If the read fails, the lease is let go before the error is raised,
+        recorded as a run's failure would be (``runs.failure_outcome``: ``"error"``, or
+        ``"cancelled"`` for ``KeyboardInterrupt`` and the like). A database saver does both in
+        one call (Postgres: one round trip); this default makes the calls one after the
+        other."""
         options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
         return drive(_lease_then_read(self, False, config, owner, options))
 
@@ -592,8 +594,11 @@ async def _step_then_release(
     status: RunStatus,
 ) -> RunnableConfig:
     check_finished_status(status)
-    step = (config, writes, checkpoint, metadata, new_versions)
-    saved = await call(saver, "put_step", use_async, *step)
+    if writes:
+        step = (config, writes, checkpoint, metadata, new_versions)
+        saved = await call(saver, "put_step", use_async, *step)
+    else:
+        saved = await call(saver, "put", use_async, config, checkpoint, metadata, new_versions)
     await call(saver, "release_lease", use_async, lease, status)
     return saved
 
@@ -608,9 +613,9 @@ async def _lease_then_read(
     lease = await call(saver, "acquire_lease", use_async, get_thread_id(config), owner, **options)
     try:
         return lease, await call(saver, "get_tuple", use_async, config)
-    except Exception as error:
+    except BaseException as error:
         with contextlib.suppress(Exception):  # unreleased, the lease simply runs out
-            await call(saver, "release_lease", use_async, lease, "error", failure_text(error))
+            await call(saver, "release_lease", use_async, lease, *failure_outcome(error))
         raise
 
 

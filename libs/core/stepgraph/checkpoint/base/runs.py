@@ -29,7 +29,7 @@ __all__ = [
     "RunStatus",
     "StorageReport",
     "check_finished_status",
-    "failure_text",
+    "failure_outcome",
     "fence_of",
     "with_fence",
 ]
@@ -143,9 +143,13 @@ def with_fence(config: RunnableConfig, epoch: int | None) -> RunnableConfig:
     }
 
 
-def failure_text(error: BaseException) -> str:
-    """How a run's error is recorded with its status ``"error"`` (``RunInfo.error``)."""
-    return f"{type(error).__name__}: {error}"[:2000]
+def failure_outcome(error: BaseException) -> tuple[RunStatus, str]:
+    """How a run that raised ``error`` is recorded: ``"error"`` and the error, or, for what
+    is not an ``Exception`` (a closed stream, ``KeyboardInterrupt``, a cancelled task: its
+    caller stopped it on purpose), ``"cancelled"`` and the exception's name."""
+    if isinstance(error, Exception):
+        return "error", f"{type(error).__name__}: {error}"[:2000]
+    return "cancelled", type(error).__name__
 
 
 def check_finished_status(status: str) -> None:

@@ -37,7 +37,7 @@ from stepgraph.checkpoint.base import (
     TaskWrites,
     get_thread_id,
 )
-from stepgraph.checkpoint.base.runs import check_finished_status, failure_text
+from stepgraph.checkpoint.base.runs import check_finished_status, failure_outcome
 from stepgraph.checkpoint.serde.base import SerializerProtocol
 from stepgraph.checkpoint.storage import ChainHeads, CheckpointRow, ListPager, PageQuery
 from stepgraph.checkpoint.storage.runs import check_limit
@@ -152,6 +152,17 @@ def _start(
     """The jobs ``acquire_lease_and_get_tuple`` runs as one: how a run starts."""
     take = plans.acquire_lease(serde, get_thread_id(config), owner, ttl, input, expect_epoch)
     return take, plans.get_tuple(serde, config, heads)
+
+
+def _intercepted(saver: object, home: type, whole: str, parts: tuple[str, ...]) -> bool:
+    """Whether ``saver``'s class overrides one of the methods ``parts`` (to log or change
+    every ``put_step``, say) but not ``whole``, the method that does their work in one
+    transaction: then ``whole`` keeps making those calls, one after the other (the base
+    class's way), so the override still sees them."""
+    cls = type(saver)
+    if getattr(cls, whole) is not getattr(home, whole):
+        return False
+    return any(getattr(cls, part) is not getattr(home, part) for part in parts)
 
 
 def _sending_ahead(plan: Plan[T], ahead: Statement) -> Plan[T]:
@@ -347,9 +358,21 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
         lease: Lease,
         status: RunStatus = "done",
     ) -> RunnableConfig:
+        if _intercepted(self, PlanSaver, "put_step_and_release", ("put", "put_step")):
+            step = (config, writes, checkpoint, metadata, new_versions)
+            return super().put_step_and_release(*step, lease, status)
         check_finished_status(status)
-        step = (config, writes, checkpoint, metadata, new_versions, self.heads)
-        return self._run(self.plans.put_step(self.serde, *step, release=(lease, status)))
+        job = self.plans.put_step(
+            self.serde,
+            config,
+            writes,
+            checkpoint,
+            metadata,
+            new_versions,
+            self.heads,
+            release=(lease, status),
+        )
+        return self._run(job)
 
     # -- thread management -------------------------------------------------------------------
 
@@ -398,14 +421,18 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
         input: Any = None,
         expect_epoch: int | None = None,
     ) -> tuple[Lease, CheckpointTuple | None]:
+        parts = ("acquire_lease", "get_tuple")
+        if _intercepted(self, PlanSaver, "acquire_lease_and_get_tuple", parts):
+            options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
+            return super().acquire_lease_and_get_tuple(config, owner, **options)
         taken: builtins.list[Lease] = []
         job = _start(self.plans, self.serde, self.heads, config, owner, ttl, input, expect_epoch)
         try:
             return self._run(lease_then_read(*job, taken))
-        except Exception as error:
+        except BaseException as error:
             if taken:  # as the default: the lease was taken, the read failed
                 with contextlib.suppress(Exception):
-                    self.release_lease(taken[-1], "error", failure_text(error))
+                    self.release_lease(taken[-1], *failure_outcome(error))
             raise
 
     def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
@@ -513,9 +540,21 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
         lease: Lease,
         status: RunStatus = "done",
     ) -> RunnableConfig:
+        if _intercepted(self, AsyncPlanSaver, "aput_step_and_release", ("aput", "aput_step")):
+            step = (config, writes, checkpoint, metadata, new_versions)
+            return await super().aput_step_and_release(*step, lease, status)
         check_finished_status(status)
-        step = (config, writes, checkpoint, metadata, new_versions, self.heads)
-        return await self._run(self.plans.put_step(self.serde, *step, release=(lease, status)))
+        job = self.plans.put_step(
+            self.serde,
+            config,
+            writes,
+            checkpoint,
+            metadata,
+            new_versions,
+            self.heads,
+            release=(lease, status),
+        )
+        return await self._run(job)
 
     # -- thread management -------------------------------------------------------------------
 
@@ -563,14 +602,18 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
         input: Any = None,
         expect_epoch: int | None = None,
     ) -> tuple[Lease, CheckpointTuple | None]:
+        parts = ("aacquire_lease", "aget_tuple")
+        if _intercepted(self, AsyncPlanSaver, "aacquire_lease_and_get_tuple", parts):
+            options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
+            return await super().aacquire_lease_and_get_tuple(config, owner, **options)
         taken: builtins.list[Lease] = []
         job = _start(self.plans, self.serde, self.heads, config, owner, ttl, input, expect_epoch)
         try:
             return await self._run(lease_then_read(*job, taken))
-        except Exception as error:
+        except BaseException as error:
             if taken:
                 with contextlib.suppress(Exception):
-                    await self.arelease_lease(taken[-1], "error", failure_text(error))
+                    await self.arelease_lease(taken[-1], *failure_outcome(error))
             raise
 
     async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease:
