@@ -2,8 +2,9 @@
 
 python bench/summary.py bench/results/<file>.json
 
-One row per workload x saver at durability sync, plus exit and async for the chain; then the
-target verdicts. Every figure comes from the file, as `report.py` computes it.
+One row per workload x saver at durability sync, plus exit and async for the chain and exit for
+the short run; then the target verdicts. Every figure comes from the file, as `report.py`
+computes it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ NAMES = {
     "wide": "wide state",
     "resume": "resume",
     "functional": "functional x20 tasks",
+    "short_run": "short run (1 node)",
     "long_thread": "long thread",
 }
 LONG_READ = "get_state"  # the long-thread read the summary shows
@@ -112,7 +114,9 @@ def summary(results: dict[str, Any]) -> str:
             rows += [long_thread_row(c) for c in cells]
             continue
         unit = unit_of(cells)
-        wanted = ("exit", "async", "sync") if workload == "chain" else ("sync",)
+        wanted = {"chain": ("exit", "async", "sync"), "short_run": ("exit", "sync")}.get(
+            workload, ("sync",)
+        )
         rows += [invocation_row(results, c, unit) for c in cells if c["durability"] in wanted]
     header = ["workload", "saver", "durability", "LangGraph", "stepgraph", "LG/SG"]
     header += ["LG x floor", "SG x floor", "notes"]

@@ -7,6 +7,7 @@ statements a write runs, migrations of the committed fixtures.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import shutil
 import sqlite3
@@ -23,7 +24,9 @@ import pytest
 from stepgraph.checkpoint.base import (
     Checkpoint,
     CheckpointTuple,
+    Lease,
     Retention,
+    RunStatus,
     TaskWrites,
     empty_checkpoint,
 )
@@ -333,12 +336,37 @@ def test_a_subclass_that_intercepts_a_save_still_sees_every_one(tmp_path: Path) 
             calls.append("put_step")
             return super().put_step(*args, **kwargs)
 
-    with Logging.from_conn_string(tmp_path / "logged.sqlite") as saver:
-        assert one_node_graph(saver).invoke({"n": 1}, thread("t")) == {"n": 2}
-        # The read; the input's checkpoint (put calls put_step), START's step, the node's.
-        assert calls == ["get_tuple", "put_step", "put_step", "put_step"]
-        run = saver.get_run("t")
-        assert run is not None and (run.status, run.expires_at) == ("done", None)
+    class Ends(SqliteSaver):
+        def release_lease(self, lease: Lease, status: RunStatus, error: str | None = None) -> None:
+            calls.append(f"release_lease {status}")
+            super().release_lease(lease, status, error)
+
+    class AsyncLogging(SqliteSaver):  # used by ainvoke: the async twins are what it calls
+        async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+            calls.append("aget_tuple")
+            return await super().aget_tuple(config)
+
+        async def aput_step(self, *args: Any, **kwargs: Any) -> RunnableConfig:
+            calls.append("aput_step")
+            return await super().aput_step(*args, **kwargs)
+
+    # The read; the input's checkpoint (put calls put_step), START's step, the node's.
+    expected = {
+        Logging: ["get_tuple", "put_step", "put_step", "put_step"],
+        Ends: ["release_lease done"],
+        AsyncLogging: ["aget_tuple", "aput_step", "aput_step"],  # aput does not call aput_step
+    }
+    for cls, seen in expected.items():
+        calls.clear()
+        with cls.from_conn_string(tmp_path / f"{cls.__name__}.sqlite") as saver:
+            graph = one_node_graph(saver)
+            if cls is AsyncLogging:
+                assert asyncio.run(graph.ainvoke({"n": 1}, thread("t"))) == {"n": 2}
+            else:
+                assert graph.invoke({"n": 1}, thread("t")) == {"n": 2}
+            assert calls == seen, cls.__name__
+            run = saver.get_run("t")
+            assert run is not None and (run.status, run.expires_at) == ("done", None)
 
 
 class FailingReads:

@@ -582,6 +582,25 @@ class BaseCheckpointSaver(ABC):
         return f"{counter:08x}.{random.getrandbits(64):016x}"
 
 
+# The calls a folded method (``acquire_lease_and_get_tuple``, ``put_step_and_release``) does
+# the work of, sync and async: a subclass that overrides one of them keeps seeing them.
+LEASE_AND_READ = ("acquire_lease", "get_tuple")
+ALEASE_AND_READ = ("aacquire_lease", "aget_tuple")
+STEP_AND_RELEASE = ("put", "put_step", "release_lease")
+ASTEP_AND_RELEASE = ("aput", "aput_step", "arelease_lease")
+
+
+def intercepted(saver: object, home: type, whole: str, parts: tuple[str, ...]) -> bool:
+    """Whether ``saver``'s class overrides one of the methods ``parts`` (to log or change
+    every ``put_step``, say) but not ``whole``, the method that does their work in one
+    transaction: then ``whole`` keeps making those calls, one after the other (the base
+    class's way), so the override still sees them."""
+    cls = type(saver)
+    if getattr(cls, whole) is not getattr(home, whole):
+        return False
+    return any(getattr(cls, part) is not getattr(home, part) for part in parts)
+
+
 async def _step_then_release(
     saver: BaseCheckpointSaver,
     use_async: bool,
@@ -698,6 +717,8 @@ class AsyncFromSyncSaver(BaseCheckpointSaver):
         status: RunStatus = "done",
     ) -> RunnableConfig:
         options = (config, writes, checkpoint, metadata, new_versions, lease, status)
+        if intercepted(self, AsyncFromSyncSaver, "aput_step_and_release", ASTEP_AND_RELEASE):
+            return await _step_then_release(self, True, *options)
         return await self._call(self.put_step_and_release, *options)
 
     async def adelete_thread(self, thread_id: str) -> None:
@@ -743,14 +764,10 @@ class AsyncFromSyncSaver(BaseCheckpointSaver):
         input: Any = None,
         expect_epoch: int | None = None,
     ) -> tuple[Lease, CheckpointTuple | None]:
-        return await self._call(
-            self.acquire_lease_and_get_tuple,
-            config,
-            owner,
-            ttl=ttl,
-            input=input,
-            expect_epoch=expect_epoch,
-        )
+        options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
+        if intercepted(self, AsyncFromSyncSaver, "aacquire_lease_and_get_tuple", ALEASE_AND_READ):
+            return await _lease_then_read(self, True, config, owner, options)
+        return await self._call(self.acquire_lease_and_get_tuple, config, owner, **options)
 
     async def arenew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         return await self._call(self.renew_lease, lease, ttl=ttl)
@@ -863,6 +880,8 @@ class SyncFromAsyncSaver(BaseCheckpointSaver):
         status: RunStatus = "done",
     ) -> RunnableConfig:
         options = (config, writes, checkpoint, metadata, new_versions, lease, status)
+        if intercepted(self, SyncFromAsyncSaver, "put_step_and_release", STEP_AND_RELEASE):
+            return drive(_step_then_release(self, False, *options))
         return self._wait(self.aput_step_and_release(*options))
 
     def delete_thread(self, thread_id: str) -> None:
@@ -908,11 +927,10 @@ class SyncFromAsyncSaver(BaseCheckpointSaver):
         input: Any = None,
         expect_epoch: int | None = None,
     ) -> tuple[Lease, CheckpointTuple | None]:
-        return self._wait(
-            self.aacquire_lease_and_get_tuple(
-                config, owner, ttl=ttl, input=input, expect_epoch=expect_epoch
-            )
-        )
+        options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
+        if intercepted(self, SyncFromAsyncSaver, "acquire_lease_and_get_tuple", LEASE_AND_READ):
+            return drive(_lease_then_read(self, False, config, owner, options))
+        return self._wait(self.aacquire_lease_and_get_tuple(config, owner, **options))
 
     def renew_lease(self, lease: Lease, *, ttl: float) -> Lease:
         return self._wait(self.arenew_lease(lease, ttl=ttl))

@@ -22,6 +22,10 @@ from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 from stepgraph.checkpoint.base import (
+    ALEASE_AND_READ,
+    ASTEP_AND_RELEASE,
+    LEASE_AND_READ,
+    STEP_AND_RELEASE,
     AsyncFromSyncSaver,
     ChannelVersions,
     Checkpoint,
@@ -36,6 +40,7 @@ from stepgraph.checkpoint.base import (
     SyncFromAsyncSaver,
     TaskWrites,
     get_thread_id,
+    intercepted,
 )
 from stepgraph.checkpoint.base.runs import check_finished_status, failure_outcome
 from stepgraph.checkpoint.serde.base import SerializerProtocol
@@ -152,17 +157,6 @@ def _start(
     """The jobs ``acquire_lease_and_get_tuple`` runs as one: how a run starts."""
     take = plans.acquire_lease(serde, get_thread_id(config), owner, ttl, input, expect_epoch)
     return take, plans.get_tuple(serde, config, heads)
-
-
-def _intercepted(saver: object, home: type, whole: str, parts: tuple[str, ...]) -> bool:
-    """Whether ``saver``'s class overrides one of the methods ``parts`` (to log or change
-    every ``put_step``, say) but not ``whole``, the method that does their work in one
-    transaction: then ``whole`` keeps making those calls, one after the other (the base
-    class's way), so the override still sees them."""
-    cls = type(saver)
-    if getattr(cls, whole) is not getattr(home, whole):
-        return False
-    return any(getattr(cls, part) is not getattr(home, part) for part in parts)
 
 
 def _sending_ahead(plan: Plan[T], ahead: Statement) -> Plan[T]:
@@ -358,7 +352,7 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
         lease: Lease,
         status: RunStatus = "done",
     ) -> RunnableConfig:
-        if _intercepted(self, PlanSaver, "put_step_and_release", ("put", "put_step")):
+        if intercepted(self, PlanSaver, "put_step_and_release", STEP_AND_RELEASE):
             step = (config, writes, checkpoint, metadata, new_versions)
             return super().put_step_and_release(*step, lease, status)
         check_finished_status(status)
@@ -421,8 +415,7 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
         input: Any = None,
         expect_epoch: int | None = None,
     ) -> tuple[Lease, CheckpointTuple | None]:
-        parts = ("acquire_lease", "get_tuple")
-        if _intercepted(self, PlanSaver, "acquire_lease_and_get_tuple", parts):
+        if intercepted(self, PlanSaver, "acquire_lease_and_get_tuple", LEASE_AND_READ):
             options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
             return super().acquire_lease_and_get_tuple(config, owner, **options)
         taken: builtins.list[Lease] = []
@@ -540,7 +533,7 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
         lease: Lease,
         status: RunStatus = "done",
     ) -> RunnableConfig:
-        if _intercepted(self, AsyncPlanSaver, "aput_step_and_release", ("aput", "aput_step")):
+        if intercepted(self, AsyncPlanSaver, "aput_step_and_release", ASTEP_AND_RELEASE):
             step = (config, writes, checkpoint, metadata, new_versions)
             return await super().aput_step_and_release(*step, lease, status)
         check_finished_status(status)
@@ -602,8 +595,7 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
         input: Any = None,
         expect_epoch: int | None = None,
     ) -> tuple[Lease, CheckpointTuple | None]:
-        parts = ("aacquire_lease", "aget_tuple")
-        if _intercepted(self, AsyncPlanSaver, "aacquire_lease_and_get_tuple", parts):
+        if intercepted(self, AsyncPlanSaver, "aacquire_lease_and_get_tuple", ALEASE_AND_READ):
             options = {"ttl": ttl, "input": input, "expect_epoch": expect_epoch}
             return await super().aacquire_lease_and_get_tuple(config, owner, **options)
         taken: builtins.list[Lease] = []
