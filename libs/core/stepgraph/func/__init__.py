@@ -73,6 +73,12 @@ class TaskFuture(Generic[T]):
         self._execute()
         return self._done.result(timeout)
 
+    def wait(self) -> None:
+        """Wait for the call to finish (running it here if no worker has), without raising:
+        its outcome is saved and streamed as its own."""
+        self._execute()
+        self._done.exception()
+
     def done(self) -> bool:
         return self._done.done()
 
@@ -136,17 +142,27 @@ class _TaskFunction(Generic[P, T]):
                 done = asyncio.get_running_loop().create_future()
                 done.set_result(recorded[0])
                 return done
-            return asyncio.ensure_future(_arun_call(call))
+            running = asyncio.ensure_future(_arun_call(call))
+            _spawned(caller).append(running)
+            return running
         if recorded is not None:
             future: TaskFuture[Any] = TaskFuture(None)
             future._done.set_result(recorded[0])
             return future
         future = TaskFuture(call)
         shared_pool().submit(contextvars.copy_context().run, future._execute)
+        _spawned(caller).append(future)
         return future
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
+
+
+def _spawned(caller: Task) -> list[Any]:
+    """The futures of ``caller``'s calls, which it waits for before it ends."""
+    if caller.spawned is None:
+        caller.spawned = []
+    return caller.spawned
 
 
 def _no_read(channels: Any) -> None:

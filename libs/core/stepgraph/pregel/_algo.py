@@ -92,6 +92,7 @@ class Task:
         "paused",
         "resume",
         "resume_used",
+        "spawned",
         "subgraph_calls",
         "triggers",
         "update",
@@ -127,6 +128,9 @@ class Task:
         self.resume_used = 0
         self.calls = 0
         """``@task`` calls made so far by this attempt: the next call's index in its path."""
+        self.spawned: list[Any] | None = None
+        """The futures of the ``@task`` calls it made: the task ends only once they have,
+        awaited or not (as in LangGraph), so none saves after its step."""
         self.subgraph_calls = 0
         """Graphs run so far by this attempt: the n-th one (from 0) keeps its checkpoints in
         the task's namespace, suffixed ``|n`` after the first."""

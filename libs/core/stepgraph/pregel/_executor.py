@@ -119,6 +119,9 @@ def run_task(task: Task) -> None:
                 task.resume_used = task.calls = task.subgraph_calls = 0
                 time.sleep(policy.interval(attempt))
     finally:
+        if task.spawned:
+            for call in task.spawned:
+                call.wait()  # a call nobody awaited still ends within its caller's step
         CURRENT_TASK.reset(token)
 
 
@@ -154,6 +157,8 @@ async def arun_task(task: Task) -> None:
                 task.resume_used = task.calls = task.subgraph_calls = 0
                 await asyncio.sleep(policy.interval(attempt))
     finally:
+        if task.spawned:  # as run_task; an unawaited call's error is its own, saved with it
+            await asyncio.gather(*task.spawned, return_exceptions=True)
         CURRENT_TASK.reset(token)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import time
 import uuid
 from typing import Annotated, Any, TypedDict
 
@@ -401,3 +402,60 @@ def test_a_subgraph_called_from_a_task_resumes_inside_it() -> None:
     assert workflow.invoke(0, config)["__interrupt__"][0].value == "inner?"
     assert workflow.invoke(Command(resume="ok"), config) == ["first", "inner=ok"]
     assert runs == ["first", "inner", "inner"]
+
+
+def test_a_call_nobody_awaits_ends_within_its_callers_step() -> None:
+    """As in LangGraph, the entrypoint's step waits for every ``@task`` call it made, awaited
+    or not: the call's result is saved in the step (not after the run returned), and its
+    error is its own (the run still succeeds)."""
+    finished: list[str] = []
+    saver = InMemorySaver()
+
+    @task
+    def slow(name: str) -> str:
+        time.sleep(0.05)
+        finished.append(name)
+        if name == "fails":
+            raise ValueError("nobody is listening")
+        return name
+
+    @entrypoint(checkpointer=saver)
+    def workflow(names: list[str]) -> int:
+        for name in names:
+            slow(name)  # never awaited
+        return len(names)
+
+    config = thread()
+    assert workflow.invoke(["a", "fails"], config, durability="sync") == 2
+    assert sorted(finished) == ["a", "fails"]
+    latest = saver.get_tuple(config)
+    assert latest is not None and latest.pending_writes == []  # nothing saved after the run
+    first = saver.get_tuple(list(workflow.get_state_history(config, limit=2))[-1].config)
+    assert first is not None
+    saved = sorted((channel, str(value)) for _, channel, value in first.pending_writes)
+    assert ("__return__", "a") in saved and any(c == "__error__" for c, _ in saved)
+
+
+async def test_an_async_call_nobody_awaits_ends_within_its_callers_step() -> None:
+    finished: list[str] = []
+
+    @task
+    async def slow(name: str) -> str:
+        await asyncio.sleep(0.05)
+        finished.append(name)
+        return name
+
+    @task
+    def slow_sync(name: str) -> str:
+        time.sleep(0.05)
+        finished.append(name)
+        return name
+
+    @entrypoint(checkpointer=InMemorySaver())
+    async def workflow(names: list[str]) -> int:
+        slow(names[0])
+        slow_sync(names[1])
+        return 2
+
+    assert await workflow.ainvoke(["async", "sync"], thread()) == 2
+    assert sorted(finished) == ["async", "sync"]
