@@ -219,14 +219,9 @@ WITH {fence}parent AS (
 ), writes AS ({writes}){release}
 SELECT saving.ok{fence_columns} FROM saving{fence_from}
 """
-_PUT_STEP_PARTS = {
-    "fence": "",
-    "fence_if": "",
-    "fence_end": "",
-    "writes": _UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)"),
-    "fence_columns": "",
-    "fence_from": "",
-}
+_STEP_WRITES = _UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)")
+_FENCE_PARTS = ("fence", "fence_if", "fence_end", "fence_columns", "fence_from")
+_PUT_STEP_PARTS = {**dict.fromkeys(_FENCE_PARTS, ""), "writes": _STEP_WRITES}
 _PUT_STEP = _PUT_STEP_TEMPLATE.format(**_PUT_STEP_PARTS, release="")
 
 # Lease times are the database's clock (unix seconds): workers on many hosts share one server,
@@ -255,9 +250,9 @@ _FENCED_PUT_STEP_PARTS = {
     # CASE: the parent is looked at (and locked) only once the fence let the write through.
     "fence_if": "CASE WHEN (SELECT ok FROM fenced) THEN ",
     "fence_end": " ELSE false END",
-    "writes": _UPSERT_WRITES_WHERE.format(condition="(SELECT ok FROM saving)"),
     "fence_columns": ", fenced.ok, fenced.epoch, fenced.status",
     "fence_from": ", fenced",
+    "writes": _STEP_WRITES,
 }
 _FENCED_PUT_STEP = _PUT_STEP_TEMPLATE.format(**_FENCED_PUT_STEP_PARTS, release="")
 # The run's last step lets go of its lease in the same statement (``put_step_and_release``),

@@ -159,6 +159,19 @@ def _start(
     return take, plans.get_tuple(serde, config, heads)
 
 
+def _last_step(
+    plans: SaverPlans[S],
+    serde: SerializerProtocol,
+    heads: ChainHeads,
+    step: tuple[RunnableConfig, Sequence[TaskWrites], Checkpoint, CheckpointMetadata, Any],
+    lease: Lease,
+    status: RunStatus,
+) -> Job[RunnableConfig, S]:
+    """The job of ``put_step_and_release``: the step, and the lease let go in its transaction."""
+    check_finished_status(status)
+    return plans.put_step(serde, *step, heads, release=(lease, status))
+
+
 def _sending_ahead(plan: Plan[T], ahead: Statement) -> Plan[T]:
     """``plan``, its first statement carrying ``ahead`` (unless it has one of its own)."""
     try:
@@ -352,21 +365,10 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
         lease: Lease,
         status: RunStatus = "done",
     ) -> RunnableConfig:
+        step = (config, writes, checkpoint, metadata, new_versions)
         if intercepted(self, PlanSaver, "put_step_and_release", STEP_AND_RELEASE):
-            step = (config, writes, checkpoint, metadata, new_versions)
             return super().put_step_and_release(*step, lease, status)
-        check_finished_status(status)
-        job = self.plans.put_step(
-            self.serde,
-            config,
-            writes,
-            checkpoint,
-            metadata,
-            new_versions,
-            self.heads,
-            release=(lease, status),
-        )
-        return self._run(job)
+        return self._run(_last_step(self.plans, self.serde, self.heads, step, lease, status))
 
     # -- thread management -------------------------------------------------------------------
 
@@ -533,21 +535,10 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
         lease: Lease,
         status: RunStatus = "done",
     ) -> RunnableConfig:
+        step = (config, writes, checkpoint, metadata, new_versions)
         if intercepted(self, AsyncPlanSaver, "aput_step_and_release", ASTEP_AND_RELEASE):
-            step = (config, writes, checkpoint, metadata, new_versions)
             return await super().aput_step_and_release(*step, lease, status)
-        check_finished_status(status)
-        job = self.plans.put_step(
-            self.serde,
-            config,
-            writes,
-            checkpoint,
-            metadata,
-            new_versions,
-            self.heads,
-            release=(lease, status),
-        )
-        return await self._run(job)
+        return await self._run(_last_step(self.plans, self.serde, self.heads, step, lease, status))
 
     # -- thread management -------------------------------------------------------------------
 
