@@ -381,7 +381,7 @@ class RunLoop:
 
     def plan(self, *, restore: bool = True) -> list[Task]:
         """The tasks of the next step, in a deterministic order: ``Send`` tasks, then nodes."""
-        if (planned := self.planned) is not None:
+        if restore and (planned := self.planned) is not None:
             self.planned = None
             return planned
         graph = self.graph
