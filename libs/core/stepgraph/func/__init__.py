@@ -17,7 +17,7 @@ import contextvars
 import inspect
 import threading
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
@@ -74,10 +74,19 @@ class TaskFuture(Generic[T]):
         return self._done.result(timeout)
 
     def wait(self) -> None:
-        """Wait for the call to finish (running it here if no worker has), without raising:
-        its outcome is saved and streamed as its own."""
+        """Wait for the call to finish (running it here if no worker has started it), without
+        raising: its outcome is saved and streamed as its own."""
         self._execute()
-        self._done.exception()
+        wait([self._done])
+
+    def cancel(self) -> None:
+        """Drop the call if no one has started it: it never runs (its caller failed)."""
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+        self._done.cancel()
+        self._done.set_running_or_notify_cancel()  # wait() counts it done only once notified
 
     def done(self) -> bool:
         return self._done.done()
@@ -159,10 +168,14 @@ class _TaskFunction(Generic[P, T]):
 
 
 def _spawned(caller: Task) -> list[Any]:
-    """The futures of ``caller``'s calls, which it waits for before it ends."""
-    if caller.spawned is None:
-        caller.spawned = []
-    return caller.spawned
+    """The futures of ``caller``'s calls, which it waits for before it ends. Those already
+    done are dropped now and then, so a caller making many calls does not hold them all."""
+    spawned = caller.spawned
+    if spawned is None:
+        caller.spawned = spawned = []
+    elif len(spawned) % 256 == 255:
+        spawned[:] = [call for call in spawned if not call.done()]
+    return spawned
 
 
 def _no_read(channels: Any) -> None:

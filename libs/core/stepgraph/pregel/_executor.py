@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from hashlib import blake2b
+from typing import Any
 
 from stepgraph.errors import GraphInterrupt, InvalidUpdateError, ParentCommand
 from stepgraph.pregel._algo import Task
@@ -91,75 +92,130 @@ def _no_parent(command: ParentCommand) -> InvalidUpdateError:
 
 
 def run_task(task: Task) -> None:
-    """Run a task with its retry policy; leaves ``task.writes`` or ``task.error`` set."""
+    """Run a task with its retry policy; leaves ``task.writes`` or ``task.error`` set. The
+    task ends only once the ``@task`` calls it made have (``_settle_calls``)."""
     token = CURRENT_TASK.set(task)
     try:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                task.writes = task.node.run(task, task.input)
-                return
-            except GraphInterrupt as paused:
-                task.interrupts = _with_ids(task, paused.interrupts)
-                task.paused = True
-                task.writes = []
-                return
-            except ParentCommand as command:
-                if task.loop.parent_task is not None:
-                    raise  # the parent graph's node applies it
-                task.error = _no_parent(command)
-                return
-            except Exception as error:
-                policy = _retry_policy(task, error, attempt)
-                if policy is None:
-                    task.error = error
-                    return
-                task.update = None
-                task.resume_used = task.calls = task.subgraph_calls = 0
-                time.sleep(policy.interval(attempt))
+        try:
+            _attempts(task)
+        except ParentCommand:  # the node ended with a command for its parent graph
+            _settle_calls(task, cancel=False)
+            raise
+        except BaseException:
+            _settle_calls(task, cancel=True)
+            raise
+        _settle_calls(task, cancel=task.error is not None)
     finally:
-        if task.spawned:
-            for call in task.spawned:
-                call.wait()  # a call nobody awaited still ends within its caller's step
         CURRENT_TASK.reset(token)
+
+
+def _attempts(task: Task) -> None:
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            task.writes = task.node.run(task, task.input)
+            return
+        except GraphInterrupt as paused:
+            task.interrupts = _with_ids(task, paused.interrupts)
+            task.paused = True
+            task.writes = []
+            return
+        except ParentCommand as command:
+            if task.loop.parent_task is not None:
+                raise  # the parent graph's node applies it
+            task.error = _no_parent(command)
+            return
+        except Exception as error:
+            policy = _retry_policy(task, error, attempt)
+            if policy is None:
+                task.error = error
+                return
+            task.update = None
+            task.resume_used = task.calls = task.subgraph_calls = 0
+            time.sleep(policy.interval(attempt))
+
+
+def _settle_calls(task: Task, cancel: bool) -> None:
+    """Wait for the calls ``task`` made, awaited or not, as LangGraph's step does, so none
+    saves after its step; their errors are their own. A task that failed (or was
+    interrupted) first drops the calls that have not started."""
+    spawned = task.spawned or ()
+    if cancel:  # all at once: while one is waited for, the pool would start the others
+        for call in spawned:
+            call.cancel()
+    for call in spawned:
+        if not isinstance(call, asyncio.Future):  # an async call made on the event loop by
+            call.wait()  # a sync task run there: waiting would block the loop it needs
 
 
 async def arun_task(task: Task) -> None:
     token = CURRENT_TASK.set(task)
     try:
-        attempt = 0
-        node = task.node
-        while True:
-            attempt += 1
-            try:
-                if node.arun is not None:
-                    task.writes = await node.arun(task, task.input)
-                else:
-                    task.writes = node.run(task, task.input)
-                return
-            except GraphInterrupt as paused:
-                task.interrupts = _with_ids(task, paused.interrupts)
-                task.paused = True
-                task.writes = []
-                return
-            except ParentCommand as command:
-                if task.loop.parent_task is not None:
-                    raise  # the parent graph's node applies it
-                task.error = _no_parent(command)
-                return
-            except Exception as error:
-                policy = _retry_policy(task, error, attempt)
-                if policy is None:
-                    task.error = error
-                    return
-                task.update = None
-                task.resume_used = task.calls = task.subgraph_calls = 0
-                await asyncio.sleep(policy.interval(attempt))
+        try:
+            await _aattempts(task)
+        except ParentCommand:
+            await _asettle_calls(task, cancel=False)
+            raise
+        except BaseException:  # cancelled, say: so are its calls, and they unwind first
+            await _asettle_calls(task, cancel=True)
+            raise
+        await _asettle_calls(task, cancel=task.error is not None)
     finally:
-        if task.spawned:  # as run_task; an unawaited call's error is its own, saved with it
-            await asyncio.gather(*task.spawned, return_exceptions=True)
         CURRENT_TASK.reset(token)
+
+
+async def _aattempts(task: Task) -> None:
+    attempt = 0
+    node = task.node
+    while True:
+        attempt += 1
+        try:
+            if node.arun is not None:
+                task.writes = await node.arun(task, task.input)
+            else:
+                task.writes = node.run(task, task.input)
+            return
+        except GraphInterrupt as paused:
+            task.interrupts = _with_ids(task, paused.interrupts)
+            task.paused = True
+            task.writes = []
+            return
+        except ParentCommand as command:
+            if task.loop.parent_task is not None:
+                raise  # the parent graph's node applies it
+            task.error = _no_parent(command)
+            return
+        except Exception as error:
+            policy = _retry_policy(task, error, attempt)
+            if policy is None:
+                task.error = error
+                return
+            task.update = None
+            task.resume_used = task.calls = task.subgraph_calls = 0
+            await asyncio.sleep(policy.interval(attempt))
+
+
+async def _asettle_calls(task: Task, cancel: bool) -> None:
+    """``_settle_calls`` for async runs: async calls are asyncio tasks (cancelled outright
+    when the caller failed), sync ones ``TaskFuture``s on the pool."""
+    if not task.spawned:
+        return
+    if cancel:
+        for call in task.spawned:
+            call.cancel()
+    # A sync call is waited for on a thread: one nobody has started runs there (the pool may
+    # be busy with the very tasks waiting on it).
+    await asyncio.wait(
+        [
+            call if isinstance(call, asyncio.Future) else asyncio.create_task(_waited(call))
+            for call in task.spawned
+        ]
+    )
+
+
+async def _waited(call: Any) -> None:
+    await asyncio.to_thread(call.wait)
 
 
 def run_step(tasks: Sequence[Task], on_done: OnDone, max_concurrency: int | None = None) -> None:
@@ -255,6 +311,8 @@ async def arun_step(
     finally:
         for future in futures:
             future.cancel()  # a no-op unless the caller itself was cancelled
+        if not all(future.done() for future in futures):
+            await asyncio.wait(futures)  # they unwind (cancelling their calls) before the step ends
     failed = [f for f in futures if f.cancelled() or f.exception() is not None]
     if failed:
         failed[0].result()  # raises its error

@@ -459,3 +459,70 @@ async def test_an_async_call_nobody_awaits_ends_within_its_callers_step() -> Non
 
     assert await workflow.ainvoke(["async", "sync"], thread()) == 2
     assert sorted(finished) == ["async", "sync"]
+
+
+@pytest.mark.parametrize("failure", [ValueError("caller failed"), KeyboardInterrupt()])
+def test_a_failing_caller_drops_the_calls_not_started(failure: BaseException) -> None:
+    """A caller that fails (or is interrupted) waits only for the calls already running: the
+    ones no worker has started never run. Its ``@task`` context ends with it."""
+    started: list[int] = []
+
+    @task
+    def slow(number: int) -> int:
+        started.append(number)
+        time.sleep(0.05)
+        return number
+
+    @entrypoint(checkpointer=InMemorySaver())
+    def workflow(count: int) -> int:
+        for number in range(count):
+            slow(number)  # never awaited
+        raise failure
+
+    with pytest.raises(type(failure)):
+        workflow.invoke(300, thread())
+    assert len(started) < 300  # how many the workers had started depends on timing
+    with pytest.raises(RuntimeError, match="outside of a run"):
+        slow(0)
+
+
+async def test_a_cancelled_async_caller_cancels_its_calls() -> None:
+    """Cancelling an async run cancels the async calls its tasks made, and waits for them to
+    unwind: none is left running, or saving, after the run."""
+    never = asyncio.Event()
+    ended: list[str] = []
+
+    @task
+    async def wait_forever() -> None:
+        try:
+            await never.wait()
+        finally:
+            ended.append("unwound")
+
+    @entrypoint(checkpointer=InMemorySaver())
+    async def workflow(_: int) -> int:
+        wait_forever()  # never awaited
+        await never.wait()
+        return 0
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(workflow.ainvoke(1, thread()), 0.2)
+    assert ended == ["unwound"]
+
+
+def test_a_caller_does_not_hold_every_call_it_made() -> None:
+    """The futures a caller keeps (to wait for them at its end) are pruned of finished ones."""
+    from stepgraph.runtime import CURRENT_TASK
+
+    @task
+    def double(x: int) -> int:
+        return 2 * x
+
+    @entrypoint()
+    def workflow(count: int) -> int:
+        total = sum(double(x).result() for x in range(count))
+        caller = CURRENT_TASK.get()
+        assert caller is not None and len(caller.spawned or ()) < 256
+        return total
+
+    assert workflow.invoke(1000) == 999_000
