@@ -62,11 +62,13 @@ WRITE_METHODS = {
     "put_writes": "put_writes",
     "put_writes_batch": "put_writes_batch",
     "put_step_and_release": "put_step_and_release",  # a run's last save, and its lease's release
+    "put_steps": "put_steps",  # a new input's checkpoint with START's step
     "aput": "put",
     "aput_step": "put_step",
     "aput_writes": "put_writes",
     "aput_writes_batch": "put_writes_batch",
     "aput_step_and_release": "put_step_and_release",
+    "aput_steps": "put_steps",
 }
 # How long the fan-out's tasks take (p1 at once): p1's save is held up (PUT_WRITES_DELAY) until
 # p2 and p3 have finished, so their writes go together in one put_writes_batch, and p4 finishes
@@ -167,7 +169,8 @@ class Faults:
     def _begin(self, kind: str, args: tuple) -> tuple[int, bool]:
         with self.lock:
             index = next(self.count)
-        append(self.work / "calls", f"start {kind} {index} {','.join(effect(kind, args))}")
+        nodes = ",".join(effect(kind, args))
+        append(self.work / "calls", f"start {kind} {index} {nodes} {checkpoints(kind, args)}")
         return index, index == self.index
 
     def _end(self, kind: str, index: int, armed: bool) -> None:
@@ -226,12 +229,22 @@ class Faults:
         return result
 
 
-CHECKPOINT_SAVES = ("put", "put_step", "put_step_and_release")
+CHECKPOINT_SAVES = ("put", "put_step", "put_step_and_release", "put_steps")
+
+
+def checkpoints(kind: str, args: tuple) -> int:
+    """How many checkpoints the write call saves."""
+    if kind == "put_steps":
+        return len(args[1])
+    return 1 if kind in CHECKPOINT_SAVES else 0
 
 
 def effect(kind: str, args: tuple) -> list[str]:
     """The nodes whose effect (their ``log`` entry) the write call makes durable: the
     checkpoint's ``log`` and the ``log`` writes it carries."""
+    if kind == "put_steps":  # (config, steps): each step as a put_step
+        found = [effect("put_step", (args[0], *step)) for step in args[1]]
+        return sorted(set().union(*found))
     nodes: list[str] = []
     if kind in CHECKPOINT_SAVES:
         checkpoint = args[1] if kind == "put" else args[2]

@@ -338,9 +338,9 @@ class Count(TypedDict):
     n: int
 
 
-def test_a_one_node_run_is_four_round_trips(postgres_uri: str) -> None:
-    """Take the thread and read it; the input's checkpoint; START's step; the node's step,
-    whose statement also lets go of the lease."""
+def test_a_one_node_run_is_three_round_trips(postgres_uri: str) -> None:
+    """Take the thread and read it; the input's checkpoint and START's step (two statements in
+    one pipeline); the node's step, whose statement also lets go of the lease."""
     builder = StateGraph(Count)
     builder.add_node("add", lambda state: {"n": state["n"] + 1})
     builder.add_edge(START, "add")
@@ -354,7 +354,7 @@ def test_a_one_node_run_is_four_round_trips(postgres_uri: str) -> None:
         messages = protocol_messages(
             conn, lambda: graph.invoke({"n": 1}, thread("t"), durability="sync")
         )
-        assert messages.count("F:Sync") == 4
+        assert messages.count("F:Sync") == 3
         run = saver.get_run("t")
         assert run is not None and (run.status, run.expires_at) == ("done", None)
         assert graph.get_state(thread("t")).values == {"n": 2}

@@ -483,6 +483,7 @@ class _Compiler:
             arun,
             retry_policy=retry_policy,
             tags=(TAG_HIDDEN,) if hidden else (),
+            plain=name == START and not self.builder.branches.get(START),
         )
 
     def _update_writer(

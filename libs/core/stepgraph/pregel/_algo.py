@@ -45,7 +45,17 @@ class PregelNode:
     task triggered by channels; a ``Send`` supplies the input itself.
     """
 
-    __slots__ = ("arun", "hidden", "name", "read", "retry_policy", "run", "tags", "triggers")
+    __slots__ = (
+        "arun",
+        "hidden",
+        "name",
+        "plain",
+        "read",
+        "retry_policy",
+        "run",
+        "tags",
+        "triggers",
+    )
 
     def __init__(
         self,
@@ -57,6 +67,7 @@ class PregelNode:
         *,
         retry_policy: Sequence[RetryPolicy] | RetryPolicy | None = None,
         tags: Sequence[str] = (),
+        plain: bool = False,
     ) -> None:
         self.name = name
         self.triggers = tuple(triggers)
@@ -68,6 +79,10 @@ class PregelNode:
         self.retry_policy: tuple[RetryPolicy, ...] = tuple(retry_policy or ())
         self.tags = tuple(tags)
         self.hidden = TAG_HIDDEN in self.tags
+        self.plain = plain
+        """The node only hands the run's input on (a graph's START with no conditional edges):
+        no user code runs in it, so ``durability="sync"`` may save the input's checkpoint with
+        this node's step, in one transaction (``Persistence.on_start``)."""
 
 
 class Task:

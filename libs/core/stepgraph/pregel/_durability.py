@@ -7,7 +7,9 @@ the saves out.
   step still run has its writes saved at once, as a group commit: tasks that finish while a save
   is in flight are saved together in the next call (``put_writes_batch``), and each returns once
   its own writes are saved. The writes of the step's last task go in the same ``put_step`` as
-  the next checkpoint, so a one-task step costs one call (one transaction).
+  the next checkpoint, so a one-task step costs one call (one transaction). A new input's
+  checkpoint goes with the step after it (``put_steps``) when that step only hands the input
+  on to the graph's channels (``PregelNode.plain``): no node runs before both are saved.
 * ``async``: the same saves, made in order by a background worker while the next step runs. At
   most one checkpoint save is queued behind the running step: before handing over a checkpoint,
   the run waits for the previous one, so memory stays flat when the store is slower than the
@@ -26,7 +28,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from stepgraph.checkpoint.base import TaskWrites
+from stepgraph.checkpoint.base import Step, TaskWrites
+from stepgraph.config import RunnableConfig
 from stepgraph.pregel._algo import Task
 from stepgraph.pregel._loop import RunLoop, StepSave
 from stepgraph.types import Durability
@@ -37,7 +40,7 @@ __all__ = ["AsyncWriter", "Persistence", "SyncWriter"]
 class Persistence:
     """Turns run events into the saves the durability mode calls for."""
 
-    __slots__ = ("held", "loop", "mode")
+    __slots__ = ("deferred", "held", "loop", "mode")
 
     def __init__(self, loop: RunLoop, mode: Durability | None) -> None:
         self.loop = loop
@@ -47,6 +50,8 @@ class Persistence:
         """Writes of finished tasks not saved yet; they go with the next checkpoint. With
         ``exit`` a finished task is held as itself: its writes are built only if the run ends
         before its step is applied (they are dropped with the step otherwise)."""
+        self.deferred: StepSave | None = None
+        """With ``sync``, the input's checkpoint, held back to be saved with the next save."""
 
     def on_start(self, made_checkpoint: bool) -> list[StepSave]:
         """The input was applied: save its checkpoint and the writes it recorded."""
@@ -59,7 +64,25 @@ class Persistence:
         saves = [loop.save_checkpoint([])] if made_checkpoint else []
         if loop.start_writes:
             saves.append(StepSave(loop.save_target(), list(loop.start_writes)))
+        elif saves and self.mode == "sync" and self._hands_input_on():
+            self.deferred = saves.pop()
         return saves
+
+    def _hands_input_on(self) -> bool:
+        """Whether the next step only hands the input on (plans it early: ``plan`` hands
+        those tasks out next)."""
+        loop = self.loop
+        try:
+            tasks = loop.planned = loop.plan()
+        except Exception:  # the loop's own plan() raises it again
+            return False
+        return len(tasks) == 1 and tasks[0].node.plain
+
+    def _with_deferred(self, save: StepSave) -> StepSave:
+        """``save``, made after (or with) the input's checkpoint if that is held back."""
+        if self.deferred is not None:
+            save.before, self.deferred = self.deferred, None
+        return save
 
     def on_task_done(self, task: Task, last: bool) -> StepSave | None:
         if self.mode is None:
@@ -71,7 +94,7 @@ class Persistence:
         if last and task.error is None and not task.paused:
             self.held.append(writes)
             return None
-        return StepSave(self.loop.save_target(), [writes])
+        return self._with_deferred(StepSave(self.loop.save_target(), [writes]))
 
     def on_call_done(self, writes: TaskWrites) -> StepSave | None:
         """A ``@task`` call finished: its outcome is saved at once (held with ``exit``)."""
@@ -80,7 +103,7 @@ class Persistence:
         if self.mode == "exit":
             self.held.append(writes)
             return None
-        return StepSave(self.loop.save_target(), [writes])
+        return self._with_deferred(StepSave(self.loop.save_target(), [writes]))
 
     def on_step_done(self, tasks: Sequence[Task], holding: Any) -> StepSave | None:
         """The step of ``tasks`` was applied and its checkpoint is current. If the run ends
@@ -92,7 +115,7 @@ class Persistence:
         save = self.loop.save_checkpoint(held)  # type: ignore[arg-type]  # no Task held
         if _may_release(holding) and (status := self.loop.ends_after_step(tasks)) is not None:
             save.release = (holding, status)
-        return save
+        return self._with_deferred(save)
 
     def _writes(self, held: list[TaskWrites | Task]) -> list[TaskWrites]:
         task_writes = self.loop.task_writes
@@ -106,6 +129,9 @@ class Persistence:
             return []
         saves = []
         loop = self.loop
+        if self.deferred is not None:  # the run stopped before the input's step was saved
+            saves.append(self.deferred)
+            self.deferred = None
         # No channel has a version: the run stopped before its input was applied (a resume of
         # an empty thread, say), and there is no state to save.
         if self.mode == "exit" and not loop.checkpoint_is_saved and loop.channel_versions:
@@ -125,7 +151,31 @@ def _may_release(holding: Any) -> bool:
     return holding is not None and holding.saver.retention is None
 
 
+def _chained(save: StepSave) -> tuple[tuple[RunnableConfig, list[Step]], dict[str, Any]] | None:
+    """``save`` and the save held back before it as the arguments of one ``put_steps``, if
+    both save a checkpoint."""
+    before = save.before
+    if before is None or before.checkpoint is None or save.checkpoint is None:
+        return None
+    steps = [
+        Step(before.writes, before.checkpoint, before.metadata, before.new_versions),  # type: ignore[arg-type]
+        Step(save.writes, save.checkpoint, save.metadata, save.new_versions),  # type: ignore[arg-type]
+    ]
+    options = {}
+    if save.release is not None:
+        holding, status = save.release
+        options = {"lease": holding.lease, "status": status}
+    return (before.config, steps), options
+
+
 def _save(saver: Any, save: StepSave) -> None:
+    if save.before is not None:
+        if (chain := _chained(save)) is not None:
+            saver.put_steps(*chain[0], **chain[1])
+            if save.release is not None:
+                save.release[0].released = True
+            return
+        _save(saver, save.before)
     if save.release is not None:
         step = (save.config, save.writes, save.checkpoint, save.metadata, save.new_versions)
         holding, status = save.release
@@ -144,6 +194,13 @@ def _save(saver: Any, save: StepSave) -> None:
 
 
 async def _asave(saver: Any, save: StepSave) -> None:
+    if save.before is not None:
+        if (chain := _chained(save)) is not None:
+            await saver.aput_steps(*chain[0], **chain[1])
+            if save.release is not None:
+                save.release[0].released = True
+            return
+        await _asave(saver, save.before)
     if save.release is not None:
         step = (save.config, save.writes, save.checkpoint, save.metadata, save.new_versions)
         holding, status = save.release
@@ -341,7 +398,7 @@ class SyncWriter:
         if save is None:
             return
         if not self.background:
-            if save.checkpoint is None:
+            if save.checkpoint is None and save.before is None:
                 self._group(save)
             else:
                 _save(self.saver, save)
@@ -423,7 +480,7 @@ class AsyncWriter:
         if save is None:
             return
         if not self.background:
-            if save.checkpoint is None:
+            if save.checkpoint is None and save.before is None:
                 await self._group(save)
             else:
                 await _asave(self.saver, save)

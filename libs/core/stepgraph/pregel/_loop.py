@@ -75,7 +75,7 @@ _INPUT_NODE = _input_node("__input__")
 class StepSave:
     """What one save hands to the checkpointer: writes of tasks and, optionally, a checkpoint."""
 
-    __slots__ = ("checkpoint", "config", "metadata", "new_versions", "release", "writes")
+    __slots__ = ("before", "checkpoint", "config", "metadata", "new_versions", "release", "writes")
 
     def __init__(
         self,
@@ -94,6 +94,9 @@ class StepSave:
         self.release: tuple[Any, RunStatus] | None = None
         """When this save ends the run: the run's lease (``_lease.Holding``) and the status
         the saver lets go of it with, in the same transaction (``put_step_and_release``)."""
+        self.before: StepSave | None = None
+        """A checkpoint's save held back to be made with this one (this one's config names its
+        checkpoint): the run's input, saved with its first step (``put_steps``)."""
 
 
 class RunLoop:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypedDict
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from stepgraph.checkpoint.base import TaskWrites
 from stepgraph.checkpoint.memory import InMemorySaver
@@ -38,7 +39,7 @@ class CountingSaver(InMemorySaver):
     def _record(self, name: str) -> None:
         with self.lock:
             self.calls.append(name)
-            puts = sum(1 for c in self.calls if c in ("put", "put_step"))
+            puts = sum(1 for c in self.calls if c in ("put", "put_step", "put_steps"))
         if self.delay:
             time.sleep(self.delay)
         if self.fail_on_put is not None and puts >= self.fail_on_put and name != "put_writes":
@@ -82,8 +83,17 @@ class CountingSaver(InMemorySaver):
             ),
         )
 
+    def put_steps(self, config, steps, **release):  # type: ignore[no-untyped-def]
+        return self._outermost(
+            "put_steps",
+            lambda: super(CountingSaver, self).put_steps(config, steps, **release),
+        )
+
     async def aput(self, config, checkpoint, metadata, new_versions):  # type: ignore[no-untyped-def]
         return self.put(config, checkpoint, metadata, new_versions)
+
+    async def aput_steps(self, config, steps, **release):  # type: ignore[no-untyped-def]
+        return self.put_steps(config, steps, **release)
 
     async def aput_writes(self, config, writes, task_id, task_path=""):  # type: ignore[no-untyped-def]
         return self.put_writes(config, writes, task_id, task_path)
@@ -128,9 +138,55 @@ def test_sync_commits_each_step_in_one_put_step_before_the_next() -> None:
     assert graph.invoke({"x": 0, "log": []}, config("t"), durability="sync")["x"] == 3
     # Node i runs after the input checkpoint, the __start__ step and i node steps are stored.
     assert seen == [2, 3, 4]
-    # Input: put. Each one-task step (__start__, n0, n1, n2): one put_step. No put_writes.
-    assert saver.calls == ["put", "put_step", "put_step", "put_step", "put_step"]
+    # The input's checkpoint with the __start__ step: one put_steps. Each one-task step (n0,
+    # n1, n2): one put_step. No put_writes.
+    assert saver.calls == ["put_steps", "put_step", "put_step", "put_step"]
     assert saver.stored("t") == 5
+
+
+def test_sync_saves_the_input_apart_when_start_routes() -> None:
+    """A conditional edge from START runs the user's routing function in START's step: the
+    input's checkpoint is saved before it, on its own."""
+    saver = CountingSaver()
+    builder = StateGraph(State)
+    builder.add_node("n0", lambda state: {"x": state["x"] + 1})
+    builder.add_conditional_edges(START, lambda state: "n0")
+    graph = builder.compile(checkpointer=saver)
+    assert graph.invoke({"x": 0, "log": []}, config("r"), durability="sync")["x"] == 1
+    assert saver.calls == ["put", "put_step", "put_step"]
+
+
+class Strict(BaseModel):
+    x: int
+    log: Annotated[list[str], operator.add] = []
+
+
+def test_sync_saves_the_input_before_a_start_step_that_fails() -> None:
+    """An input that fails validation fails START's step: the input's checkpoint is saved,
+    then the error against it, and the thread resumes from there."""
+    saver = CountingSaver()
+    builder = StateGraph(Strict)
+    builder.add_node("n0", lambda state: {"log": ["n0"]})
+    builder.add_edge(START, "n0")
+    graph = builder.compile(checkpointer=saver)
+    with pytest.raises(ValidationError):
+        graph.invoke({"x": "not a number"}, config("v"), durability="sync")
+    assert saver.calls == ["put", "put_writes"]
+    state = graph.get_state(config("v"))
+    assert state.next == (START,) and state.metadata["source"] == "input"
+    assert [task.error is not None for task in state.tasks] == [True]
+
+
+def test_sync_saves_the_input_with_a_start_step_that_ends_the_run() -> None:
+    """A run stopped by a breakpoint right after START's step saves both in one call."""
+    saver = CountingSaver()
+    builder = StateGraph(State)
+    builder.add_node("n0", lambda state: {"log": ["n0"]})
+    builder.add_edge(START, "n0")
+    graph = builder.compile(checkpointer=saver, interrupt_before=["n0"])
+    graph.invoke({"x": 0, "log": []}, config("b"), durability="sync")
+    assert saver.calls == ["put_steps"]
+    assert graph.get_state(config("b")).next == ("n0",)
 
 
 def test_sync_parallel_step_saves_each_task_as_it_finishes() -> None:
@@ -143,7 +199,7 @@ def test_sync_parallel_step_saves_each_task_as_it_finishes() -> None:
     graph = builder.compile(checkpointer=saver)
     graph.invoke({"x": 0}, config("p"), durability="sync")
     # The task that finished first was saved at once; the last one went with the checkpoint.
-    assert saver.calls == ["put", "put_step", "put_writes", "put_step"]
+    assert saver.calls == ["put_steps", "put_writes", "put_step"]
 
 
 class NotAllowed:
@@ -199,7 +255,7 @@ def test_sync_tasks_finishing_during_a_save_are_saved_together(is_async: bool) -
     assert result["log"] == ["a", "b", "c", "first", "last"]  # applied by node name
     # ``first`` was saved alone; a, b and c finished meanwhile and went in one batch; the
     # last task's writes went with the checkpoint.
-    assert saver.calls == ["put", "put_step", "put_writes", "put_writes_batch", "put_step"]
+    assert saver.calls == ["put_steps", "put_writes", "put_writes_batch", "put_step"]
     state = graph.get_state(config("g"))
     assert state.values["log"] == ["a", "b", "c", "first", "last"]
     parent = saver.get_tuple(state.parent_config)
@@ -225,7 +281,7 @@ def test_a_failed_group_save_saves_each_task_on_its_own() -> None:
     saver.put_writes = slow_put_writes  # type: ignore[method-assign]
     with pytest.raises(SerializationError, match="log"):
         graph.invoke({"x": 0}, config("f"), durability="sync")
-    assert saver.calls[:4] == ["put", "put_step", "put_writes", "put_writes_batch"]
+    assert saver.calls[:3] == ["put_steps", "put_writes", "put_writes_batch"]
     state = graph.get_state(config("f"))
     assert state.next == ("b",)  # only the task whose writes could not be saved runs again
     saved = saver.get_tuple(config("f"))
@@ -397,7 +453,7 @@ async def test_async_api_durability_modes(mode: str) -> None:
     assert result["x"] == 3
     assert saver.stored(mode) == (5 if mode != "exit" else 1)
     if mode == "sync":
-        assert saver.calls == ["put", "put_step", "put_step", "put_step", "put_step"]
+        assert saver.calls == ["put_steps", "put_step", "put_step", "put_step"]
 
 
 async def test_async_api_bounds_the_queue_and_surfaces_failures() -> None:
@@ -440,7 +496,7 @@ async def test_async_api_saves_each_parallel_task_as_it_finishes() -> None:
     graph = builder.compile(checkpointer=saver)
     result = await graph.ainvoke({"x": 0}, config("ap"), durability="sync")
     assert result["log"] == ["fast", "slow"]  # applied by node name
-    assert saver.calls == ["put", "put_step", "put_writes", "put_step"]
+    assert saver.calls == ["put_steps", "put_writes", "put_step"]
 
 
 def test_checkpoint_during_picks_the_mode() -> None:

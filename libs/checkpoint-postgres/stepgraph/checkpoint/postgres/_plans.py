@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, TypeVar
@@ -32,8 +33,10 @@ from stepgraph.checkpoint.base import (
     PruneStrategy,
     RunInfo,
     RunStatus,
+    Step,
     StorageReport,
     TaskWrites,
+    child_config,
     get_checkpoint_id,
     get_checkpoint_ns,
     get_thread_id,
@@ -59,6 +62,7 @@ from stepgraph.checkpoint.storage import (
     ValueRow,
     WriteRow,
     assemble_page,
+    chain_rows,
     check_key,
     check_prune_strategy,
     check_schema_version,
@@ -300,6 +304,10 @@ def _writes_params(
     }
 
 
+# ``checkpoint_rows`` as this backend stores them.
+_rows = functools.partial(checkpoint_rows, deltas=True, inline=True)
+
+
 def put_step(
     serde: SerializerProtocol,
     config: RunnableConfig,
@@ -317,43 +325,82 @@ def put_step(
     ``LeaseLostError`` and writes nothing when its lease was lost. ``heads`` learns of the
     checkpoint once its statement succeeded. With ``release``, the statement that saves the
     step also lets go of the lease."""
+    step = Step(writes, checkpoint, metadata, new_versions)
+    return _put_chain(serde, config, [step], heads, release)
 
-    def rows(self_contained: bool) -> CheckpointRows:
-        return checkpoint_rows(
-            serde,
-            config,
-            checkpoint,
-            metadata,
-            new_versions,
-            writes,
-            deltas=True,
-            inline=True,
-            self_contained=self_contained,
-            heads=heads,
-        )
 
-    first = rows(False)
-    shadow = metadata_json_text(first.metadata)  # text now: the statement may run later
+def put_steps(
+    serde: SerializerProtocol,
+    config: RunnableConfig,
+    steps: Sequence[Step],
+    heads: ChainHeads,
+    release: tuple[Lease, RunStatus] | None = None,
+) -> Callable[[], Plan[RunnableConfig]]:
+    """The plan of ``put_steps``: ``put_step``'s statement for each step, each sent ahead of
+    the one before, so the chain costs one round trip (each statement is its own transaction:
+    a step saved without the ones after it is what a crash between two ``put_step`` calls
+    leaves). Run with ``Scope.STATEMENT``. With ``release``, the last statement lets go of
+    the lease, as ``put_step``'s does."""
+    return _put_chain(serde, config, steps, heads, release)
+
+
+def _put_chain(
+    serde: SerializerProtocol,
+    config: RunnableConfig,
+    steps: Sequence[Step],
+    heads: ChainHeads,
+    release: tuple[Lease, RunStatus] | None,
+) -> Callable[[], Plan[RunnableConfig]]:
+    rows = functools.partial(_rows, serde, heads=heads)
+    chain = chain_rows(rows, config, steps)
+    # Text now: the statements may run later, and the caller may change its metadata.
+    shadows = [metadata_json_text(made.metadata) for made in chain]
     fence = fence_of(config)
-    statement = _put_statement(first, shadow, fence, release, require_parent=True)
-    row = first.checkpoint
+    last = len(chain) - 1
+
+    def statements(made: list[CheckpointRows], first: int, whole: bool) -> list[Statement]:
+        """The statements of steps ``first`` on (their rows ``made``), each sent ahead of the
+        one before; with ``whole``, the first stored whatever its parent's state."""
+        built = [
+            _put_statement(
+                rows_of,
+                shadows[first + index],
+                fence,
+                release if first + index == last else None,
+                require_parent=index > 0 or not whole,
+            )
+            for index, rows_of in enumerate(made)
+        ]
+        for index in range(len(built) - 2, -1, -1):
+            built[index] = replace(built[index], ahead=built[index + 1])
+        return built
+
+    row = chain[-1].checkpoint
     config_of_saved = checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
+    first_statements = statements(chain, 0, False)
 
     # Inside a caller's transaction, heads learns of a row before the caller commits: harmless,
     # since a row of changes is only stored while its parent's row exists (require_parent), so
     # a step after a rollback finds its parent gone and is stored whole.
     def plan() -> Plan[RunnableConfig]:
-        saved = yield statement
-        _check_fence(row.thread_id, fence, saved[0])
-        if saved[0][0]:
-            heads.saved(first, serde)
-        else:  # the parent is gone: its unchanged channels' rows may be too
-            whole = rows(True)
-            again = yield _put_statement(whole, shadow, fence, release, require_parent=False)
-            _check_fence(row.thread_id, fence, again[0])
-            if again[0][0]:
-                heads.saved(whole, serde)
-        return config_of_saved
+        made, sent, done = chain, first_statements, 0
+        while True:
+            for index, statement in enumerate(sent):
+                saved = yield statement
+                _check_fence(row.thread_id, fence, saved[0])
+                if not saved[0][0]:
+                    break
+                heads.saved(made[index], serde)
+            else:
+                return config_of_saved
+            if index == 0 and made is not chain:
+                raise AssertionError("a step stored whole was refused")
+            # Step ``done + index`` found its parent gone (pruned meanwhile: its unchanged
+            # channels' rows may be too): it and the steps after it again, it stored whole.
+            done += index
+            parent = config if done == 0 else child_config(config, steps[done - 1].checkpoint["id"])
+            made = chain_rows(rows, parent, steps[done:], self_contained=True)
+            sent = statements(made, done, True)
 
     return plan
 
@@ -1419,6 +1466,16 @@ class PostgresPlans:
     ) -> Job[RunnableConfig, Scope]:
         step = (config, writes, checkpoint, metadata, new_versions, heads, release)
         return Job(put_step(serde, *step), Scope.STATEMENT)
+
+    def put_steps(
+        self,
+        serde: SerializerProtocol,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        heads: ChainHeads,
+        release: tuple[Lease, RunStatus] | None = None,
+    ) -> Job[RunnableConfig, Scope]:
+        return Job(put_steps(serde, config, steps, heads, release), Scope.STATEMENT)
 
     def put_writes(
         self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]

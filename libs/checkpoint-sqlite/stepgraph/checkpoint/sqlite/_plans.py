@@ -26,6 +26,7 @@ from stepgraph.checkpoint.base import (
     PruneStrategy,
     RunInfo,
     RunStatus,
+    Step,
     StorageReport,
     TaskWrites,
     get_checkpoint_id,
@@ -50,6 +51,7 @@ from stepgraph.checkpoint.storage import (
     ValueRow,
     WriteRow,
     assemble_page,
+    chain_rows,
     chain_spans,
     check_key,
     check_prune_strategy,
@@ -183,38 +185,58 @@ def _check_fence(thread_id: str, fence: int) -> Plan[None]:
 
 def _store(
     serde: SerializerProtocol,
-    rows: CheckpointRows,
-    shadow: str,
-    self_contained: Callable[[], CheckpointRows],
+    chain: list[CheckpointRows],
+    self_contained: Callable[[], list[CheckpointRows]],
     fence: int | None,
     heads: ChainHeads,
     release: tuple[Lease, RunStatus] | None,
 ) -> Plan[RunnableConfig]:
-    row = rows.checkpoint
+    """Store ``chain`` (a step's rows, or a chain of steps' rows, each step's parent the one
+    before) in one transaction."""
+    first = chain[0].checkpoint
+    # The metadata's JSON text now: the rows hold the caller's own metadata, which it may
+    # change once the call returns (a self-contained chain has the same metadata).
+    shadows = [_to_json(rows.metadata_json) for rows in chain]
     yield BEGIN_WRITE
-    if row.parent_checkpoint_id is None:
+    if first.parent_checkpoint_id is None:
         if fence is not None:
-            yield from _check_fence(row.thread_id, fence)
+            yield from _check_fence(first.thread_id, fence)
     else:
-        parent = (row.thread_id, row.checkpoint_ns, row.parent_checkpoint_id)
+        parent = (first.thread_id, first.checkpoint_ns, first.parent_checkpoint_id)
         if fence is None:
             found = yield Statement(_HAS_CHECKPOINT, parent)
         else:  # one statement for both checks: this runs at every step of a leased run
-            found = yield Statement(_FENCE_AND_PARENT, (*parent, row.thread_id))
+            found = yield Statement(_FENCE_AND_PARENT, (*parent, first.thread_id))
             epoch, status = found[0][1:]
-            check_fence(row.thread_id, fence, None if epoch is None else (epoch, status))
+            check_fence(first.thread_id, fence, None if epoch is None else (epoch, status))
         if not found[0][0]:  # pruned meanwhile: unchanged channels' rows may be gone with it
-            rows = self_contained()
-    if rows.writes:
-        yield Statement(_UPSERT_WRITE, rows.writes, many=True)
-    if rows.values:
-        yield Statement(_INSERT_VALUE, rows.values, many=True)
-    yield Statement(_INSERT_CHECKPOINT, (*rows.checkpoint, shadow))
+            chain = self_contained()
+    if len(chain) == 1:
+        rows = chain[0]
+        if rows.writes:
+            yield Statement(_UPSERT_WRITE, rows.writes, many=True)
+        if rows.values:
+            yield Statement(_INSERT_VALUE, rows.values, many=True)
+        yield Statement(_INSERT_CHECKPOINT, (*rows.checkpoint, shadows[0]))
+    else:  # in chain order: a value row's base may be stored by the step before
+        if writes := [write for rows in chain for write in rows.writes]:
+            yield Statement(_UPSERT_WRITE, writes, many=True)
+        if values := [value for rows in chain for value in rows.values]:
+            yield Statement(_INSERT_VALUE, values, many=True)
+        pairs = zip(chain, shadows, strict=True)
+        checkpoints = [(*rows.checkpoint, shadow) for rows, shadow in pairs]
+        yield Statement(_INSERT_CHECKPOINT, checkpoints, many=True)
     if release is not None:
         yield from _let_go(*release, None)
     yield COMMIT
-    heads.saved(rows, serde)
-    return checkpoint_config(row.thread_id, row.checkpoint_ns, row.checkpoint_id)
+    for rows in chain:
+        heads.saved(rows, serde)
+    last = chain[-1].checkpoint
+    return checkpoint_config(last.thread_id, last.checkpoint_ns, last.checkpoint_id)
+
+
+# ``checkpoint_rows`` as this backend stores them.
+_rows = functools.partial(checkpoint_rows, deltas=True, inline=True, json_metadata=True)
 
 
 def put_step(
@@ -232,22 +254,29 @@ def put_step(
     # Everything is serialized before the write lock is taken, so other writers wait only for
     # the inserts.
     rows = functools.partial(
-        checkpoint_rows,
-        serde,
-        config,
-        checkpoint,
-        metadata,
-        new_versions,
-        writes,
-        deltas=True,
-        inline=True,
-        json_metadata=True,
+        _rows, serde, config, checkpoint, metadata, new_versions, writes, heads=heads
     )
-    first = rows(heads=heads)
-    shadow = _to_json(first.metadata_json)
-    self_contained = functools.partial(rows, self_contained=True)
+    first = [rows()]
+
+    def self_contained() -> list[CheckpointRows]:
+        return [rows(self_contained=True)]
+
     fence = fence_of(config)
-    return (yield from _store(serde, first, shadow, self_contained, fence, heads, release))
+    return (yield from _store(serde, first, self_contained, fence, heads, release))
+
+
+def put_steps(
+    serde: SerializerProtocol,
+    config: RunnableConfig,
+    steps: Sequence[Step],
+    heads: ChainHeads,
+    release: tuple[Lease, RunStatus] | None = None,
+) -> Plan[RunnableConfig]:
+    """``put_steps``: the whole chain in one transaction, one commit."""
+    rows = functools.partial(_rows, serde, heads=heads)
+    first = chain_rows(rows, config, steps)
+    self_contained = functools.partial(chain_rows, rows, config, steps, self_contained=True)
+    return (yield from _store(serde, first, self_contained, fence_of(config), heads, release))
 
 
 def put_writes(
@@ -893,6 +922,16 @@ class SqlitePlans:
     ) -> Job[RunnableConfig, None]:
         step = (config, writes, checkpoint, metadata, new_versions, heads, release)
         return Job(functools.partial(put_step, serde, *step), None)
+
+    def put_steps(
+        self,
+        serde: SerializerProtocol,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        heads: ChainHeads,
+        release: tuple[Lease, RunStatus] | None = None,
+    ) -> Job[RunnableConfig, None]:
+        return Job(functools.partial(put_steps, serde, config, steps, heads, release), None)
 
     def put_writes(
         self, serde: SerializerProtocol, config: RunnableConfig, writes: Sequence[TaskWrites]

@@ -10,6 +10,8 @@ carry over. Differences, all additive:
   epoch are fenced. Retention: ``storage_report`` and ``sweep``.
 * ``put_step`` saves a task's writes and the next checkpoint together, so a saver can commit a
   one-task superstep in a single transaction (``durability="sync"`` costs one commit per step).
+  ``put_steps`` saves a chain of such steps together (a run's input checkpoint and its first
+  step, say).
 * Channel versions are always strings that sort in creation order.
 """
 
@@ -58,9 +60,11 @@ __all__ = [
     "Retention",
     "RunInfo",
     "RunStatus",
+    "Step",
     "StorageReport",
     "SyncFromAsyncSaver",
     "TaskWrites",
+    "child_config",
     "copy_checkpoint",
     "empty_checkpoint",
     "get_checkpoint_id",
@@ -145,6 +149,23 @@ class TaskWrites(NamedTuple):
     task_id: str
     writes: Sequence[tuple[str, Any]]
     task_path: str = ""
+
+
+class Step(NamedTuple):
+    """One step of a chain handed to ``put_steps``: tasks' writes against the checkpoint before
+    it, and the checkpoint they led to, as ``put_step`` takes them."""
+
+    writes: Sequence[TaskWrites]
+    checkpoint: Checkpoint
+    metadata: CheckpointMetadata
+    new_versions: ChannelVersions
+
+
+def child_config(config: RunnableConfig, checkpoint_id: str) -> RunnableConfig:
+    """``config`` naming checkpoint ``checkpoint_id`` instead (its other keys, the fence among
+    them, kept): the parent config of the step after that checkpoint in ``put_steps``."""
+    configurable = config.get("configurable") or {}
+    return {**config, "configurable": {**configurable, "checkpoint_id": checkpoint_id}}
 
 
 def empty_checkpoint() -> Checkpoint:
@@ -371,6 +392,33 @@ class BaseCheckpointSaver(ABC):
             await self.aput_writes(config, task.writes, task.task_id, task.task_path)
         return await self.aput(config, checkpoint, metadata, new_versions)
 
+    def put_steps(
+        self,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        *,
+        lease: Lease | None = None,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        """Save a chain of steps, as ``put_step`` each in turn: the first against ``config``'s
+        checkpoint, each next one against the checkpoint of the one before (``config`` with
+        that checkpoint's id). With ``lease``, the last step is saved as by
+        ``put_step_and_release``. Returns the config of the last checkpoint.
+
+        Database savers commit the chain in one transaction, or at least send it in one round
+        trip; this default makes the calls one by one."""
+        return drive(_steps_in_turn(self, False, config, steps, lease, status))
+
+    async def aput_steps(
+        self,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        *,
+        lease: Lease | None = None,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        return await _steps_in_turn(self, True, config, steps, lease, status)
+
     def put_step_and_release(
         self,
         config: RunnableConfig,
@@ -588,6 +636,8 @@ LEASE_AND_READ = ("acquire_lease", "get_tuple")
 ALEASE_AND_READ = ("aacquire_lease", "aget_tuple")
 STEP_AND_RELEASE = ("put", "put_step", "release_lease")
 ASTEP_AND_RELEASE = ("aput", "aput_step", "arelease_lease")
+STEPS = ("put", "put_step", "put_step_and_release", "release_lease")
+ASTEPS = ("aput", "aput_step", "aput_step_and_release", "arelease_lease")
 
 
 def intercepted(saver: object, home: type, whole: str, parts: tuple[str, ...]) -> bool:
@@ -619,6 +669,32 @@ async def _step_then_release(
     else:
         saved = await call(saver, "put", use_async, config, checkpoint, metadata, new_versions)
     await call(saver, "release_lease", use_async, lease, status)
+    return saved
+
+
+async def _steps_in_turn(
+    saver: BaseCheckpointSaver,
+    use_async: bool,
+    config: RunnableConfig,
+    steps: Sequence[Step],
+    lease: Lease | None,
+    status: RunStatus,
+) -> RunnableConfig:
+    if not steps:
+        raise ValueError("put_steps needs at least one step")
+    if lease is not None:
+        check_finished_status(status)
+    saved = config
+    for index, step in enumerate(steps):
+        if lease is not None and index == len(steps) - 1:
+            saved = await call(
+                saver, "put_step_and_release", use_async, config, *step, lease, status
+            )
+        elif step.writes:
+            saved = await call(saver, "put_step", use_async, config, *step)
+        else:
+            saved = await call(saver, "put", use_async, config, *step[1:])
+        config = child_config(config, step.checkpoint["id"])
     return saved
 
 
@@ -705,6 +781,18 @@ class AsyncFromSyncSaver(BaseCheckpointSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         return await self._call(self.put_step, config, writes, checkpoint, metadata, new_versions)
+
+    async def aput_steps(
+        self,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        *,
+        lease: Lease | None = None,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        if intercepted(self, AsyncFromSyncSaver, "aput_steps", ASTEPS):
+            return await _steps_in_turn(self, True, config, steps, lease, status)
+        return await self._call(self.put_steps, config, steps, lease=lease, status=status)
 
     async def aput_step_and_release(
         self,
@@ -868,6 +956,18 @@ class SyncFromAsyncSaver(BaseCheckpointSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         return self._wait(self.aput_step(config, writes, checkpoint, metadata, new_versions))
+
+    def put_steps(
+        self,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        *,
+        lease: Lease | None = None,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        if intercepted(self, SyncFromAsyncSaver, "put_steps", STEPS):
+            return drive(_steps_in_turn(self, False, config, steps, lease, status))
+        return self._wait(self.aput_steps(config, steps, lease=lease, status=status))
 
     def put_step_and_release(
         self,

@@ -50,7 +50,9 @@ from stepgraph.checkpoint.base import (
     CheckpointMetadata,
     CheckpointTuple,
     PendingWrite,
+    Step,
     TaskWrites,
+    child_config,
     get_checkpoint_id,
     get_checkpoint_metadata,
     get_checkpoint_ns,
@@ -83,6 +85,7 @@ __all__ = [
     "ValueRow",
     "WriteRow",
     "assemble_page",
+    "chain_rows",
     "chain_spans",
     "check_key",
     "check_prune_strategy",
@@ -544,6 +547,7 @@ def checkpoint_rows(
     self_contained: bool = False,
     heads: ChainHeads | None = None,
     json_metadata: bool = False,
+    after: CheckpointRows | None = None,
 ) -> CheckpointRows:
     """The rows of ``put(config, checkpoint, metadata, new_versions)``.
 
@@ -575,6 +579,9 @@ def checkpoint_rows(
     since the parent's (``CheckpointRow.chain_start``). Call ``heads.saved(rows)`` once the
     rows are committed. ``self_contained`` rows are always whole.
 
+    ``after``: the rows of the parent checkpoint, saved in the same call (``put_steps``) and not
+    committed yet: the parent ``heads`` would know once they are.
+
     ``json_metadata``: the saver stores ``CheckpointRows.metadata_json`` as JSON text that reads
     back exactly as written (key order included), encoding it at once (plain metadata comes as
     itself, not a copy, and the caller may change it later), and when reading a row whose
@@ -604,7 +611,7 @@ def checkpoint_rows(
     parent = None
     seen_changes = checkpoint.get("versions_seen_changes")
     if heads is not None and seen_changes is not None and not self_contained and parent_id:
-        parent = heads.get(thread_id, checkpoint_ns)
+        parent = heads.get(thread_id, checkpoint_ns) if after is None else after.link
         # Ids grow along a chain, so its rows are one range of the key from chain_start.
         if (
             parent is not None
@@ -688,6 +695,25 @@ def checkpoint_rows(
 
     writes_rows = task_write_rows(serde, config, writes)
     return CheckpointRows(row, values, writes_rows, merged, link, shadow)
+
+
+def chain_rows(
+    rows: Callable[..., CheckpointRows],
+    config: RunnableConfig,
+    steps: Sequence[Step],
+    *,
+    self_contained: bool = False,
+) -> list[CheckpointRows]:
+    """The rows of ``put_steps(config, steps)``: ``rows`` (``checkpoint_rows`` with the
+    saver's options bound) of each step against the one before (``after``). With
+    ``self_contained``, the first step's rows are (see ``checkpoint_rows``)."""
+    made: list[CheckpointRows] = []
+    for step in steps:
+        after = made[-1] if made else None
+        whole = self_contained and after is None
+        made.append(rows(config, *step[1:], step.writes, self_contained=whole, after=after))
+        config = child_config(config, step.checkpoint["id"])
+    return made
 
 
 def _plain_json_or_not(value: Any) -> bool:

@@ -24,8 +24,10 @@ from typing import Any, Generic, Protocol, TypeVar
 from stepgraph.checkpoint.base import (
     ALEASE_AND_READ,
     ASTEP_AND_RELEASE,
+    ASTEPS,
     LEASE_AND_READ,
     STEP_AND_RELEASE,
+    STEPS,
     AsyncFromSyncSaver,
     ChannelVersions,
     Checkpoint,
@@ -36,6 +38,7 @@ from stepgraph.checkpoint.base import (
     Retention,
     RunInfo,
     RunStatus,
+    Step,
     StorageReport,
     SyncFromAsyncSaver,
     TaskWrites,
@@ -172,6 +175,24 @@ def _last_step(
     return plans.put_step(serde, *step, heads, release=(lease, status))
 
 
+def _chain(
+    plans: SaverPlans[S],
+    serde: SerializerProtocol,
+    heads: ChainHeads,
+    config: RunnableConfig,
+    steps: Sequence[Step],
+    release: tuple[Lease, RunStatus] | None,
+) -> Job[RunnableConfig, S]:
+    """The job of ``put_steps``: a chain of one step is ``put_step``'s."""
+    if not steps:
+        raise ValueError("put_steps needs at least one step")
+    if release is not None:
+        check_finished_status(release[1])
+    if len(steps) == 1:
+        return plans.put_step(serde, config, *steps[0], heads, release=release)
+    return plans.put_steps(serde, config, steps, heads, release)
+
+
 def _sending_ahead(plan: Plan[T], ahead: Statement) -> Plan[T]:
     """``plan``, its first statement carrying ``ahead`` (unless it has one of its own)."""
     try:
@@ -223,6 +244,20 @@ class SaverPlans(Protocol[S_co]):
         (``storage.checkpoint_rows``), and calls ``heads.saved(rows, serde)`` once the rows are
         committed. With ``release``, the lease is let go with that status in the same
         transaction, once the step is saved."""
+        ...
+
+    def put_steps(
+        self,
+        serde: SerializerProtocol,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        heads: ChainHeads,
+        release: tuple[Lease, RunStatus] | None = None,
+    ) -> Job[RunnableConfig, S_co]:
+        """``put_step`` of each step in turn (``BaseCheckpointSaver.put_steps``), in one
+        transaction where the backend commits (SQLite), in one round trip where it pipelines
+        (Postgres). A step's blob may be stored as changes to the one before's. With
+        ``release``, the last step's save lets go of the lease, as in ``put_step``."""
         ...
 
     def put_writes(
@@ -354,6 +389,19 @@ class PlanSaver(AsyncFromSyncSaver, Generic[S]):
                 self.serde, config, writes, checkpoint, metadata, new_versions, self.heads
             )
         )
+
+    def put_steps(
+        self,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        *,
+        lease: Lease | None = None,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        if intercepted(self, PlanSaver, "put_steps", STEPS):
+            return super().put_steps(config, steps, lease=lease, status=status)
+        release = None if lease is None else (lease, status)
+        return self._run(_chain(self.plans, self.serde, self.heads, config, steps, release))
 
     def put_step_and_release(
         self,
@@ -524,6 +572,19 @@ class AsyncPlanSaver(SyncFromAsyncSaver, Generic[S]):
                 self.serde, config, writes, checkpoint, metadata, new_versions, self.heads
             )
         )
+
+    async def aput_steps(
+        self,
+        config: RunnableConfig,
+        steps: Sequence[Step],
+        *,
+        lease: Lease | None = None,
+        status: RunStatus = "done",
+    ) -> RunnableConfig:
+        if intercepted(self, AsyncPlanSaver, "aput_steps", ASTEPS):
+            return await super().aput_steps(config, steps, lease=lease, status=status)
+        release = None if lease is None else (lease, status)
+        return await self._run(_chain(self.plans, self.serde, self.heads, config, steps, release))
 
     async def aput_step_and_release(
         self,

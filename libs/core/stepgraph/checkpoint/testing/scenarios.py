@@ -23,6 +23,7 @@ from stepgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    Step,
     TaskWrites,
     copy_checkpoint,
     empty_checkpoint,
@@ -572,6 +573,99 @@ async def put_step_is_visible_with_its_writes(api: SaverApi) -> None:
             await api.pause()
 
     await api.concurrently([write, read])
+
+
+def _chain_step(
+    history: History, updates: dict[str, Any], writes: list[TaskWrites], appended: list[str]
+) -> Step:
+    """The next checkpoint of ``history`` as one step of a ``put_steps`` chain (not saved yet:
+    ``history`` only remembers it). Its blob may be stored as changes (the executor's word on
+    what changed), and ``items`` as the items appended to the version before."""
+    previous = history.checkpoints[-1]
+    checkpoint, versions = history.next_checkpoint(updates)
+    checkpoint["versions_seen_changes"] = ["node"]
+    if appended:
+        checkpoint["channel_appends"] = {"items": (previous["channel_versions"]["items"], appended)}
+    history.checkpoints.append(checkpoint)
+    meta: CheckpointMetadata = {"source": "loop", "step": len(history.checkpoints)}
+    return Step(writes, checkpoint, meta, versions)
+
+
+async def put_steps_saves_a_chain(api: SaverApi) -> None:
+    """``put_steps`` saves a chain of steps as ``put_step`` would save each in turn: every
+    checkpoint readable with its parent and the writes saved against it, appended items
+    included; with ``lease``, the last step lets go of it (a run whose lease was taken over
+    saves nothing)."""
+    history = History(api, new_id("steps"))
+    lease = await api.call("acquire_lease", history.thread_id, "run-a", ttl=30)
+    history.config = with_fence(history.config, lease.epoch)
+    first = await history.step({"n": 0, "items": [_LONG]})
+    chain = [
+        _chain_step(history, {"n": 1, "items": [_LONG, "a"]}, [], ["a"]),
+        _chain_step(
+            history,
+            {"n": 2, "items": [_LONG, "a", "b"]},
+            [TaskWrites("task-b", [("n", 2), ("items", ["b"])], "path-b")],
+            ["b"],
+        ),
+        _chain_step(history, {"n": 3}, [TaskWrites("task-c", [("n", 3)])], []),
+    ]
+    with pytest.raises(ValueError, match="at least one step"):
+        await api.call("put_steps", first, [])
+    saved = await api.call("put_steps", with_fence(first, lease.epoch), chain)
+    assert checkpoint_id_of(saved) == chain[-1].checkpoint["id"]
+    listed = await api.list(thread_config(history.thread_id))
+    assert ids(listed) == [step.checkpoint["id"] for step in reversed(chain)] + [
+        checkpoint_id_of(first)
+    ]
+    parents = [checkpoint_id_of(first)] + [step.checkpoint["id"] for step in chain[:-1]]
+    for step, parent, found in zip(chain, parents, reversed(listed[:-1]), strict=True):
+        assert found.checkpoint["channel_values"] == step.checkpoint["channel_values"]
+        assert found.parent_config is not None
+        assert checkpoint_id_of(found.parent_config) == parent
+        assert found.metadata["step"] == step.metadata["step"]
+    assert (await must_get(api, first)).pending_writes == []
+    assert (await must_get(api, listed[2].config)).pending_writes == [
+        ("task-b", "n", 2),
+        ("task-b", "items", ["b"]),
+    ]
+    assert (await must_get(api, listed[1].config)).pending_writes == [("task-c", "n", 3)]
+    assert (await api.call("get_run", history.thread_id)).status == "running"
+
+    history.config = with_fence(saved, lease.epoch)
+    last = [_chain_step(history, {"n": 4}, [], []), _chain_step(history, {"n": 5}, [], [])]
+    done = await api.call("put_steps", history.config, last, lease=lease)
+    assert (await must_get(api, thread_config(history.thread_id))).config == done
+    run = await api.call("get_run", history.thread_id)
+    assert (run.status, run.expires_at) == ("done", None)
+
+    await api.call("acquire_lease", history.thread_id, "run-b", ttl=30)
+    stale = [_chain_step(history, {"n": 6}, [], []), _chain_step(history, {"n": 7}, [], [])]
+    with pytest.raises(LeaseLostError):
+        await api.call("put_steps", with_fence(done, lease.epoch), stale)
+    assert (await must_get(api, thread_config(history.thread_id))).config == done
+
+
+async def put_steps_after_a_pruned_parent(api: SaverApi) -> None:
+    """A chain whose first parent was pruned meanwhile is saved whole and reads back."""
+    history = History(api, new_id("steps-pruned"))
+    await history.step({"a": _LONG + "1", "items": [_LONG]})
+    first_config = history.configs[0]
+    await history.step({"a": _LONG + "2"})
+    await api.prune([history.thread_id])  # drops the first checkpoint and its rows
+    history.checkpoints = history.checkpoints[:1]  # the chain forks from the first
+    chain = [
+        _chain_step(history, {"items": [_LONG, "x"]}, [], ["x"]),
+        _chain_step(history, {"items": [_LONG, "x", "y"]}, [TaskWrites("t", [("a", 1)])], ["y"]),
+    ]
+    saved = await api.call("put_steps", first_config, chain)
+    found = await must_get(api, saved)
+    assert found.checkpoint["channel_values"] == {"a": _LONG + "1", "items": [_LONG, "x", "y"]}
+    assert found.parent_config is not None
+    parent = await must_get(api, found.parent_config)
+    assert parent.checkpoint["channel_values"] == {"a": _LONG + "1", "items": [_LONG, "x"]}
+    assert parent.pending_writes == [("t", "a", 1)]
+    assert parent.parent_config == first_config
 
 
 async def failed_serialization_saves_nothing(api: SaverApi) -> None:
@@ -1177,6 +1271,8 @@ SCENARIOS: list[Scenario] = [
     put_writes_batch_is_put_writes_of_each_task,
     put_step_saves_writes_and_checkpoint,
     put_step_is_visible_with_its_writes,
+    put_steps_saves_a_chain,
+    put_steps_after_a_pruned_parent,
     failed_serialization_saves_nothing,
     versions_increase,
     concurrent_threads,
