@@ -81,8 +81,9 @@ class PregelNode:
         self.hidden = TAG_HIDDEN in self.tags
         self.plain = plain
         """The node only hands the run's input on (a graph's START with no conditional edges):
-        no user code runs in it, so ``durability="sync"`` may save the input's checkpoint with
-        this node's step, in one transaction (``Persistence.on_start``)."""
+        no user code runs in it but the input schema's validation, so ``durability="sync"``
+        may save the input's checkpoint with this node's step, in one transaction
+        (``Persistence.on_start``)."""
 
 
 class Task:

@@ -70,8 +70,11 @@ class Persistence:
 
     def _hands_input_on(self) -> bool:
         """Whether the next step only hands the input on (plans it early: ``plan`` hands
-        those tasks out next)."""
+        those tasks out next), and no stream tells of the input's checkpoint before that
+        step (``checkpoints``, ``debug``: a consumer must be able to read what it is told of)."""
         loop = self.loop
+        if not loop.stream_modes.isdisjoint(("checkpoints", "debug")):
+            return False
         try:
             tasks = loop.planned = loop.plan()
         except Exception:  # the loop's own plan() raises it again

@@ -144,6 +144,25 @@ def test_sync_commits_each_step_in_one_put_step_before_the_next() -> None:
     assert saver.stored("t") == 5
 
 
+@pytest.mark.parametrize("mode", ["checkpoints", "debug"])
+def test_sync_streams_only_checkpoints_already_saved(mode: str) -> None:
+    """A stream that tells of each checkpoint as it is made tells of saved ones only: the
+    input's checkpoint is then saved before START's step, not with it."""
+    saver = CountingSaver()
+    graph = chain_graph(saver, 2)
+    found = []
+    for chunk in graph.stream(
+        {"x": 0, "log": []}, config("s"), stream_mode=mode, durability="sync"
+    ):
+        if mode == "debug":
+            if chunk["type"] != "checkpoint":
+                continue
+            chunk = chunk["payload"]
+        found.append(saver.get_tuple(chunk["config"]) is not None)
+    assert found == [True] * 4
+    assert saver.calls == ["put", "put_step", "put_step", "put_step"]
+
+
 def test_sync_saves_the_input_apart_when_start_routes() -> None:
     """A conditional edge from START runs the user's routing function in START's step: the
     input's checkpoint is saved before it, on its own."""

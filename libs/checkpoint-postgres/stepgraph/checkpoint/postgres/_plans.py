@@ -337,10 +337,9 @@ def put_steps(
     release: tuple[Lease, RunStatus] | None = None,
 ) -> Callable[[], Plan[RunnableConfig]]:
     """The plan of ``put_steps``: ``put_step``'s statement for each step, each sent ahead of
-    the one before, so the chain costs one round trip (each statement is its own transaction:
-    a step saved without the ones after it is what a crash between two ``put_step`` calls
-    leaves). Run with ``Scope.STATEMENT``. With ``release``, the last statement lets go of
-    the lease, as ``put_step``'s does."""
+    the one before in one pipeline, so the chain costs one round trip and is one (implicit)
+    transaction: the server commits at the pipeline's one Sync. Run with ``Scope.STATEMENT``.
+    With ``release``, the last statement lets go of the lease, as ``put_step``'s does."""
     return _put_chain(serde, config, steps, heads, release)
 
 
@@ -396,7 +395,8 @@ def _put_chain(
             if index == 0 and made is not chain:
                 raise AssertionError("a step stored whole was refused")
             # Step ``done + index`` found its parent gone (pruned meanwhile: its unchanged
-            # channels' rows may be too): it and the steps after it again, it stored whole.
+            # channels' rows may be too): it and the steps after it again, it stored whole. (In
+            # one transaction only the first step can: the later ones' parents are in it.)
             done += index
             parent = config if done == 0 else child_config(config, steps[done - 1].checkpoint["id"])
             made = chain_rows(rows, parent, steps[done:], self_contained=True)

@@ -405,8 +405,8 @@ class BaseCheckpointSaver(ABC):
         that checkpoint's id). With ``lease``, the last step is saved as by
         ``put_step_and_release``. Returns the config of the last checkpoint.
 
-        Database savers commit the chain in one transaction, or at least send it in one round
-        trip; this default makes the calls one by one."""
+        Database savers commit the chain in one transaction (Postgres: in one round trip);
+        this default makes the calls one by one."""
         return drive(_steps_in_turn(self, False, config, steps, lease, status))
 
     async def aput_steps(

@@ -255,8 +255,8 @@ class SaverPlans(Protocol[S_co]):
         release: tuple[Lease, RunStatus] | None = None,
     ) -> Job[RunnableConfig, S_co]:
         """``put_step`` of each step in turn (``BaseCheckpointSaver.put_steps``), in one
-        transaction where the backend commits (SQLite), in one round trip where it pipelines
-        (Postgres). A step's blob may be stored as changes to the one before's. With
+        transaction (and on Postgres one round trip). A step's blob may be stored as changes
+        to the one before's. With
         ``release``, the last step's save lets go of the lease, as in ``put_step``."""
         ...
 
