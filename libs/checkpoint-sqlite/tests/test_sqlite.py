@@ -866,6 +866,66 @@ def test_fixture_database_of_the_fourth_format_upgrades_and_chains_on(tmp_path: 
     _assert_rowid_layout(copy)
 
 
+def test_fixture_database_of_the_fifth_format_stays_readable(tmp_path: Path) -> None:
+    """The fifth format's rows (blobs stored as changes, appended items, small values in the
+    checkpoint row, a task's writes in one row, metadata stored as JSON) read back as the
+    history current code writes, every checkpoint of the chained thread exactly; opening the
+    file changes no row, and a run goes on from its last checkpoint."""
+    fixture = _load_fixture_module("make_schema_v5")
+    copy = tmp_path / "schema_v5.sqlite"
+    shutil.copyfile(FIXTURES / "schema_v5.sqlite", copy)
+    before = _stored_rows(copy)
+    conn = sqlite3.connect(copy)
+    try:  # the fixture holds what the fifth format added
+        chained = "SELECT count(chain_start) FROM checkpoints"
+        assert conn.execute(chained).fetchone()[0] > 30
+        appended = "SELECT count(*) FROM checkpoint_values WHERE kind = 1"
+        assert conn.execute(appended).fetchone()[0] > 20
+        task_rows = "SELECT count(*) FROM checkpoint_writes WHERE kind = 1"
+        assert conn.execute(task_rows).fetchone()[0] > 30
+        in_json = "SELECT count(*) FROM checkpoints WHERE metadata_type = ''"
+        assert conn.execute(in_json).fetchone()[0] > 30
+    finally:
+        conn.close()
+
+    with (
+        SqliteSaver.from_conn_string(copy) as old,
+        SqliteSaver.from_conn_string(tmp_path / "fresh.sqlite") as fresh,
+    ):
+        fixture.write_history(fresh)
+        assert _everything(old) == _everything(fresh)
+        listed = list(old.list(thread(fixture.CHAINED_THREAD)))
+        assert len(listed) == fixture.CHAINED_STEPS
+        for number, found in enumerate(reversed(listed)):
+            assert found.checkpoint["channel_values"] == fixture.chained_values(number)
+            if number == 7:
+                assert found.metadata["raw"] == b"\x00bytes"  # type: ignore[typeddict-item]
+        parent = old.get_tuple(listed[1].config)
+        assert parent is not None and parent.pending_writes == [
+            (f"task-{fixture.CHAINED_STEPS - 1}", "n", fixture.CHAINED_STEPS - 1),
+            (f"task-{fixture.CHAINED_STEPS - 1}", "items", [f"item {fixture.CHAINED_STEPS - 1}"]),
+        ]
+        failed = old.get_tuple(listed[-13].config)  # step 13's writes, against step 12
+        assert failed is not None
+        assert ("failed-13", "__error__", "boom 13") in failed.pending_writes  # type: ignore[operator]
+        latest = listed[0]
+        checkpoint = copy_checkpoint(latest.checkpoint)
+        checkpoint["id"] = "1f000000-0000-6000-8000-000000000599"
+        checkpoint["channel_values"] = {**checkpoint["channel_values"], "n": 99}
+        checkpoint["channel_versions"] = {**checkpoint["channel_versions"], "n": "ff.99"}
+        config = old.put(latest.config, checkpoint, {}, {"n": "ff.99"})
+        again = old.get_tuple(config)
+        assert again is not None and again.checkpoint["channel_values"]["n"] == 99
+        assert again.checkpoint["channel_values"]["items"] == fixture.chained_values(39)["items"]
+
+    names = {table: names for table, (names, _) in before.items()}
+    after = _stored_rows(copy, names)
+    assert set(before["checkpoints"][1]) <= set(after["checkpoints"][1])
+    assert {table: rows for table, rows in after.items() if table != "checkpoints"} == {
+        table: rows for table, rows in before.items() if table != "checkpoints"
+    }
+
+
 def _crash_at(path: Path, statement: str) -> None:
     """Migrate ``path`` in another process that dies (``os._exit``, no cleanup) as it starts
     ``statement``. A one-page cache makes it spill the migration's pages to the WAL first."""

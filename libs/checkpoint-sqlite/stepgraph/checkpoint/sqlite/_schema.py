@@ -1,8 +1,8 @@
 """The database schema, as an append-only list of migrations.
 
 Never edit a released migration: add a new one. Every row written by an older version stays
-readable by newer ones (``tests/fixtures/schema_v1.sqlite`` to ``schema_v4.sqlite`` are
-databases in the first four formats).
+readable by newer ones (``tests/fixtures/schema_v1.sqlite`` to ``schema_v5.sqlite`` are
+databases in the first five formats).
 """
 
 from __future__ import annotations
