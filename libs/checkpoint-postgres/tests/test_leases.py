@@ -26,7 +26,7 @@ from pg_test_helpers import (
     thread,
 )
 
-from stepgraph.checkpoint.base import BaseCheckpointSaver, Retention, TaskWrites
+from stepgraph.checkpoint.base import BaseCheckpointSaver, Retention, Step, TaskWrites
 from stepgraph.checkpoint.base.runs import with_fence
 from stepgraph.checkpoint.postgres import PostgresSaver, _plans
 from stepgraph.checkpoint.postgres.aio import AsyncPostgresSaver
@@ -358,6 +358,41 @@ def test_a_one_node_run_is_three_round_trips(postgres_uri: str) -> None:
         run = saver.get_run("t")
         assert run is not None and (run.status, run.expires_at) == ("done", None)
         assert graph.get_state(thread("t")).values == {"n": 2}
+
+
+def test_a_retried_step_whose_first_attempt_landed_is_saved(postgres_uri: str) -> None:
+    """The pool runs a step's statement again when its connection broke, also after the
+    first attempt committed (the reply was lost). If that attempt let go of the lease and
+    another run took the thread meanwhile, the retry's fence refuses it, but the step is
+    saved: the call returns as saved, not with ``LeaseLostError`` (a chain of steps too). A
+    step that never landed is still refused."""
+    with PostgresSaver.from_conn_string(postgres_uri) as saver:
+        saver.setup()
+        for thread_id, chained in (("one", False), ("chain", True)):
+            lease = saver.acquire_lease(thread_id, "run-a", ttl=30)
+            config = with_fence(thread(thread_id), lease.epoch)
+            first, versions = next_checkpoint(saver, None, {"x": 1})
+            steps = [Step([], first, {}, versions)]
+            if chained:
+                second, more = next_checkpoint(saver, first, {"x": 2})
+                steps.append(Step([TaskWrites("task", [("x", 2)])], second, {}, more))
+            release = (lease, "done")
+            job = (
+                _plans.PLANS.put_steps(saver.serde, config, steps, saver.heads, release)
+                if chained
+                else _plans.PLANS.put_step(saver.serde, config, *steps[0], saver.heads, release)
+            )
+            saved = saver._run(job)
+            assert saver.get_run(thread_id).status == "done"  # type: ignore[union-attr]
+            taken = saver.acquire_lease(thread_id, "run-b", ttl=30)
+            assert saver._run(job) == saved  # the pool's retry of the same statements
+            run = saver.get_run(thread_id)
+            assert run is not None and (run.run_id, run.epoch) == ("run-b", taken.epoch)
+
+            late, versions = next_checkpoint(saver, steps[-1].checkpoint, {"x": 3})
+            with pytest.raises(LeaseLostError):
+                saver.put(with_fence(saved, lease.epoch), late, {}, versions)
+            assert saver.get_tuple(thread(thread_id)).config == saved  # type: ignore[union-attr]
 
 
 def test_a_takeover_waits_for_a_fenced_write_in_flight(postgres_uri: str) -> None:

@@ -254,7 +254,15 @@ _FENCED_PUT_STEP_PARTS = {
     # CASE: the parent is looked at (and locked) only once the fence let the write through.
     "fence_if": "CASE WHEN (SELECT ok FROM fenced) THEN ",
     "fence_end": " ELSE false END",
-    "fence_columns": ", fenced.ok, fenced.epoch, fenced.status",
+    # ``landed``: refused, yet the checkpoint is stored. Its id is this call's own, so an
+    # earlier attempt of this very statement stored it: its reply was lost with the connection,
+    # the pool ran it again, and meanwhile another run took the thread (at once, if that
+    # attempt also let go of the lease). The save happened; the retry must not report it lost.
+    "fence_columns": """, CASE WHEN (SELECT ok FROM fenced) THEN false ELSE EXISTS (
+        SELECT FROM stepgraph_checkpoints
+        WHERE thread_id = %(thread_id)b::bytea AND checkpoint_ns = %(checkpoint_ns)b::bytea
+            AND checkpoint_id = %(checkpoint_id)b::bytea) END AS landed,
+        fenced.ok, fenced.epoch, fenced.status""",
     "fence_from": ", fenced",
     "writes": _STEP_WRITES,
 }
@@ -386,6 +394,8 @@ def _put_chain(
         while True:
             for index, statement in enumerate(sent):
                 saved = yield statement
+                if fence is not None and saved[0][1]:  # landed (see _FENCED_PUT_STEP_PARTS)
+                    continue  # its rows may be another attempt's: heads does not learn them
                 _check_fence(row.thread_id, fence, saved[0])
                 if not saved[0][0]:
                     break
