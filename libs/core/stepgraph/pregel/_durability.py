@@ -10,7 +10,8 @@ the saves out.
   the next checkpoint, so a one-task step costs one call (one transaction). A new input's
   checkpoint goes with the step after it (``put_steps``) when that step only hands the input
   on to the graph's channels (``PregelNode.plain``): no node runs before both are saved.
-* ``async``: the same saves, made in order by a background worker while the next step runs. At
+* ``async``: the same saves (the input's checkpoint too goes with ``START``'s step), made in
+  order by a background worker while the next step runs. At
   most one checkpoint save is queued behind the running step: before handing over a checkpoint,
   the run waits for the previous one, so memory stays flat when the store is slower than the
   graph. Every save is finished before the call returns; a failed save fails the call. A saver
@@ -51,7 +52,7 @@ class Persistence:
         ``exit`` a finished task is held as itself: its writes are built only if the run ends
         before its step is applied (they are dropped with the step otherwise)."""
         self.deferred: StepSave | None = None
-        """With ``sync``, the input's checkpoint, held back to be saved with the next save."""
+        """The input's checkpoint, held back to be saved with the next save (``on_start``)."""
 
     def on_start(self, made_checkpoint: bool) -> list[StepSave]:
         """The input was applied: save its checkpoint and the writes it recorded."""
@@ -64,7 +65,7 @@ class Persistence:
         saves = [loop.save_checkpoint([])] if made_checkpoint else []
         if loop.start_writes:
             saves.append(StepSave(loop.save_target(), list(loop.start_writes)))
-        elif saves and self.mode == "sync" and self._hands_input_on():
+        elif saves and self._hands_input_on():
             self.deferred = saves.pop()
         return saves
 
