@@ -254,14 +254,21 @@ _FENCED_PUT_STEP_PARTS = {
     # CASE: the parent is looked at (and locked) only once the fence let the write through.
     "fence_if": "CASE WHEN (SELECT ok FROM fenced) THEN ",
     "fence_end": " ELSE false END",
-    # ``landed``: refused, yet the checkpoint is stored. Its id is this call's own, so an
-    # earlier attempt of this very statement stored it: its reply was lost with the connection,
-    # the pool ran it again, and meanwhile another run took the thread (at once, if that
-    # attempt also let go of the lease). The save happened; the retry must not report it lost.
+    # ``landed``: refused, yet this very checkpoint row is stored, byte for byte: an earlier
+    # attempt of this statement stored it (with its writes and release: one statement), its
+    # reply was lost with the connection, the pool ran it again, and meanwhile another run
+    # took the thread (at once, if that attempt let go of the lease). The save happened; the
+    # retry must not report it lost. (A caller saving a stored checkpoint again, the same
+    # bytes but other writes, under a lost lease would be let through as well: the executor
+    # never does, its checkpoint ids are new.)
     "fence_columns": """, CASE WHEN (SELECT ok FROM fenced) THEN false ELSE EXISTS (
         SELECT FROM stepgraph_checkpoints
         WHERE thread_id = %(thread_id)b::bytea AND checkpoint_ns = %(checkpoint_ns)b::bytea
-            AND checkpoint_id = %(checkpoint_id)b::bytea) END AS landed,
+            AND checkpoint_id = %(checkpoint_id)b::bytea
+            AND checkpoint = %(checkpoint)b::bytea AND metadata = %(metadata)b::bytea
+            AND metadata_json = %(metadata_json)b::jsonb
+            AND parent_checkpoint_id IS NOT DISTINCT FROM %(parent_checkpoint_id)b::bytea
+            AND ts = %(ts)b::text) END AS landed,
         fenced.ok, fenced.epoch, fenced.status""",
     "fence_from": ", fenced",
     "writes": _STEP_WRITES,

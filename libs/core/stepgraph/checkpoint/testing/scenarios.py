@@ -1066,6 +1066,13 @@ async def the_last_step_lets_go_of_the_lease(api: SaverApi) -> None:
     with pytest.raises(LeaseLostError):
         await api.call("put_step_and_release", stale, [], checkpoint, {"step": 2}, versions, lease)
     assert (await must_get(api, thread_config(history.thread_id))).config == saved
+    # Saving the stored checkpoint again (its id, other metadata and writes) is refused too.
+    again = (with_fence(first, lease.epoch), [TaskWrites("task-9", [("n", 9)])], *step[2:3])
+    with pytest.raises(LeaseLostError):
+        await api.call("put_step_and_release", *again, {"step": 9}, step[4], lease)
+    latest = await must_get(api, thread_config(history.thread_id))
+    assert latest.config == saved and latest.metadata.get("step") == 1
+    assert (await must_get(api, first)).pending_writes == [("task-1", "n", 2)]
     run = await api.call("get_run", history.thread_id)
     assert (run.status, run.run_id, run.epoch) == ("running", "run-b", new.epoch)
 
