@@ -10,12 +10,14 @@ the saves out.
   the next checkpoint, so a one-task step costs one call (one transaction). A new input's
   checkpoint goes with the step after it (``put_steps``) when that step only hands the input
   on to the graph's channels (``PregelNode.plain``): no node runs before both are saved.
-* ``async``: the same saves (the input's checkpoint too goes with ``START``'s step), made in
-  order by a background worker while the next step runs. At
+* ``async``: the same saves, made in order by a background worker while the next step runs
+  (the input's checkpoint is saved apart: with ``START``'s step it would make the lag three
+  steps where this mode may lose two). At
   most one checkpoint save is queued behind the running step: before handing over a checkpoint,
   the run waits for the previous one, so memory stays flat when the store is slower than the
   graph. Every save is finished before the call returns; a failed save fails the call. A saver
-  whose saves are CPU work only (``background_saves = False``) gets them inline, as with ``sync``.
+  whose saves are CPU work only (``background_saves = False``) gets them inline, as with ``sync``
+  (the input's checkpoint included).
 * ``exit``: nothing is saved while the run goes; when it ends, however it ends, the current
   checkpoint and the writes of the tasks of the step that was running are saved.
 """
@@ -70,11 +72,15 @@ class Persistence:
         return saves
 
     def _hands_input_on(self) -> bool:
-        """Whether the next step only hands the input on (plans it early: ``plan`` hands
-        those tasks out next), and no stream tells of the input's checkpoint before that
-        step (``checkpoints``, ``debug``: a consumer must be able to read what it is told of)."""
+        """Whether the input's checkpoint may wait for the next step's save: saves are made
+        inline (``sync``, or ``async`` with a saver that saves inline: in the background the
+        pair would be in flight while the first node runs and finishes, three finished steps
+        where the mode may lose two), no stream tells of the checkpoint before that step
+        (``checkpoints``, ``debug``: a consumer must be able to read what it is told of), and
+        that step only hands the input on (planned early: ``plan`` hands the tasks out next)."""
         loop = self.loop
-        if not loop.stream_modes.isdisjoint(("checkpoints", "debug")):
+        inline = self.mode == "sync" or not getattr(loop.checkpointer, "background_saves", True)
+        if not inline or not loop.stream_modes.isdisjoint(("checkpoints", "debug")):
             return False
         try:
             tasks = loop.planned = loop.plan()
