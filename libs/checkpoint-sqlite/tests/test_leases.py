@@ -321,6 +321,32 @@ def test_a_runs_last_commit_lets_go_of_its_lease(tmp_path: Path, durability: str
             assert saver.acquire_lease("t", "next", ttl=30).epoch == run.epoch + 1
 
 
+def test_update_state_lets_go_of_its_lease_in_its_save(tmp_path: Path) -> None:
+    """``update_state`` commits twice: its lease, then its checkpoint, which also lets go of
+    the lease with the status the thread had. A status with an error text (which the save
+    cannot carry) is let go of on its own, the text kept."""
+    with SqliteSaver.from_conn_string(tmp_path / "update.sqlite") as saver:
+        saver.setup()
+        graph = one_node_graph(saver, interrupt_after=["add"])
+        graph.invoke({"n": 1}, thread("paused"))
+        failed = saver.acquire_lease("failed", "run", ttl=30)
+        saver.release_lease(failed, "error", "boom")
+        for thread_id, commits, kept in (
+            ("paused", 2, ("interrupted", None)),
+            ("failed", 3, ("error", "boom")),
+        ):
+            statements: list[str] = []
+            saver.conn.set_trace_callback(statements.append)
+            try:
+                graph.update_state(thread(thread_id), {"n": 7}, as_node="add")
+            finally:
+                saver.conn.set_trace_callback(None)
+            assert statements.count("BEGIN IMMEDIATE") == commits, thread_id
+            run = saver.get_run(thread_id)
+            assert run is not None and (run.status, run.error, run.expires_at) == (*kept, None)
+            assert graph.get_state(thread(thread_id)).values == {"n": 7}
+
+
 def test_a_subclass_that_intercepts_a_save_still_sees_every_one(tmp_path: Path) -> None:
     """A subclass overriding ``put_step`` or ``get_tuple`` (to log them, say) sees the run's
     first read and last step too: the calls that fold them into one transaction make them

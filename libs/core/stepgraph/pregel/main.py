@@ -961,6 +961,7 @@ class Pregel:
             _check_took_from_live_or_finished(holding, before)
             saved = saver.get_tuple(lookup)
             loop, saves = self._update(config, saved, supersteps, holding.epoch)
+            _last_save_lets_go(saves, before, holding)
             for save in saves:
                 _save(saver, save)
         finally:
@@ -987,6 +988,7 @@ class Pregel:
             _check_took_from_live_or_finished(holding, before)
             saved = await saver.aget_tuple(lookup)
             loop, saves = self._update(config, saved, supersteps, holding.epoch)
+            _last_save_lets_go(saves, before, holding)
             for save in saves:
                 await _asave(saver, save)
         finally:
@@ -1055,6 +1057,17 @@ def _status_kept(
     if before is not None and before.status in FINISHED:
         return before.status, before.error
     return "done", None
+
+
+def _last_save_lets_go(
+    saves: Sequence[StepSave], before: RunInfo | None, holding: _lease.Holding
+) -> None:
+    """An ``update_state``'s last save also lets go of the lease, in its transaction
+    (``put_step_and_release``), when the status it leaves needs no error text (the save lets
+    go of it with none): the common case, an update of a paused or finished run."""
+    status, error = _status_kept(before, holding)
+    if saves and error is None and status in FINISHED:
+        saves[-1].release = (holding, status)
 
 
 def _retain(saver: Any, thread_id: str, status: str) -> None:
