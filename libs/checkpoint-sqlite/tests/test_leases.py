@@ -347,6 +347,32 @@ def test_update_state_lets_go_of_its_lease_in_its_save(tmp_path: Path) -> None:
             assert graph.get_state(thread(thread_id)).values == {"n": 7}
 
 
+def test_a_release_that_fails_after_the_save_does_not_fail_the_update(tmp_path: Path) -> None:
+    """Where the last save and the release are two calls (a subclass intercepting
+    ``release_lease``), a release that fails after the save leaves the save done: the call
+    returns, and the lease runs out as an unreleased one does."""
+
+    class Flaky(SqliteSaver):
+        failures = 0
+
+        def release_lease(self, lease: Any, status: Any, error: Any = None) -> None:
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise sqlite3.OperationalError("database is locked")
+            super().release_lease(lease, status, error)
+
+    with Flaky.from_conn_string(tmp_path / "flaky.sqlite") as saver:
+        saver.setup()
+        graph = one_node_graph(saver, interrupt_after=["add"])
+        graph.invoke({"n": 1}, thread("t"))
+        Flaky.failures = 1
+        graph.update_state(thread("t"), {"n": 7}, as_node="add")
+        assert Flaky.failures == 0  # the release failed
+        assert graph.get_state(thread("t")).values == {"n": 7}
+        run = saver.get_run("t")
+        assert run is not None and run.status == "running" and run.expires_at is not None
+
+
 def test_a_subclass_that_intercepts_a_save_still_sees_every_one(tmp_path: Path) -> None:
     """A subclass overriding ``put_step`` or ``get_tuple`` (to log them, say) sees the run's
     first read and last step too: the calls that fold them into one transaction make them

@@ -432,7 +432,8 @@ class BaseCheckpointSaver(ABC):
         """``put_step``, then ``release_lease(lease, status)``: the save that ends a run.
 
         Database savers commit both in one transaction (the lease is let go only if the step
-        is saved); this default makes the two calls."""
+        is saved); this default makes the two calls, and a release that fails once the step is
+        saved is not an error: the lease then runs out."""
         options = (config, writes, checkpoint, metadata, new_versions, lease, status)
         return drive(_step_then_release(self, False, *options))
 
@@ -668,7 +669,10 @@ async def _step_then_release(
         saved = await call(saver, "put_step", use_async, *step)
     else:
         saved = await call(saver, "put", use_async, config, checkpoint, metadata, new_versions)
-    await call(saver, "release_lease", use_async, lease, status)
+    # The step is saved: a failed release must not report it lost (a caller would save it
+    # again). Unreleased, the lease simply runs out, as when a run lets go on its own.
+    with contextlib.suppress(Exception):
+        await call(saver, "release_lease", use_async, lease, status)
     return saved
 
 
