@@ -527,6 +527,45 @@ def test_interrupt_resumes_with_command(backend: Backend, durability: str) -> No
     backend.run(interrupt_resumes_with_command, durability=durability)
 
 
+async def answer_waits_for_next_interrupt(h: Harness, durability: str) -> None:
+    """An answer given when no interrupt is pending on the thread's checkpoint (the state was
+    updated after the interrupt) is saved to wait for the next interrupt() call; a node that
+    then asks again keeps it (saved with its pause), so its rerun does not ask twice."""
+    calls: Counter = Counter()
+
+    def review(state: Log) -> dict:
+        calls["review"] += 1
+        first = interrupt("first?")
+        second = interrupt("second?")
+        return {"log": [f"review:{first}:{second}"]}
+
+    builder = StateGraph(Log)
+    builder.add_node("draft", logging_node("draft", calls, Counter()))
+    builder.add_node("review", review)
+    builder.add_edge(START, "draft")
+    builder.add_edge("draft", "review")
+    graph = h.compile(builder)
+    config = new_thread()
+    await graph.invoke({"log": []}, config, durability=durability)
+    await graph.update_state(config, {"log": ["edited"]})
+    asked = await graph.invoke(Command(resume="A"), config, durability=durability)
+    assert [i.value for i in asked["__interrupt__"]] == ["second?"]
+    saved = await h.get_tuple(config)
+    assert saved.metadata["source"] == "update"
+    assert sorted(channel for _, channel, _ in saved.pending_writes) == [
+        "__interrupt__",
+        "__resume__",
+        "__resume__",
+    ]
+    done = await graph.invoke(Command(resume="B"), config, durability=durability)
+    assert done == {"log": ["draft", "edited", "review:A:B"]}
+    assert calls == Counter(draft=1, review=3)
+
+
+def test_answer_waits_for_next_interrupt(backend: Backend, durability: str) -> None:
+    backend.run(answer_waits_for_next_interrupt, durability=durability)
+
+
 # -- resuming a thread that has nothing saved ------------------------------------------------------
 
 

@@ -743,6 +743,134 @@ def node_streams_a_subgraph(api: SimpleNamespace) -> Observation:
     }
 
 
+def _ask(api: SimpleNamespace, name: str) -> Callable[[Log], dict]:
+    return lambda state: {"log": [f"{name}={api.interrupt(name + '?')}"]}
+
+
+def _chain(api: SimpleNamespace, *names: str, **compile_kwargs: Any) -> Any:
+    """START -> names... -> END; a name starting with "ask" asks for its answer."""
+    builder = api.StateGraph(Log)
+    previous = api.START
+    for name in names:
+        action = _ask(api, name) if name.startswith("ask") else _say(name)
+        builder.add_node(name, action)
+        builder.add_edge(previous, name)
+        previous = name
+    return builder.compile(**compile_kwargs)
+
+
+def _say(name: str) -> Callable[[Log], dict]:
+    return lambda state: {"log": [name]}
+
+
+def deferred_node_breakpoint(api: SimpleNamespace) -> Observation:
+    """A deferred node waits for the longer branch: the checkpoint of the step that leaves
+    nothing else to run names it next, so a breakpoint before it stops there."""
+    builder = api.StateGraph(Log)
+    for name in ("a1", "a2", "b"):
+        builder.add_node(name, _say(name))
+    builder.add_node("agg", _say("agg"), defer=True)
+    builder.add_edge(api.START, "a1")
+    builder.add_edge(api.START, "b")
+    builder.add_edge("a1", "a2")
+    builder.add_edge("a2", "agg")
+    builder.add_edge("b", "agg")
+    observed: Observation = {}
+    for key in ("interrupt_before", "interrupt_after"):
+        breakpoint = ["agg"] if key == "interrupt_before" else ["a2"]
+        graph = builder.compile(checkpointer=api.InMemorySaver(), **{key: breakpoint})
+        config = new_thread()
+        first = graph.invoke({"log": []}, config, durability=DURABILITY)
+        observed[key] = {
+            "first": jsonable(first),
+            "next": jsonable(graph.get_state(config).next),
+            "resumed": jsonable(graph.invoke(None, config, durability=DURABILITY)),
+            "history": history(graph, config),
+        }
+    return observed
+
+
+def resume_after_update(api: SimpleNamespace) -> Observation:
+    """An answer given when no interrupt is pending on the thread's checkpoint (an update
+    came after the interrupt; a breakpoint stopped the run) goes to the next interrupt()."""
+    graph = _chain(api, "pre", "ask", checkpointer=api.InMemorySaver())
+    config = new_thread()
+    graph.invoke({"log": []}, config, durability=DURABILITY)
+    graph.update_state(config, {"log": ["edit"]})
+    edited = graph.invoke(api.Command(resume="R"), config, durability=DURABILITY)
+    stopped = _chain(api, "pre", "ask", checkpointer=api.InMemorySaver(), interrupt_before=["ask"])
+    config = new_thread()
+    graph_before = stopped.invoke({"log": []}, config, durability=DURABILITY)
+    at_breakpoint = stopped.invoke(api.Command(resume="R"), config, durability=DURABILITY)
+    twice = _chain(api, "ask1", "ask2", checkpointer=api.InMemorySaver())
+    config = new_thread()
+    twice.invoke({"log": []}, config, durability=DURABILITY)
+    twice.update_state(config, {"log": ["edit"]})
+    asked = twice.invoke(api.Command(resume="A"), config, durability=DURABILITY)
+    answered = twice.invoke(api.Command(resume="B"), config, durability=DURABILITY)
+    return {
+        "after_update": jsonable(edited),
+        "before_breakpoint": jsonable(graph_before),
+        "at_breakpoint": jsonable(at_breakpoint),
+        "history": history(stopped, config),
+        "asked": jsonable(asked),
+        "answered": jsonable(answered),
+    }
+
+
+def update_subgraph_state(api: SimpleNamespace) -> Observation:
+    """update_state with a subgraph's config (a snapshot task's state) updates the subgraph,
+    as its own nodes would; the parent's resume then runs the subgraph on from there."""
+    builder = api.StateGraph(Log)
+    builder.add_node("sub", _chain(api, "i1", "ask_i", "i2"))
+    builder.add_node("o2", _say("o2"))
+    builder.add_edge(api.START, "sub")
+    builder.add_edge("sub", "o2")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    observed: Observation = {}
+    for as_node in (None, "ask_i", "i1"):
+        config = new_thread()
+        graph.invoke({"log": []}, config, durability=DURABILITY)
+        inner = graph.get_state(config, subgraphs=True).tasks[0].state.config
+        graph.update_state(inner, {"log": ["edited"]}, as_node=as_node)
+        state = graph.get_state(config, subgraphs=True).tasks[0].state
+        resumed = graph.invoke(api.Command(resume="Z"), config, durability=DURABILITY)
+        observed[str(as_node)] = {
+            "sub_values": jsonable(state.values),
+            "sub_next": jsonable(state.next),
+            "resumed": jsonable(resumed),
+        }
+    return observed
+
+
+def clear_with_end(api: SimpleNamespace) -> Observation:
+    """update_state(config, None, as_node=END) clears the pending tasks: the paused run does
+    not go on."""
+    graph = _chain(api, "a", "ask", "z", checkpointer=api.InMemorySaver())
+    config = new_thread()
+    graph.invoke({"log": []}, config, durability=DURABILITY)
+    graph.update_state(config, None, as_node=api.END)
+    state = graph.get_state(config)
+    return {
+        "values": jsonable(state.values),
+        "next": jsonable(state.next),
+        "source": state.metadata["source"],
+        "history": history(graph, config),
+        "resumed": jsonable(graph.invoke(None, config, durability=DURABILITY)),
+        "with_values": raised(lambda: graph.update_state(config, {"log": ["x"]}, as_node=api.END)),
+    }
+
+
+def goto_without_edges(api: SimpleNamespace) -> Observation:
+    """A node no edge leads to compiles; an unannotated Command(goto=...) reaches it."""
+    builder = api.StateGraph(Log)
+    builder.add_node("router", lambda state: api.Command(goto="hidden", update={"log": ["r"]}))
+    builder.add_node("hidden", _say("hidden"))
+    builder.add_node("never", _say("never"))
+    builder.add_edge(api.START, "router")
+    return observe_run(builder.compile(checkpointer=api.InMemorySaver()), {"log": []})
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -768,6 +896,11 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         bulk_update,
         partial_resume,
         node_streams_a_subgraph,
+        deferred_node_breakpoint,
+        resume_after_update,
+        update_subgraph_state,
+        clear_with_end,
+        goto_without_edges,
     )
 }
 

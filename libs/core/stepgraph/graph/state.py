@@ -266,18 +266,6 @@ class StateGraph:
             raise ValueError(
                 "Graph must have an entrypoint: add at least one edge from START to another node"
             )
-        # A node nothing leads to can never run, unless routing is dynamic (a conditional edge
-        # without a path map).
-        dynamic = any(b.path_map is None for bs in self.branches.values() for b in bs)
-        if not dynamic:
-            for name in self.nodes:
-                if name not in targets:
-                    raise ValueError(
-                        f"Node `{name}` has no way in: add an edge to it, list it in a "
-                        "conditional edge's path_map, or, if a Command(goto=...) reaches it, "
-                        "declare it with add_node(..., destinations=...) or a "
-                        "`-> Command[Literal[...]]` return annotation."
-                    )
         for name in interrupt:
             if name != "*" and name not in known:
                 raise ValueError(f"Interrupt node `{name}` not found")

@@ -96,6 +96,7 @@ class Task:
     __slots__ = (
         "_config",
         "_id",
+        "answers",
         "calls",
         "done",
         "error",
@@ -110,6 +111,7 @@ class Task:
         "resume_used",
         "spawned",
         "subgraph_calls",
+        "took_answer",
         "triggers",
         "update",
         "writes",
@@ -142,6 +144,12 @@ class Task:
         """Answers to interrupts by interrupt id (this task's, and those raised inside the
         subgraphs and ``@task`` calls it runs): ids are stable, so a rerun finds its answers."""
         self.resume_used = 0
+        self.answers: dict[str, Any] = {}
+        """This task's own answers by interrupt id: those saved for it, and a waiting answer
+        it took (``RunLoop.null_resume``)."""
+        self.took_answer = False
+        """It took the waiting answer: if it pauses again, its answers are saved with the
+        pause, so its rerun finds that one by id."""
         self.calls = 0
         """``@task`` calls made so far by this attempt: the next call's index in its path."""
         self.spawned: list[Any] | None = None
@@ -202,7 +210,15 @@ class Task:
         interrupt_id = blake2b(f"{self.id}:{index}".encode(), digest_size=16).hexdigest()
         if interrupt_id in self.resume:
             return self.resume[interrupt_id]
-        raise GraphInterrupt((Interrupt(value=value, id=interrupt_id),))
+        waiting = self.loop.null_resume
+        try:
+            answer = waiting.pop()  # atomic: parallel tasks may race for it
+        except IndexError:
+            raise GraphInterrupt((Interrupt(value=value, id=interrupt_id),)) from None
+        self.resume = {**self.resume, interrupt_id: answer}
+        self.answers = {**self.answers, interrupt_id: answer}
+        self.took_answer = True
+        return answer
 
     def __repr__(self) -> str:
         return f"Task(name={self.name!r}, path={self.path!r})"

@@ -13,6 +13,7 @@ they execute tasks and talk to the checkpointer. A superstep is:
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
@@ -60,6 +61,17 @@ _NOT_RESULTS = frozenset({ERROR, INTERRUPT, RESUME})
 def _next_int_version(current: Any, channel: Any = None) -> int:
     """Versions without a checkpointer: plain counters (nothing else ever reads them)."""
     return current + 1 if current else 1
+
+
+_INTERRUPT_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _is_resume_map(resume: Any) -> bool:
+    """Whether a ``Command(resume=...)`` answers interrupts by id: a dict whose keys all look
+    like interrupt ids (as LangGraph tells them apart)."""
+    return type(resume) is dict and all(
+        type(key) is str and _INTERRUPT_ID.fullmatch(key) for key in resume
+    )
 
 
 def _input_node(name: str) -> PregelNode:
@@ -192,6 +204,10 @@ class RunLoop:
         """A subgraph run that has a checkpoint continues it, whatever its input."""
         self.resume_map: dict[str, Any] = {}
         """Answers to interrupts, by id, handed down by the parent task (subgraphs)."""
+        self.null_resume: list[Any] = []
+        """An answer given when no interrupt was pending here (the run stopped at a breakpoint,
+        or the state was updated since): the next ``interrupt()`` call without an answer of
+        its own takes it (once), in this run or in a subgraph it runs."""
         self.resuming = False
         """The run continues a thread (input ``None`` or a ``Command``) instead of new input."""
         self.durability: Any = None
@@ -312,6 +328,8 @@ class RunLoop:
             if isinstance(input, Command):
                 self._record_command(input)
             null_writes = [(c, v) for t, c, v in self.pending_writes if t == NULL_TASK_ID]
+            if own := [v for c, v in null_writes if c == RESUME and v is not None][-1:]:
+                self.null_resume = own  # a subgraph's own, else the parent's (``_nest``)
             if null_writes:
                 self.apply([self._pseudo_task(null_writes)], new_checkpoint=False)
             # Interrupts before/after nodes fire again only once channels change again.
@@ -328,6 +346,7 @@ class RunLoop:
 
     def _record_command(self, command: Command) -> None:
         """Turn a ``Command`` input into pending writes of the current checkpoint."""
+        null_resume: list[tuple[str, Any]] = []
         if command.resume is not None:
             interrupted: dict[str, list[str]] = {}
             answered: dict[str, dict[str, Any]] = {}
@@ -341,7 +360,8 @@ class RunLoop:
                     answered[task_id] = value
             resume = command.resume
             known = {i for ids in interrupted.values() for i in ids}
-            if isinstance(resume, dict) and resume and set(resume) <= known:
+            waiting = None
+            if _is_resume_map(resume):  # ids no interrupt pending here has are ignored
                 answers = {
                     task_id: {i: resume[i] for i in ids if i in resume}
                     for task_id, ids in interrupted.items()
@@ -352,18 +372,27 @@ class RunLoop:
                     "id when resuming: Command(resume={interrupt_id: value, ...})."
                 )
             else:
-                answers = {
-                    task_id: dict.fromkeys(ids, resume) for task_id, ids in interrupted.items()
-                }
+                # As in LangGraph, the answer waits for the next interrupt() call that has no
+                # answer of its own, wherever it is: the pending one, or, if none is pending
+                # here (a breakpoint; an update since), the first one the run reaches. It also
+                # reaches a subgraph whose checkpoint an update replaced (new interrupt ids).
+                answers, waiting = {}, resume
+            # A new answer replaces a waiting one; an answer by id voids it (None).
+            if waiting is not None or any(
+                t == NULL_TASK_ID and c == RESUME for t, c, _ in self.pending_writes
+            ):
+                null_resume = [(RESUME, waiting)]
             for task_id, new in answers.items():
                 if new:
                     self._add_start_writes(
                         task_id, [(RESUME, {**answered.get(task_id, {}), **new})]
                     )
         writes = self.graph.command_writes(command)
-        if writes:
-            previous = [(c, v) for t, c, v in self.pending_writes if t == NULL_TASK_ID]
-            self._add_start_writes(NULL_TASK_ID, previous + writes)
+        previous = [(c, v) for t, c, v in self.pending_writes if t == NULL_TASK_ID]
+        if null_resume:
+            previous = [(c, v) for c, v in previous if c != RESUME]
+        if writes or null_resume:
+            self._add_start_writes(NULL_TASK_ID, previous + null_resume + writes)
 
     def _add_start_writes(self, task_id: str, writes: list[tuple[str, Any]]) -> None:
         """Record writes against the current checkpoint (replacing the task's earlier ones)."""
@@ -435,6 +464,7 @@ class RunLoop:
             for channel, value in saved:
                 if channel == RESUME:
                     task.resume = {**self.resume_map, **value}
+                    task.answers = value
             # Only a success leaves regular writes (or the no-writes marker); errors and
             # interrupts of earlier attempts do not make a task finished.
             if any(c not in (ERROR, INTERRUPT, RESUME) for c, _ in saved):
@@ -516,6 +546,8 @@ class RunLoop:
             self.live_ephemeral = written_ephemeral
         else:
             self.live_ephemeral |= written_ephemeral
+        if new_checkpoint and source == "loop" and self.graph.finish_channels:
+            self._finish_if_idle(updated)
         self._bump(updated, writes_by_channel)
         if new_checkpoint:
             self.updated_channels = updated
@@ -523,6 +555,18 @@ class RunLoop:
         elif self.updated_channels is not None:
             self.updated_channels |= updated
         return updated
+
+    def _finish_if_idle(self, updated: set[str]) -> None:
+        """When the step's writes trigger no node and send nothing, let deferred nodes'
+        channels fire in this step, as LangGraph does: its checkpoint then names the deferred
+        nodes as next, so a breakpoint before one stops there and a resume runs it."""
+        channels = self.channels
+        if channels[TASKS].is_available() if TASKS in channels else False:
+            return
+        triggers = self.graph.trigger_to_nodes
+        if any(c in triggers and channels[c].is_available() for c in updated):
+            return
+        updated.update(c for c in self.graph.finish_channels if channels[c].finish())
 
     def _bump(self, channels: set[str], written: Collection[str] = ()) -> None:
         """Give changed channels the next version after every version so far (as LangGraph
@@ -651,6 +695,8 @@ class RunLoop:
             writes: list[tuple[str, Any]] = [(ERROR, _describe_error(task.error))]
         elif task.paused:
             writes = [(INTERRUPT, list(task.interrupts))]
+            if task.took_answer:
+                writes.insert(0, (RESUME, task.answers))
         elif task.writes:
             writes = task.writes
         else:

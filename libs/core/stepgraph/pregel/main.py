@@ -16,7 +16,7 @@ from stepgraph.channels.base import BaseChannel
 from stepgraph.checkpoint.base import CheckpointTuple, RunInfo, RunStatus, TaskWrites
 from stepgraph.checkpoint.base.runs import FINISHED
 from stepgraph.config import RunnableConfig, ensure_thread_id, merge_configs
-from stepgraph.constants import END, PULL, START, TASKS, branch_channel
+from stepgraph.constants import END, NULL_TASK_ID, PULL, START, TASKS, branch_channel
 from stepgraph.errors import (
     GraphInterrupt,
     InvalidUpdateError,
@@ -226,6 +226,7 @@ class Pregel:
         outer = parent.loop
         loop.parent_task = parent
         loop.resume_map = parent.resume
+        loop.null_resume = outer.null_resume  # one waiting answer for the whole run
         loop.forward_to = outer.forward_to
         loop.forward_modes = outer.forward_modes
         loop.parents = {**outer.parents, outer.namespace: outer.checkpoint_id}
@@ -908,7 +909,11 @@ class Pregel:
     ) -> tuple[RunLoop, list[StepSave]]:
         """The saves of ``supersteps`` of updates applied to ``saved``: one ``source="update"``
         checkpoint per superstep, each update written as if its node had returned it."""
-        loop = self._state_loop(self._lookup_config(config))
+        lookup = self._lookup_config(config)
+        # A subgraph's config (from a snapshot's task state) updates that subgraph's state,
+        # as its own nodes would.
+        graph = self._graph_at(lookup["configurable"]["checkpoint_ns"])
+        loop = RunLoop(graph, lookup, checkpointer=self._saver(), stream_modes=frozenset())
         loop.fence = fence
         loop.load(saved)
         if saved is None:
@@ -917,33 +922,50 @@ class Pregel:
         for updates in supersteps:
             if not updates:
                 raise InvalidUpdateError("A superstep of bulk_update_state has no update")
-            tasks = []
-            for values, as_node, *_ in updates:
-                if as_node is None:
-                    if len(updates) > 1:
-                        raise InvalidUpdateError(
-                            "as_node is required when a superstep has several updates"
-                        )
-                    as_node = _last_writer(loop) if loop.checkpoint_is_saved else START
-                if as_node == END:
-                    raise InvalidUpdateError("Cannot update the state as END")
-                writers = self.update_writers.get(as_node)
-                if writers is None:
-                    raise InvalidUpdateError(f"Node {as_node} does not exist")
-                node = self.nodes[as_node]
-                task = Task(loop, node, values, (PULL, as_node), node.triggers)
-                task.writes = writers(task, values)
-                tasks.append(task)
+            if updates[0].values is None and updates[0].as_node == END:
+                if len(updates) > 1:
+                    raise InvalidUpdateError("Cannot apply multiple updates when clearing state")
+                tasks = _cleared_tasks(loop) if loop.checkpoint_is_saved else []
+            else:
+                tasks = [
+                    graph._update_task(loop, values, as_node, len(updates))
+                    for values, as_node, *_ in updates
+                ]
             loop.apply(tasks, source="update")
             saves.append(loop.save_checkpoint([]))
         return loop, saves
 
+    def _update_task(self, loop: RunLoop, values: Any, as_node: str | None, count: int) -> Task:
+        """A task of ``update_state``: ``values`` written as node ``as_node`` returns them."""
+        if as_node is None:
+            if count > 1:
+                raise InvalidUpdateError("as_node is required when a superstep has several updates")
+            as_node = _last_writer(loop) if loop.checkpoint_is_saved else START
+        if as_node == END:
+            raise InvalidUpdateError(
+                "Cannot update the state as END, except update_state(config, None, as_node=END), "
+                "which clears the pending tasks"
+            )
+        writers = self.update_writers.get(as_node)
+        if writers is None:
+            raise InvalidUpdateError(f"Node {as_node} does not exist")
+        node = self.nodes[as_node]
+        task = Task(loop, node, values, (PULL, as_node), node.triggers)
+        task.writes = writers(task, values)
+        return task
+
     def update_state(
-        self, config: RunnableConfig, values: Any, as_node: str | None = None
+        self,
+        config: RunnableConfig,
+        values: Any,
+        as_node: str | None = None,
+        task_id: str | None = None,
     ) -> RunnableConfig:
         """Write ``values`` as if node ``as_node`` had returned them: a ``source="update"``
-        checkpoint whose next nodes are those that follow ``as_node``."""
-        return self.bulk_update_state(config, [[StateUpdate(values, as_node)]])
+        checkpoint whose next nodes are those that follow ``as_node``. ``values=None`` with
+        ``as_node=END`` clears the pending tasks instead (the paused run will not go on).
+        ``task_id`` is accepted as in LangGraph (see ``StateUpdate``)."""
+        return self.bulk_update_state(config, [[StateUpdate(values, as_node, task_id)]])
 
     def bulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
@@ -969,9 +991,13 @@ class Pregel:
         return loop.checkpoint_config()
 
     async def aupdate_state(
-        self, config: RunnableConfig, values: Any, as_node: str | None = None
+        self,
+        config: RunnableConfig,
+        values: Any,
+        as_node: str | None = None,
+        task_id: str | None = None,
     ) -> RunnableConfig:
-        return await self.abulk_update_state(config, [[StateUpdate(values, as_node)]])
+        return await self.abulk_update_state(config, [[StateUpdate(values, as_node, task_id)]])
 
     async def abulk_update_state(
         self, config: RunnableConfig, supersteps: Sequence[Sequence[StateUpdate]]
@@ -1023,6 +1049,20 @@ def _owner() -> str:
     """A new name for a run's lease, every time. Not the caller's ``run_id``: two invocations
     given the same one would otherwise count as one holder and share a fencing token."""
     return str(uuid.uuid4())
+
+
+def _cleared_tasks(loop: RunLoop) -> list[Task]:
+    """The checkpoint's pending tasks, as if they had run: tasks that finished keep their
+    saved writes, the others write nothing (``update_state(config, None, as_node=END)``).
+    Writes of a resuming ``Command`` saved on the checkpoint are applied first."""
+    null_writes = [(c, v) for t, c, v in loop.pending_writes if t == NULL_TASK_ID]
+    if null_writes:
+        loop.apply([loop._pseudo_task(null_writes)], new_checkpoint=False)
+    tasks = loop.plan()
+    for task in tasks:
+        if not task.done:
+            task.writes = []
+    return tasks
 
 
 def _update_config(lookup: RunnableConfig) -> RunnableConfig:
