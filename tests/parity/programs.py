@@ -34,6 +34,7 @@ def load_api(root: str) -> SimpleNamespace:
     errors = importlib.import_module(f"{root}.errors")
     memory = importlib.import_module(f"{root}.checkpoint.memory")
     func = importlib.import_module(f"{root}.func")
+    managed = importlib.import_module(f"{root}.managed")
     runtime = importlib.import_module(f"{root}.runtime")
     return SimpleNamespace(
         StateGraph=graph.StateGraph,
@@ -50,6 +51,8 @@ def load_api(root: str) -> SimpleNamespace:
         entrypoint=func.entrypoint,
         task=func.task,
         Runtime=runtime.Runtime,
+        RemainingSteps=managed.RemainingSteps,
+        IsLastStep=managed.IsLastStep,
     )
 
 
@@ -871,6 +874,102 @@ def goto_without_edges(api: SimpleNamespace) -> Observation:
     return observe_run(builder.compile(checkpointer=api.InMemorySaver()), {"log": []})
 
 
+class Counted(TypedDict):
+    log: Annotated[list[str], operator.add]
+    x: int
+
+
+def command_lists(api: SimpleNamespace) -> Observation:
+    """A node may return a list mixing Commands and updates: each Command routes and updates,
+    each other item updates; "updates" shows the items that updated."""
+    returns = {
+        "mixed": lambda s: [
+            api.Command(update={"log": ["c"]}, goto="z"),
+            {"log": ["d"]},
+            api.Command(update={"x": 2}, goto="z"),
+        ],
+        "one_update": lambda s: [api.Command(goto="z"), None, api.Command(update={"log": ["e"]})],
+        "no_update": lambda s: [api.Command(goto="z"), api.Command(goto="z")],
+    }
+    observed: Observation = {}
+    for name, node in returns.items():
+        builder = api.StateGraph(Counted)
+        builder.add_node("r", node)
+        builder.add_node("z", _say("z"))
+        builder.add_edge(api.START, "r")
+        observed[name] = observe_run(builder.compile(checkpointer=api.InMemorySaver()), {"log": []})
+    return observed
+
+
+def managed_values(api: SimpleNamespace) -> Observation:
+    """RemainingSteps and IsLastStep: nodes read them, output, stream and checkpoints never
+    show them, writes to them are ignored; a run without recursion_limit may take 10,007."""
+    # The functional form: the annotations must be objects, not strings, in a local class.
+    state = TypedDict(  # type: ignore[misc]  # noqa: UP013
+        "Managed",
+        {
+            "log": Annotated[list, operator.add],
+            "remaining": api.RemainingSteps,
+            "last": api.IsLastStep,
+        },
+    )
+
+    def node(name: str) -> Callable[[Any], dict]:
+        return lambda s: {"log": [[name, s["remaining"], s["last"]]], "remaining": 99}
+
+    builder = api.StateGraph(state)
+    for name in ("a", "b", "c"):
+        builder.add_node(name, node(name))
+    builder.add_edge(api.START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", "c")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    limited = new_thread()
+    limited["recursion_limit"] = 3
+    observed = {"limited": raised(lambda: graph.invoke({"log": []}, limited))}
+    observed["limited_state"] = jsonable(graph.get_state(limited).values)
+    observed["run"] = observe_run(graph, {"log": [], "remaining": 5})
+    count = api.StateGraph(Counted)
+    count.add_node("tick", lambda s: {"x": s["x"] + 1})
+    count.add_edge(api.START, "tick")
+    count.add_conditional_edges("tick", lambda s: api.END if s["x"] >= 40 else "tick")
+    observed["forty_steps"] = jsonable(count.compile().invoke({"log": [], "x": 0}))
+    return observed
+
+
+def _stream_shape(chunk: Any) -> Any:
+    """A subgraphs stream chunk with namespaces as node names and interrupts as values."""
+    namespace, *rest = chunk
+    nodes = [part.split(":")[0] for part in namespace]
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict) and "__interrupt__" in value:
+            return {**value, "__interrupt__": [i.value for i in value["__interrupt__"]]}
+        return value
+
+    return [nodes, *[plain(item) for item in rest]]
+
+
+def subgraph_pause_stream(api: SimpleNamespace) -> Observation:
+    """A subgraph paused by a breakpoint is told of once, by the root's updates; one paused
+    by interrupt() by the subgraph's chunks too."""
+    inners = {
+        "before": _chain(api, "i1", "i2", interrupt_before=["i2"]),
+        "after": _chain(api, "i1", "i2", interrupt_after=["i1"]),
+        "interrupt": _chain(api, "i1", "ask", "i2"),
+    }
+    observed: Observation = {}
+    for name, inner in inners.items():
+        builder = api.StateGraph(Log)
+        builder.add_node("sub", inner)
+        builder.add_edge(api.START, "sub")
+        graph = builder.compile(checkpointer=api.InMemorySaver())
+        for modes in ("updates", ["updates", "values"]):
+            chunks = graph.stream({"log": []}, new_thread(), subgraphs=True, stream_mode=modes)
+            observed[f"{name} {modes}"] = jsonable([_stream_shape(c) for c in chunks])
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -901,6 +1000,9 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         update_subgraph_state,
         clear_with_end,
         goto_without_edges,
+        command_lists,
+        managed_values,
+        subgraph_pause_stream,
     )
 }
 

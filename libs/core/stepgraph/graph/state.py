@@ -31,6 +31,7 @@ from stepgraph.graph._schema import (
     make_reader,
     schema_keys,
 )
+from stepgraph.managed import ManagedValue
 from stepgraph.pregel._algo import PregelNode, Task, Writes
 from stepgraph.pregel.main import Pregel
 from stepgraph.types import CachePolicy, Command, RetryPolicy, Send, StreamMode
@@ -318,8 +319,10 @@ class _Compiler:
 
     def __init__(self, builder: StateGraph) -> None:
         self.builder = builder
-        self.state_keys = frozenset(builder.channels)
-        self.state_keys_in_order = tuple(builder.channels)
+        # Managed values are read by nodes, never written, output or stored.
+        stored = [k for k, c in builder.channels.items() if not isinstance(c, ManagedValue)]
+        self.state_keys = frozenset(stored)
+        self.state_keys_in_order = tuple(stored)
         self.channels: dict[str, BaseChannel] = dict(builder.channels)
         self.channels[START] = EphemeralValue(Any, key=START)
         self.channels[TASKS] = Topic(Send, key=TASKS)
@@ -402,7 +405,7 @@ class _Compiler:
         compiled = CompiledStateGraph(
             nodes=nodes,
             channels=self.channels,
-            output_channels=schema_keys(builder.output_schema),
+            output_channels=tuple(k for k in schema_keys(builder.output_schema) if k in keys),
             stream_channels=self.state_keys_in_order,
             update_writers=update_writers,
             ephemeral_channels=frozenset(self.ephemeral),
@@ -491,14 +494,21 @@ class _Compiler:
         if (
             isinstance(output, (list, tuple))
             and output
-            and all(isinstance(item, Command) for item in output)
-        ):
+            and any(isinstance(item, Command) for item in output)
+        ):  # as in LangGraph: each Command routes and updates, each other item updates
             merged = _Update([], None)
-            for command in output:
-                part = _command_update(name, command, keys)
-                merged.writes.extend(part.writes)
-                merged.goto.extend(part.goto)
-            merged.streamed = dict(merged.writes)
+            streamed = []  # "updates" shows each item's update, as LangGraph's does
+            for item in output:
+                if isinstance(item, Command):
+                    part = _command_update(name, item, keys)
+                    pairs = part.writes
+                    merged.goto.extend(part.goto)
+                else:
+                    pairs = check_update(name, item, keys) if item is not None else []
+                merged.writes.extend(pairs)
+                if pairs:
+                    streamed.append(dict(pairs))
+            merged.streamed = streamed[0] if len(streamed) == 1 else streamed or None
             return merged
         pairs = check_update(name, output, keys)
         return _Update(pairs, dict(pairs))

@@ -273,12 +273,14 @@ class RunLoop:
                 k: v for k, ch in self.channels.items() if (v := ch.checkpoint()) is not MISSING
             }
             self.step = -1
+            self._bind_managed()
             return
         checkpoint = saved.checkpoint
         values = checkpoint["channel_values"]
         self.channels = {
             k: ch.from_checkpoint(values.get(k, MISSING)) for k, ch in prototypes.items()
         }
+        self._bind_managed()
         self.channel_values = {
             k: v for k, ch in self.channels.items() if (v := ch.checkpoint()) is not MISSING
         }
@@ -300,6 +302,11 @@ class RunLoop:
         ephemeral = self.graph.ephemeral_channels
         self.live_ephemeral = {k for k in ephemeral if self.channels[k].is_available()}
         self._new_append_bases(self.appendable & self.channel_versions.keys())
+
+    def _bind_managed(self) -> None:
+        """Managed values (``RemainingSteps``...) read this run's progress."""
+        for key in self.graph.managed_keys:
+            self.channels[key] = self.channels[key].bound(self)  # type: ignore[attr-defined]
 
     def start(self, input: Any, *, addressed: bool, limit: int) -> bool:
         """Apply the run's input; True if that made a checkpoint to save (input or fork).
@@ -720,7 +727,8 @@ class RunLoop:
         """The run pauses: tell the stream (``()`` for a breakpoint)."""
         self.interrupts = interrupts
         self.paused = True
-        if "updates" in self.stream_modes:
+        # A subgraph's breakpoint is told once, by the root (as LangGraph does).
+        if "updates" in self.stream_modes and (interrupts or self.parent_task is None):
             self.output.append(("updates", {INTERRUPT: interrupts}))
         if interrupts and "values" in self.stream_modes:
             self.output.append(("values", with_interrupts(self.emitted_values(), interrupts)))

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from typing import Any, cast
+from typing import Any, Self, cast
 
 from stepgraph.channels.base import BaseChannel
 from stepgraph.checkpoint.base import CheckpointTuple, RunInfo, RunStatus, TaskWrites
@@ -23,6 +24,7 @@ from stepgraph.errors import (
     LeaseLostError,
     RunIncompleteError,
 )
+from stepgraph.managed import ManagedValue
 from stepgraph.pregel import _lease, _recovery
 from stepgraph.pregel._algo import PregelNode, Task, Writes
 from stepgraph.pregel._durability import AsyncWriter, Persistence, SyncWriter, _asave, _save
@@ -43,7 +45,9 @@ from stepgraph.types import (
 
 __all__ = ["Pregel"]
 
-DEFAULT_RECURSION_LIMIT = 25
+DEFAULT_RECURSION_LIMIT = int(os.environ.get("STEPGRAPH_DEFAULT_RECURSION_LIMIT", "10007"))
+"""Supersteps a run may take when its config sets no ``recursion_limit``: LangGraph 1.2's
+default (10,007; it was 25 before), from ``STEPGRAPH_DEFAULT_RECURSION_LIMIT`` if set."""
 _STREAM_MODES = frozenset({"values", "updates", "custom", "debug", "checkpoints", "tasks"})
 
 
@@ -83,6 +87,8 @@ class Pregel:
         self.state_keys = frozenset(output_channels if state_keys is None else state_keys)
         """Channels a ``Command(update=...)`` input may write."""
         self.channels = channels
+        self.managed_keys = tuple(k for k, c in channels.items() if isinstance(c, ManagedValue))
+        """State keys whose value the run computes for each task (``stepgraph.managed``)."""
         self.output_channels = _keys(output_channels)
         """What ``invoke`` returns."""
         self.stream_channels = _keys(
@@ -1021,9 +1027,10 @@ class Pregel:
             await _lease.arelease(holding, beat, *_status_kept(before, holding))
         return loop.checkpoint_config()
 
-    def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Pregel:
-        """A copy of this graph whose runs start from ``config`` merged with the run's config."""
-        copy = object.__new__(Pregel)
+    def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Self:
+        """A copy of this graph (of its class) whose runs start from ``config`` merged with
+        the run's config."""
+        copy = object.__new__(type(self))
         copy.__dict__.update(self.__dict__)
         copy.config = merge_configs(self.config, config, kwargs)  # type: ignore[arg-type]
         return copy

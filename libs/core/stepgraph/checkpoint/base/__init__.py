@@ -621,13 +621,17 @@ class BaseCheckpointSaver(ABC):
 
     # -- versions ----------------------------------------------------------------------------
 
-    def get_next_version(self, current: str | None, channel: None = None) -> str:
+    def get_next_version(self, current: str | int | None, channel: None = None) -> str:
         """The version after ``current``: a zero-padded counter plus a random part.
 
         The counter keeps versions sortable as strings; the random part keeps versions unique
-        across forked branches of one thread, so per-version value rows never collide.
+        across forked branches of one thread, so per-version value rows never collide. An
+        integer ``current`` (LangGraph's simplest savers count so) counts on from it.
         """
-        counter = int(current.split(".", 1)[0], 16) + 1 if current else 1
+        if isinstance(current, int):
+            counter = current + 1
+        else:
+            counter = int(current.split(".", 1)[0], 16) + 1 if current else 1
         return f"{counter:08x}.{random.getrandbits(64):016x}"
 
 

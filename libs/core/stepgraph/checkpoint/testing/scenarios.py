@@ -709,6 +709,8 @@ async def versions_increase(api: SaverApi) -> None:
     assert branch_a != branch_b
     assert seen[10] < branch_a < seen[12]
     assert seen[10] < branch_b < seen[12]
+    # An integer version (LangGraph's simplest savers count so) counts on from it.
+    assert saver.get_next_version(2) > saver.get_next_version(1) > saver.get_next_version(None)
 
 
 async def concurrent_threads(api: SaverApi) -> None:
