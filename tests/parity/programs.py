@@ -19,6 +19,8 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Annotated, Any, Literal, TypedDict
 
+import pydantic
+
 Observation = dict[str, Any]
 
 # Every run commits each step before the next. Under "async", LangGraph 1.2.22's InMemorySaver
@@ -970,6 +972,50 @@ def subgraph_pause_stream(api: SimpleNamespace) -> Observation:
     return observed
 
 
+@dataclasses.dataclass
+class DataState:
+    a: int
+    b: str = "default"
+    c: int | None = None
+
+
+class ModelState(pydantic.BaseModel):
+    a: int
+    b: str = "default"
+    c: int | None = None
+
+
+def model_states(api: SimpleNamespace) -> Observation:
+    """Dataclass and pydantic states: a dict input writes its own keys (validated as a whole,
+    unknown keys left out); a returned object writes every field but one that is None by
+    default and was left so."""
+    observed: Observation = {}
+    for schema in (DataState, ModelState):
+        returns = {
+            "dict": lambda s: {"a": s.a + 1},
+            "object": lambda s, schema=schema: schema(a=5),
+            "object_with_none": lambda s, schema=schema: schema(a=5, c=None),
+        }
+        inputs = {
+            "dict": {"a": 1},
+            "extra_key": {"a": 1, "zzz": 2},
+            "object": schema(a=1),
+            "missing_required": {"b": "x"},
+        }
+        for returned, node in returns.items():
+            builder = api.StateGraph(schema)
+            builder.add_node("n", node)
+            builder.add_edge(api.START, "n")
+            graph = builder.compile(checkpointer=api.InMemorySaver())
+            for given, value in inputs.items():
+                key = f"{schema.__name__} returns {returned}, input {given}"
+                try:
+                    observed[key] = observe_run(graph, value)
+                except Exception as error:
+                    observed[key] = type(error).__name__
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1003,6 +1049,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         command_lists,
         managed_values,
         subgraph_pause_stream,
+        model_states,
     )
 }
 

@@ -106,12 +106,18 @@ def update_pairs(value: Any, keys: frozenset[str] | set[str]) -> list[tuple[str,
     if isinstance(value, dict):
         return [(k, v) for k, v in value.items() if k in keys]
     if _is_pydantic(type(value)):
+        # LangGraph's rule: every field, except one that is None by default and was left so.
         fields_set = value.model_fields_set
-        defaults = {name: field.default for name, field in type(value).model_fields.items()}
+        fields = type(value).model_fields
         return [
-            (k, getattr(value, k))
-            for k in type(value).model_fields
-            if k in keys and (k in fields_set or getattr(value, k) != defaults.get(k))
+            (k, item)
+            for k, field in fields.items()
+            if k in keys
+            and (
+                (item := getattr(value, k)) is not None
+                or field.default is not None
+                or k in fields_set
+            )
         ]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [

@@ -375,7 +375,11 @@ class _Compiler:
 
         def input_update(value: Any) -> _Update:
             if is_model(builder.input_schema) and isinstance(value, dict):
-                value = builder.input_schema(**value)  # validates, as LangGraph does
+                # Validated as a whole, as LangGraph does (keys the schema lacks are left
+                # out), and written as given: only its keys, defaults are not filled in.
+                given = {k: v for k, v in value.items() if k in input_keys}
+                model = builder.input_schema(**given)
+                value = {k: getattr(model, k) for k in given}
             return _Update(check_update(START, value, input_keys))
 
         nodes = {
