@@ -304,6 +304,11 @@ class Pregel:
             completed = True
         except BaseException as error:
             failure = error
+            if isinstance(error, Exception):
+                # What the failed step streamed (a sibling's update, the failing task's
+                # earlier chunks and events) still reaches the caller, then the error.
+                while output:
+                    yield output.popleft()
             raise
         finally:
             try:
@@ -423,6 +428,9 @@ class Pregel:
             completed = True
         except BaseException as error:
             failure = error
+            if isinstance(error, Exception):  # as ``_run``: the failed step's chunks first
+                while output:
+                    yield output.popleft()
             raise
         finally:
             try:
