@@ -5,6 +5,9 @@ thread hand-off, which is most of the per-step cost otherwise. Steps with severa
 process-wide thread pool; the caller runs the first task itself and takes back any task no worker
 has started yet, so nested graphs waiting on the pool can never deadlock it.
 
+A live sync ``stream`` (``LiveSteps``) runs the steps whose chunks it hands out mid-step on a
+thread of its own instead, so that the consumer's thread is free to yield them.
+
 A finished task is reported (``on_done``: its writes are saved) at once, by the thread or
 asyncio task that ran it, not when the caller gets to it: a sibling that finishes while the
 caller still runs its own task is saved even if the process dies before that task returns.
@@ -17,10 +20,12 @@ import contextvars
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from hashlib import blake2b
+from queue import SimpleQueue
 from typing import Any
 
 from stepgraph.errors import GraphInterrupt, InvalidUpdateError, ParentCommand
@@ -28,7 +33,7 @@ from stepgraph.pregel._algo import Task
 from stepgraph.runtime import CURRENT_TASK
 from stepgraph.types import Interrupt, RetryPolicy
 
-__all__ = ["arun_step", "run_step", "shared_pool"]
+__all__ = ["LiveSteps", "arun_step", "run_step", "shared_pool"]
 
 OnDone = Callable[[Task, bool], None]
 """Called when a task finished, on the thread that ran it (so a pool thread in a multi-task
@@ -218,13 +223,19 @@ async def _waited(call: Any) -> None:
     await asyncio.to_thread(call.wait)
 
 
-def run_step(tasks: Sequence[Task], on_done: OnDone, max_concurrency: int | None = None) -> None:
+def run_step(
+    tasks: Sequence[Task],
+    on_done: OnDone,
+    max_concurrency: int | None = None,
+    halt: threading.Event | None = None,
+) -> None:
     """Run the tasks that have not finished yet; ``on_done`` sees each the moment it finishes,
     on the thread that ran it.
 
     Every task of the step finishes (and is reported) before the first error escaping a task or
     ``on_done`` is raised, in plan order. On a ``BaseException`` (``KeyboardInterrupt``...) in
-    the calling thread, tasks no worker has started are dropped; those running are waited for.
+    the calling thread, or once ``halt`` is set (a live stream's consumer went away), tasks no
+    worker has started are dropped; those running are waited for.
     """
     todo = [task for task in tasks if not task.done]
     if not todo:
@@ -249,6 +260,10 @@ def run_step(tasks: Sequence[Task], on_done: OnDone, max_concurrency: int | None
     errors: dict[int, BaseException] = {}
     try:
         for index, task in enumerate(todo):
+            if halt is not None and halt.is_set():
+                for future in submitted:
+                    future.cancel()
+                break
             # The caller runs the first task, then takes back any that no worker started yet.
             if index == 0 or submitted[index - 1].cancel():
                 try:
@@ -265,6 +280,104 @@ def run_step(tasks: Sequence[Task], on_done: OnDone, max_concurrency: int | None
             errors[index] = failure
     if errors:
         raise errors[min(errors)]
+
+
+_STEP_ENDED = object()
+"""Put on a live stream's wake-up queue when its running step has ended."""
+
+
+class LiveSteps:
+    """Runs the steps of a live sync ``stream`` on a thread of the run's own, so that the
+    consumer's thread hands out chunks while a step runs (as LangGraph's sync stream does).
+    Not a thread of the shared pool: streams run inside nodes, each holding a pool thread while
+    it waits, could otherwise leave none to run their steps."""
+
+    __slots__ = ("_jobs", "_min_tasks", "output", "running", "wake")
+
+    def __init__(self, min_tasks: int) -> None:
+        self._min_tasks = min_tasks
+        self.wake: SimpleQueue[object] = SimpleQueue()
+        """Gets a token when a chunk is added while a step runs, and when the step ends."""
+        self.running = False
+        self.output = _WakingQueue(self)
+        """The run's output (``RunLoop.output``): adding a chunk wakes the consumer."""
+        self._jobs: SimpleQueue[Callable[[], None] | None] | None = None
+
+    def takes(self, tasks: Sequence[Task]) -> bool:
+        """Whether the step runs live: it has at least ``min_tasks`` tasks left to run."""
+        left = 0
+        for task in tasks:
+            if not task.done:
+                left += 1
+                if left >= self._min_tasks:
+                    return True
+        return False
+
+    def run(
+        self, tasks: Sequence[Task], on_done: OnDone, max_concurrency: int | None
+    ) -> Iterator[tuple[str, Any]]:
+        """Run a step as ``run_step`` would, yielding the chunks added to ``output`` meanwhile;
+        raises the step's error once they are all yielded."""
+        jobs = self._jobs
+        if jobs is None:
+            self._jobs = jobs = SimpleQueue()
+            threading.Thread(
+                target=_serve, args=(jobs,), name="stepgraph-stream", daemon=True
+            ).start()
+        wake, output = self.wake, self.output
+        halt = threading.Event()
+        errors: list[BaseException] = []
+        context = contextvars.copy_context()
+
+        def step() -> None:
+            try:
+                context.run(run_step, tasks, on_done, max_concurrency, halt)
+            except BaseException as error:
+                errors.append(error)
+            finally:
+                self.running = False
+                wake.put(_STEP_ENDED)
+
+        self.running = True
+        jobs.put(step)
+        try:
+            while wake.get() is not _STEP_ENDED:
+                while output:
+                    yield output.popleft()
+        except BaseException:
+            # The consumer went away (the generator was closed) or was interrupted: start no
+            # more of the step's tasks, and let those running finish, so the run ends cleanly.
+            halt.set()
+            while wake.get() is not _STEP_ENDED:
+                pass
+            raise
+        while output:
+            yield output.popleft()
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        if self._jobs is not None:
+            self._jobs.put(None)  # the thread ends
+
+
+def _serve(jobs: SimpleQueue[Callable[[], None] | None]) -> None:
+    while (job := jobs.get()) is not None:
+        job()
+
+
+class _WakingQueue(deque[Any]):
+    """A live stream's output: adding a chunk while a step runs, from whichever thread (a
+    node's writer, a task that finished, a ``@task`` call, a subgraph), wakes the consumer."""
+
+    def __init__(self, live: LiveSteps) -> None:
+        super().__init__()
+        self._live = live
+
+    def append(self, chunk: Any) -> None:
+        super().append(chunk)
+        if self._live.running:
+            self._live.wake.put(None)
 
 
 async def arun_step(

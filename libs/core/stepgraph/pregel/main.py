@@ -28,7 +28,7 @@ from stepgraph.managed import ManagedValue
 from stepgraph.pregel import _lease, _recovery
 from stepgraph.pregel._algo import PregelNode, Task, Writes
 from stepgraph.pregel._durability import AsyncWriter, Persistence, SyncWriter, _asave, _save
-from stepgraph.pregel._executor import arun_step, run_step, shared_pool
+from stepgraph.pregel._executor import LiveSteps, arun_step, run_step, shared_pool
 from stepgraph.pregel._loop import OneChannel, RunLoop, StepSave, read_channels, with_interrupts
 from stepgraph.pregel._recovery import RecoveryReport
 from stepgraph.runtime import CURRENT_TASK
@@ -249,9 +249,18 @@ class Pregel:
             self._schemas_allowed.add(id(saver))
 
     def _run(
-        self, loop: RunLoop, input: Any, mode: Durability | None, addressed: bool
+        self,
+        loop: RunLoop,
+        input: Any,
+        mode: Durability | None,
+        addressed: bool,
+        live: LiveSteps | None = None,
     ) -> Iterator[tuple[str, Any]]:
-        """Run supersteps until no task is left, yielding ``(mode, chunk)`` as they come."""
+        """Run supersteps until no task is left, yielding ``(mode, chunk)`` as they come.
+
+        Without ``live`` (``invoke``) a step's first (or only) task runs on the calling thread
+        and its chunks are yielded when the step ends; the steps ``live`` takes run on its
+        thread instead, while the calling one yields their chunks as they are made."""
         saver = loop.checkpointer
         persistence = Persistence(loop, mode)
         write = SyncWriter(saver, background=mode == "async")
@@ -287,7 +296,10 @@ class Pregel:
                     loop.stop_for_interrupts(())
                     break
                 loop.emit_task_starts(tasks)
-                run_step(tasks, on_done, loop.config.get("max_concurrency"))
+                if live is not None and live.takes(tasks):
+                    yield from live.run(tasks, on_done, loop.config.get("max_concurrency"))
+                else:
+                    run_step(tasks, on_done, loop.config.get("max_concurrency"))
                 if loop.holding is not None and loop.holding.lost is not None:
                     raise loop.holding.lost  # another run owns the thread now: stop working
                 paused = _paused(tasks)
@@ -311,6 +323,8 @@ class Pregel:
                     yield output.popleft()
             raise
         finally:
+            if live is not None:
+                live.close()
             try:
                 for save in persistence.on_exit(holding if completed else None):
                     write(save)
@@ -582,10 +596,11 @@ class Pregel:
         )
         shape = _chunk_shape(stream_mode, subgraphs)
         printed = loop.printed_modes
+        live = _live_steps(loop, subgraphs)  # before the output is handed to subgraphs
         if subgraphs and loop.parent_task is None:
             loop.forward_to, loop.forward_modes = loop.output, loop.stream_modes
         own, teed = _teeing(loop, stream_mode)
-        for chunk in self._run(loop, input, mode, addressed):
+        for chunk in self._run(loop, input, mode, addressed, live):
             if teed and chunk[0] in loop.forward_modes:
                 _pass_on(loop, chunk)
             if chunk[0] in printed:
@@ -1170,6 +1185,24 @@ async def _while_running(
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await running
+
+
+def _live_steps(loop: RunLoop, subgraphs: bool) -> LiveSteps | None:
+    """How a sync ``stream`` runs its steps. As in LangGraph, every step is live (its chunks
+    handed out while it runs) when a node may stream from inside (``custom``) or subgraphs
+    stream into it; with ``updates``/``tasks``/``debug``, the steps of several tasks are
+    (a finished task's chunks come before its siblings end). Other steps, and every step for
+    the other modes, whose chunks all come at the step's end, run on the consumer's thread:
+    no hand-off to pay."""
+    modes = loop.stream_modes
+    if "custom" in modes or (subgraphs and loop.parent_task is None):
+        live = LiveSteps(1)
+    elif modes & {"updates", "tasks", "debug"}:
+        live = LiveSteps(2)
+    else:
+        return None
+    loop.output = live.output
+    return live
 
 
 def _keys(channels: Sequence[str]) -> tuple[str, ...]:
