@@ -686,6 +686,8 @@ class Pregel:
             interrupt_after,
             output_keys,
         )
+        if loop.forward_to is not None:
+            loop.output = _Forwarding(loop)
         for chunk in self._run(loop, input, mode, addressed):
             _pass_on(loop, chunk)
         return _final_output(loop)
@@ -727,6 +729,8 @@ class Pregel:
             interrupt_after,
             output_keys,
         )
+        if loop.forward_to is not None:
+            loop.output = _Forwarding(loop)
         async for chunk in self._arun(loop, input, mode, addressed):
             _pass_on(loop, chunk)
         return _final_output(loop)
@@ -1203,6 +1207,21 @@ def _live_steps(loop: RunLoop, subgraphs: bool) -> LiveSteps | None:
         return None
     loop.output = live.output
     return live
+
+
+class _Forwarding(deque[Any]):
+    """The output of a subgraph run with ``invoke`` under a root streaming subgraphs: each
+    chunk goes to the root's stream the moment it is made (a live root hands it out while the
+    subgraph's step still runs, as LangGraph does), tagged with the subgraph's namespace."""
+
+    def __init__(self, loop: RunLoop) -> None:
+        super().__init__()
+        assert loop.forward_to is not None
+        self._to = loop.forward_to
+        self._namespace = tuple(loop.namespace.split("|"))
+
+    def append(self, chunk: Any) -> None:
+        self._to.append((*chunk, self._namespace))
 
 
 def _keys(channels: Sequence[str]) -> tuple[str, ...]:

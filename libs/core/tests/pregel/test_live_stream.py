@@ -128,6 +128,28 @@ def test_subgraph_chunks_reach_the_root_stream_while_the_parent_node_runs() -> N
     ]
 
 
+def test_chunks_of_a_subgraph_invoked_in_a_node_reach_the_root_while_it_runs() -> None:
+    seen = threading.Event()
+
+    def inner_node(state: State) -> dict[str, Any]:
+        get_stream_writer()("inner")
+        return {"log": [seen.wait(GUARD_SECONDS)]}
+
+    inner = chain(("inner", inner_node))
+    outer = chain(("outer", lambda state: inner.invoke({"log": []})))
+    chunks = []
+    for namespace, mode, chunk in outer.stream(
+        {"log": []}, stream_mode=["custom", "updates"], subgraphs=True
+    ):
+        chunks.append((len(namespace), mode, chunk))
+        seen.set()
+    assert chunks == [
+        (1, "custom", "inner"),
+        (1, "updates", {"inner": {"log": [True]}}),
+        (0, "updates", {"outer": {"log": [True]}}),
+    ]
+
+
 def test_stream_inside_a_node_is_live_too() -> None:
     seen = threading.Event()
 
