@@ -40,59 +40,67 @@ R = TypeVar("R")
 S = TypeVar("S")
 
 
-class TaskFuture(Generic[T]):
-    """What calling a synchronous ``@task`` returns: ``result()`` waits for the value.
+class TaskFuture(Future[T]):
+    """What calling a synchronous ``@task`` returns: a ``concurrent.futures.Future`` (so
+    ``as_completed``, ``wait`` and done callbacks work on it) whose ``result()`` waits for the
+    value.
 
     The call starts on the shared thread pool at once, so several calls run in parallel. If no
-    worker has picked it up by the time ``result()`` is called, the caller runs it itself: a task
-    waiting for another task can never starve the pool. Under the async API, ``await`` it.
+    worker has picked it up by the time ``result()`` or ``exception()`` is called, the caller
+    runs it itself: a task waiting for another task can never starve the pool. Under the async
+    API, ``await`` it.
     """
 
-    __slots__ = ("_claimed", "_done", "_lock", "_task")
-
     def __init__(self, call: Task | None) -> None:
+        super().__init__()
         self._task = call
-        self._lock = threading.Lock()
+        # Whoever claims the call first (a pool worker, a waiting caller, or cancel()) decides
+        # its fate; the Future's own state cannot say "claimed but not yet running".
+        self._claim = threading.Lock()
         self._claimed = call is None
-        self._done: Future[T] = Future()
 
     def _execute(self) -> None:
-        with self._lock:
+        with self._claim:
             if self._claimed:
                 return
             self._claimed = True
+        self.set_running_or_notify_cancel()  # cannot fail: only cancel() claims otherwise
         call = cast(Task, self._task)
         try:
             run_task(call)
             _settle(call)
-            self._done.set_result(_outcome(call))
+            value = _outcome(call)
         except BaseException as error:
-            self._done.set_exception(error)
+            self.set_exception(error)
+        else:
+            self.set_result(value)
 
     def result(self, timeout: float | None = None) -> T:
         self._execute()
-        return self._done.result(timeout)
+        return super().result(timeout)
 
-    def wait(self) -> None:
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._execute()
+        return super().exception(timeout)
+
+    def _join(self) -> None:
         """Wait for the call to finish (running it here if no worker has started it), without
         raising: its outcome is saved and streamed as its own."""
         self._execute()
-        wait([self._done])
+        wait([self])
 
-    def cancel(self) -> None:
-        """Drop the call if no one has started it: it never runs (its caller failed)."""
-        with self._lock:
+    def cancel(self) -> bool:
+        """Drop the call if no one has started it: it never runs (say, its caller failed)."""
+        with self._claim:
             if self._claimed:
-                return
+                return self.cancelled()
             self._claimed = True
-        self._done.cancel()
-        self._done.set_running_or_notify_cancel()  # wait() counts it done only once notified
-
-    def done(self) -> bool:
-        return self._done.done()
+        super().cancel()
+        self.set_running_or_notify_cancel()  # wait()/as_completed() count it done only now
+        return True
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self._done).__await__()
+        return asyncio.wrap_future(self).__await__()
 
 
 class _TaskFunction(Generic[P, T]):
@@ -138,6 +146,13 @@ class _TaskFunction(Generic[P, T]):
                 "@entrypoint function, a graph node, or another task, so their results are "
                 "recorded."
             )
+        if self.is_async and not _in_event_loop():
+            # Starts with LangGraph's words (sic), so code matching its message still does.
+            raise RuntimeError(
+                f"In an sync context async tasks cannot be called: @task '{self.name}' is "
+                "async; call it from an async entrypoint or node run with ainvoke/astream, "
+                "or make it sync."
+            )
         index = caller.calls
         caller.calls += 1
         loop = caller.loop
@@ -156,7 +171,7 @@ class _TaskFunction(Generic[P, T]):
             return running
         if recorded is not None:
             future: TaskFuture[Any] = TaskFuture(None)
-            future._done.set_result(recorded[0])
+            future.set_result(recorded[0])
             return future
         future = TaskFuture(call)
         shared_pool().submit(contextvars.copy_context().run, future._execute)
@@ -165,6 +180,14 @@ class _TaskFunction(Generic[P, T]):
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _spawned(caller: Task) -> list[Any]:

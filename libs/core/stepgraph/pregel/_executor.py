@@ -151,7 +151,7 @@ def _settle_calls(task: Task, cancel: bool) -> None:
             call.cancel()
     for call in spawned:
         if not isinstance(call, asyncio.Future):  # an async call made on the event loop by
-            call.wait()  # a sync task run there: waiting would block the loop it needs
+            call._join()  # a sync task run there: waiting would block the loop it needs
 
 
 async def arun_task(task: Task) -> None:
@@ -220,7 +220,7 @@ async def _asettle_calls(task: Task, cancel: bool) -> None:
 
 
 async def _waited(call: Any) -> None:
-    await asyncio.to_thread(call.wait)
+    await asyncio.to_thread(call._join)
 
 
 def run_step(
