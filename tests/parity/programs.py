@@ -1016,6 +1016,44 @@ def model_states(api: SimpleNamespace) -> Observation:
     return observed
 
 
+def task_reports(api: SimpleNamespace) -> Observation:
+    """What tasks events and snapshots show of an entrypoint and its @task calls: the run's
+    input, a call's ``{"__return__": value}``, a replayed call's start event, and the
+    entrypoint's bare result in the history."""
+
+    @api.task
+    def add(x: int, y: int = 1) -> int:
+        return x + y
+
+    @api.entrypoint(checkpointer=api.InMemorySaver())
+    def workflow(x: int, previous: Any = None) -> list[Any]:
+        total = add(x, y=2).result()
+        return [total, api.interrupt("more?"), previous]
+
+    def events(chunks: Any) -> list[Any]:
+        return jsonable(
+            [
+                (e["name"], "input", e["input"]) if "input" in e else (e["name"], e["result"])
+                for e in chunks
+            ]
+        )
+
+    config = new_thread()
+    first = events(workflow.stream(1, config, stream_mode="tasks", durability=DURABILITY))
+    resumed = events(
+        workflow.stream(
+            api.Command(resume="yes"), config, stream_mode="tasks", durability=DURABILITY
+        )
+    )
+    return {
+        "first": first,
+        "resumed": resumed,
+        "history_results": jsonable(
+            [[t.result for t in s.tasks] for s in workflow.get_state_history(config)]
+        ),
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1050,6 +1088,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         managed_values,
         subgraph_pause_stream,
         model_states,
+        task_reports,
     )
 }
 

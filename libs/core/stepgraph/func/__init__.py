@@ -159,8 +159,9 @@ class _TaskFunction(Generic[P, T]):
         call = Task(loop, self.node, (args, kwargs), (PUSH, caller.id, index), (PUSH,))
         call.resume = caller.resume
         recorded = _recorded(loop.pending_writes, call.id)
-        if recorded is None:
-            loop.emit_task_starts([call])  # its result event follows when it finishes
+        # As in LangGraph, a call replayed from its saved result shows its start event too
+        # (but no result event: it does not run).
+        loop.emit_task_starts([call])
         if self.is_async:
             if recorded is not None:
                 done = asyncio.get_running_loop().create_future()
@@ -328,12 +329,13 @@ class entrypoint(Generic[T]):
             node_task.update = value
             return [(END, value), (PREVIOUS, saved)]
 
-        def read(channels: dict[str, Any]) -> tuple[Any, Any]:
-            previous = channels[PREVIOUS]
-            return channels[START].get(), previous.get() if previous.is_available() else None
+        def read(channels: dict[str, Any]) -> Any:
+            # The task's input is the run's input alone (what tasks/debug events show);
+            # ``previous`` is read when the task runs.
+            return channels[START].get()
 
-        def run(node_task: Task, input: tuple[Any, Any]) -> Writes:
-            output = call(node_task, *input)
+        def run(node_task: Task, input: Any) -> Writes:
+            output = call(node_task, input)
             if inspect.isawaitable(output):
                 close = getattr(output, "close", None)
                 if close is not None:
@@ -341,8 +343,8 @@ class entrypoint(Generic[T]):
                 raise TypeError(f"Entrypoint '{name}' is async: run it with ainvoke/astream")
             return writes(node_task, output)
 
-        async def arun(node_task: Task, input: tuple[Any, Any]) -> Writes:
-            return writes(node_task, await call(node_task, *input))
+        async def arun(node_task: Task, input: Any) -> Writes:
+            return writes(node_task, await call(node_task, input))
 
         node = PregelNode(
             name,
@@ -371,10 +373,26 @@ class entrypoint(Generic[T]):
         return graph
 
 
-_INJECTED = frozenset({"previous", "config", "runtime", "writer"})
+def _previous(node_task: Task) -> Any:
+    """What the thread's previous run returned (or saved with ``entrypoint.final``). Channels
+    change only when the step is applied, so during the run they still hold it."""
+    previous = node_task.loop.channels[PREVIOUS]
+    return previous.get() if previous.is_available() else None
 
 
-def _entrypoint_caller(func: Callable[..., Any]) -> Callable[[Task, Any, Any], Any]:
+_INJECTED: dict[str, Callable[[Task], Any]] = {
+    "previous": _previous,
+    "config": lambda node_task: node_task.config,
+    "runtime": lambda node_task: Runtime(
+        context=node_task.loop.context,
+        stream_writer=node_task.stream_writer,
+        previous=_previous(node_task),
+    ),
+    "writer": lambda node_task: node_task.stream_writer,
+}
+
+
+def _entrypoint_caller(func: Callable[..., Any]) -> Callable[[Task, Any], Any]:
     """``func(input)`` plus the keyword arguments it asks for."""
     params = inspect.signature(func).parameters
     positional = [
@@ -387,21 +405,11 @@ def _entrypoint_caller(func: Callable[..., Any]) -> Callable[[Task, Any, Any], A
             f"Entrypoint '{getattr(func, '__name__', func)}' must take exactly one input "
             f"argument (plus any of {sorted(_INJECTED)}), got {list(params)}"
         )
-    wanted = [name for name in params if name in _INJECTED]
+    wanted = [(name, _INJECTED[name]) for name in params if name in _INJECTED]
     if not wanted:
-        return lambda node_task, value, previous: func(value)
+        return lambda node_task, value: func(value)
 
-    def call(node_task: Task, value: Any, previous: Any) -> Any:
-        injected = {
-            "previous": lambda: previous,
-            "config": lambda: node_task.config,
-            "runtime": lambda: Runtime(
-                context=node_task.loop.context,
-                stream_writer=node_task.stream_writer,
-                previous=previous,
-            ),
-            "writer": lambda: node_task.stream_writer,
-        }
-        return func(value, **{name: injected[name]() for name in wanted})
+    def call(node_task: Task, value: Any) -> Any:
+        return func(value, **{name: get(node_task) for name, get in wanted})
 
     return call

@@ -40,6 +40,7 @@ from stepgraph.constants import (
     PULL,
     PUSH,
     RESUME,
+    RETURN,
     START,
     TASKS,
 )
@@ -808,7 +809,8 @@ class RunLoop:
                 "id": task.id,
                 "name": task.name,
                 "error": None if task.error is None else _describe_error(task.error),
-                "result": _result(task.writes, output_channels),
+                # A @task call's result is its return value, under RETURN (as in LangGraph).
+                "result": _result(task.writes, (*output_channels, RETURN)),
                 "interrupts": [{"value": i.value, "id": i.id} for i in task.interrupts],
             }
             self._emit_event("tasks", "task_result", payload)
@@ -856,7 +858,7 @@ class RunLoop:
                 # Finished after an error or an answered interrupt: as in LangGraph, the record
                 # keeps both (a checkpoint's history shows what happened in its step), and the
                 # live state no longer counts its interrupts as pending.
-                result = _result(writes, output_channels)
+                result = _snapshot_result(writes, output_channels)
                 if live:
                     interrupts = ()
             report.append(
@@ -912,6 +914,18 @@ def _result(writes: list[tuple[str, Any]], channels: Sequence[str]) -> dict[str,
                 result[channel] = {"$writes": [previous, value]}
         else:
             result[channel] = value
+    return result
+
+
+def _snapshot_result(writes: list[tuple[str, Any]], channels: Sequence[str]) -> Any:
+    """A finished task's result as ``get_state`` shows it (LangGraph's): a @task call's return
+    value, a one-channel graph's (an entrypoint's) bare value, else the writes by channel."""
+    for channel, value in writes:
+        if channel == RETURN:
+            return value
+    result = _result(writes, channels)
+    if type(channels) is OneChannel:
+        return result.get(channels[0])
     return result
 
 
