@@ -15,6 +15,7 @@ import json
 import operator
 import threading
 import uuid
+import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Annotated, Any, Literal, TypedDict
@@ -1054,6 +1055,49 @@ def task_reports(api: SimpleNamespace) -> Observation:
     }
 
 
+def entrypoint_signatures(api: SimpleNamespace) -> Observation:
+    """Which functions @entrypoint takes and what their parameters get: generators are refused,
+    extra parameters keep their defaults, injected names are given whether keyword-only or
+    not (``store`` is None without a store), and a mistyped ``config`` is not injected."""
+
+    def gen(x: int) -> Any:
+        yield x
+
+    async def agen(x: int) -> Any:
+        yield x
+
+    def refused(func: Callable[..., Any]) -> str | None:
+        return raised(lambda: api.entrypoint()(func))
+
+    def extra(x: int, limit: int = 3, *, label: str = "n") -> list[Any]:
+        return [x, limit, label]
+
+    def injected(x, store, previous, *, writer):  # type: ignore[no-untyped-def]
+        writer("w")
+        return [x, store, previous]
+
+    def mistyped(x: int, config: str = "default") -> list[Any]:
+        return [x, config]
+
+    def needs_two(x: int, y: int) -> int:
+        return x + y
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mistyped_graph = api.entrypoint()(mistyped)
+    return {
+        "generator": refused(gen),
+        "async_generator": refused(agen),
+        "no_parameter": refused(lambda: 1),
+        "extra": jsonable(api.entrypoint()(extra).invoke(1)),
+        "injected": jsonable(
+            list(api.entrypoint()(injected).stream(1, stream_mode=["custom", "values"]))
+        ),
+        "mistyped_config": jsonable(mistyped_graph.invoke(1)),
+        "needs_two": raised(lambda: api.entrypoint()(needs_two).invoke(1)),
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1089,6 +1133,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         subgraph_pause_stream,
         model_states,
         task_reports,
+        entrypoint_signatures,
     )
 }
 

@@ -16,10 +16,12 @@ import asyncio
 import contextvars
 import inspect
 import threading
+import warnings
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
+from types import UnionType
+from typing import Any, Generic, ParamSpec, TypeVar, Union, cast, get_args, get_origin, overload
 
 from stepgraph.channels.ephemeral_value import EphemeralValue
 from stepgraph.channels.last_value import LastValue
@@ -30,7 +32,7 @@ from stepgraph.pregel._executor import arun_task, run_task, shared_pool
 from stepgraph.pregel._loop import OneChannel
 from stepgraph.pregel.main import Pregel
 from stepgraph.runtime import CURRENT_TASK, Runtime
-from stepgraph.types import CachePolicy, RetryPolicy
+from stepgraph.types import CachePolicy, RetryPolicy, StreamWriter
 
 __all__ = ["TaskFuture", "entrypoint", "task"]
 
@@ -291,9 +293,10 @@ class entrypoint(Generic[T]):
     """Make a function a durable workflow: a runnable graph with ``invoke``/``ainvoke``,
     ``stream``/``astream``, ``get_state`` and ``get_state_history``.
 
-    The function takes one input argument; it may also ask for ``previous`` (what the previous
-    run on the same thread returned, or saved with ``entrypoint.final``), ``config``,
-    ``runtime`` and ``writer``.
+    The function's first parameter takes the input; later ones may ask for ``previous`` (what
+    the previous run on the same thread returned, or saved with ``entrypoint.final``),
+    ``config``, ``runtime``, ``writer`` and ``store`` (always None: there is no store), and
+    any other keeps its default. Generator functions are refused, as in LangGraph.
     """
 
     @dataclass
@@ -318,6 +321,9 @@ class entrypoint(Generic[T]):
             raise TypeError(f"Unexpected arguments: {sorted(kwargs)}")
 
     def __call__(self, func: Callable[..., Any]) -> Pregel:
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            # As LangGraph: a generator's values would need a stream of their own.
+            raise NotImplementedError("Generators are not supported in the Functional API.")
         name = getattr(func, "__name__", "entrypoint")
         call = _entrypoint_caller(func)
 
@@ -380,32 +386,74 @@ def _previous(node_task: Task) -> Any:
     return previous.get() if previous.is_available() else None
 
 
+# What an entrypoint parameter of each name is given (LangGraph's injected keywords; there is
+# no store, so ``store`` is None, as LangGraph passes when a run has none).
 _INJECTED: dict[str, Callable[[Task], Any]] = {
-    "previous": _previous,
     "config": lambda node_task: node_task.config,
+    "writer": lambda node_task: node_task.stream_writer,
+    "store": lambda node_task: None,
+    "previous": _previous,
     "runtime": lambda node_task: Runtime(
         context=node_task.loop.context,
         stream_writer=node_task.stream_writer,
         previous=_previous(node_task),
     ),
-    "writer": lambda node_task: node_task.stream_writer,
 }
 
 
-def _entrypoint_caller(func: Callable[..., Any]) -> Callable[[Task, Any], Any]:
-    """``func(input)`` plus the keyword arguments it asks for."""
-    params = inspect.signature(func).parameters
-    positional = [
-        p
-        for p in params.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _INJECTED
-    ]
-    if len(positional) != 1:
-        raise ValueError(
-            f"Entrypoint '{getattr(func, '__name__', func)}' must take exactly one input "
-            f"argument (plus any of {sorted(_INJECTED)}), got {list(params)}"
+# Injected only when unannotated or annotated as one of these (LangGraph's rule; compared by
+# name, so LangGraph's or LangChain's classes count too); ``previous`` and ``runtime`` take any.
+_INJECTED_TYPES: dict[str, frozenset[str]] = {
+    "config": frozenset({"RunnableConfig", "Optional[RunnableConfig]"}),
+    "writer": frozenset({"StreamWriter"}),
+    "store": frozenset({"BaseStore", "Optional[BaseStore]"}),
+}
+
+
+def _annotation_name(annotation: Any) -> str:
+    if isinstance(annotation, str):  # postponed annotations are compared as written
+        return annotation
+    if annotation == StreamWriter:  # an alias of a Callable: it has no name of its own
+        return "StreamWriter"
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 2 and type(None) in args:
+        inner = args[0] if args[1] is type(None) else args[1]
+        return f"Optional[{_annotation_name(inner)}]"
+    return str(getattr(annotation, "__name__", annotation))
+
+
+def _injects(param: inspect.Parameter) -> bool:
+    if param.name not in _INJECTED or param.kind not in (
+        param.POSITIONAL_OR_KEYWORD,
+        param.KEYWORD_ONLY,
+    ):
+        return False
+    allowed = _INJECTED_TYPES.get(param.name)
+    if allowed is None or param.annotation is param.empty:
+        return True
+    if _annotation_name(param.annotation) in allowed:
+        return True
+    if param.name == "config":
+        warnings.warn(
+            f"The 'config' parameter should be typed as 'RunnableConfig' or "
+            f"'RunnableConfig | None', not '{param.annotation}'; it is not injected.",
+            UserWarning,
+            stacklevel=4,
         )
-    wanted = [(name, _INJECTED[name]) for name in params if name in _INJECTED]
+    return False
+
+
+def _entrypoint_caller(func: Callable[..., Any]) -> Callable[[Task, Any], Any]:
+    """``func(input)`` plus the keyword arguments it asks for.
+
+    As in LangGraph, the first parameter takes the input; any later parameter named (and
+    typed) like an injected value, keyword-only or not, gets it, and others keep their
+    defaults (one without a default fails when the entrypoint runs, with Python's TypeError).
+    """
+    params = list(inspect.signature(func).parameters.values())
+    if not params:
+        raise ValueError("Entrypoint function must have at least one parameter")
+    wanted = [(p.name, _INJECTED[p.name]) for p in params[1:] if _injects(p)]
     if not wanted:
         return lambda node_task, value: func(value)
 

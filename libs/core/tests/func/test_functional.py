@@ -11,9 +11,10 @@ from typing import Annotated, Any, TypedDict
 import pytest
 
 from stepgraph.checkpoint.memory import InMemorySaver
+from stepgraph.config import RunnableConfig
 from stepgraph.func import TaskFuture, entrypoint, task
 from stepgraph.graph import START, StateGraph
-from stepgraph.types import Command, RetryPolicy, interrupt
+from stepgraph.types import Command, RetryPolicy, StreamWriter, interrupt
 
 
 def thread() -> dict[str, Any]:
@@ -229,7 +230,9 @@ def test_entrypoint_retry_policy_and_injected_arguments() -> None:
     attempts: list[int] = []
 
     @entrypoint(retry_policy=RetryPolicy(max_attempts=2, initial_interval=0, jitter=False))
-    def workflow(x: int, *, config: Any, runtime: Any, writer: Any) -> dict[str, Any]:
+    def workflow(
+        x: int, *, config: RunnableConfig, runtime: Any, writer: StreamWriter
+    ) -> dict[str, Any]:
         attempts.append(1)
         writer({"attempt": len(attempts)})
         if len(attempts) == 1:
@@ -239,14 +242,6 @@ def test_entrypoint_retry_policy_and_injected_arguments() -> None:
     chunks = list(workflow.stream(1, context="c", stream_mode=["custom", "values"]))
     assert chunks[-1] == ("values", {"x": 1, "ctx": "c", "node": "workflow"})
     assert ("custom", {"attempt": 2}) in chunks
-
-
-def test_entrypoint_needs_one_input_argument() -> None:
-    with pytest.raises(ValueError, match="exactly one input"):
-
-        @entrypoint()
-        def two(a: int, b: int) -> int:  # pragma: no cover
-            return a + b
 
 
 class State(TypedDict):
