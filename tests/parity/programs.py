@@ -9,6 +9,7 @@ the thread's history as ``(metadata source, step, next)``. Nothing in it depends
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import importlib
 import json
@@ -1098,6 +1099,48 @@ def entrypoint_signatures(api: SimpleNamespace) -> Observation:
     }
 
 
+def task_futures(api: SimpleNamespace) -> Observation:
+    """A sync @task call's future works with concurrent.futures (as_completed, wait,
+    exception, done callbacks), and an async task called in a sync run is a RuntimeError."""
+
+    @api.task
+    def square(x: int) -> int:
+        return x * x
+
+    @api.task
+    def fails(x: int) -> int:
+        raise ValueError(f"bad {x}")
+
+    @api.task
+    async def fetch(x: int) -> int:
+        return x
+
+    @api.entrypoint()
+    def workflow(n: int) -> dict[str, Any]:
+        futures = [square(i) for i in range(n)]
+        called: list[int] = []
+        futures[0].add_done_callback(lambda f: called.append(f.result()))
+        done, not_done = concurrent.futures.wait(futures)
+        failed = fails(n)
+        return {
+            "is_future": all(isinstance(f, concurrent.futures.Future) for f in futures),
+            "as_completed": sorted(f.result() for f in concurrent.futures.as_completed(futures)),
+            "wait": [len(done), len(not_done)],
+            "exception": repr(failed.exception()),
+            "states": [futures[0].done(), futures[0].running(), futures[0].cancelled()],
+            "callback": called,
+        }
+
+    @api.entrypoint()
+    def calls_async(x: int) -> int:
+        return fetch(x).result()
+
+    return {
+        "futures": jsonable(workflow.invoke(3)),
+        "async_in_sync": raised(lambda: calls_async.invoke(1)),
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1134,6 +1177,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         model_states,
         task_reports,
         entrypoint_signatures,
+        task_futures,
     )
 }
 
