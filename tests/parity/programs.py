@@ -1141,6 +1141,80 @@ def task_futures(api: SimpleNamespace) -> Observation:
     }
 
 
+def _part(part: Any) -> Any:
+    """A v2 stream part as JSON: namespaces as node names, interrupts as values, objects of
+    a state schema as their class name and fields, event payloads as their keys."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, pydantic.BaseModel):
+            return [type(value).__name__, jsonable(value.model_dump())]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return [type(value).__name__, jsonable(dataclasses.asdict(value))]
+        return jsonable(value)
+
+    shaped = {key: part[key] for key in sorted(part)}
+    shaped["ns"] = [segment.split(":")[0] for segment in part["ns"]]
+    if "interrupts" in part:
+        shaped["interrupts"] = [i.value for i in part["interrupts"]]
+    if part["type"] in ("tasks", "debug", "checkpoints"):
+        shaped["data"] = sorted(part["data"])
+    else:
+        shaped["data"] = plain(part["data"])
+    return shaped
+
+
+def stream_version_2(api: SimpleNamespace) -> Observation:
+    """version="v2": every chunk a typed part (type, ns, data; values with interrupts apart),
+    invoke a GraphOutput; states of a pydantic or dataclass schema as the schema's object."""
+    inner = _chain(api, "i1", "ask_i")
+    builder = api.StateGraph(Log)
+    builder.add_node("sub", inner)
+    builder.add_node("after", _say("after"))
+    builder.add_edge(api.START, "sub")
+    builder.add_edge("sub", "after")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    observed: Observation = {}
+    modes = ["values", "updates", "custom", "tasks", "checkpoints", "debug"]
+    for subgraphs in (False, True):
+        config = new_thread()
+        parts = graph.stream(
+            {"log": []}, config, stream_mode=modes, subgraphs=subgraphs, version="v2"
+        )
+        observed[f"parts subgraphs={subgraphs}"] = [_part(p) for p in parts]
+        resumed = graph.stream(
+            api.Command(resume="yes"), config, stream_mode="updates", version="v2"
+        )
+        observed[f"resumed subgraphs={subgraphs}"] = [_part(p) for p in resumed]
+    config = new_thread()
+    paused = graph.invoke({"log": []}, config, version="v2")
+    observed["invoke paused"] = [
+        type(paused).__name__,
+        jsonable(paused.value),
+        [i.value for i in paused.interrupts],
+    ]
+    done = graph.invoke(api.Command(resume="ok"), config, version="v2")
+    observed["invoke done"] = [type(done).__name__, jsonable(done.value), list(done.interrupts)]
+    updates = graph.invoke({"log": []}, new_thread(), stream_mode="updates", version="v2")
+    observed["invoke updates"] = [_part(p) for p in updates]
+    for schema in (ModelState, DataState):
+        typed = api.StateGraph(schema)
+        typed.add_node("n", lambda s: {"a": s.a + 1})
+        typed.add_edge(api.START, "n")
+        compiled = typed.compile(checkpointer=api.InMemorySaver())
+        parts = compiled.stream(
+            {"a": 1, "b": "x"},
+            new_thread(),
+            stream_mode=["values", "updates", "checkpoints"],
+            version="v2",
+        )
+        observed[f"{schema.__name__} parts"] = [_part(p) for p in parts]
+        output = compiled.invoke({"a": 1, "b": "x"}, new_thread(), version="v2")
+        observed[f"{schema.__name__} invoke"] = _part(
+            {"type": "values", "ns": (), "data": output.value}
+        )
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1178,6 +1252,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         task_reports,
         entrypoint_signatures,
         task_futures,
+        stream_version_2,
     )
 }
 

@@ -7,18 +7,23 @@ simple fields so the checkpoint serializer can store them as built-in safe types
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypedDict, TypeVar
 
 from stepgraph.config import RunnableConfig
 
 __all__ = [
     "All",
     "CachePolicy",
+    "CheckpointStreamPart",
     "Checkpointer",
     "Command",
+    "CustomStreamPart",
+    "DebugStreamPart",
     "Durability",
+    "GraphOutput",
     "Interrupt",
     "PregelTask",
     "RetryPolicy",
@@ -26,7 +31,12 @@ __all__ = [
     "StateSnapshot",
     "StateUpdate",
     "StreamMode",
+    "StreamPart",
+    "StreamVersion",
     "StreamWriter",
+    "TasksStreamPart",
+    "UpdatesStreamPart",
+    "ValuesStreamPart",
     "default_retry_on",
     "interrupt",
 ]
@@ -46,8 +56,111 @@ background while the next step runs (``async``, the default), or only when the r
 
 StreamWriter = Callable[[Any], None]
 
+StreamVersion = Literal["v1", "v2"]
+"""How ``stream`` shapes its chunks and ``invoke`` its result: ``"v1"`` (the default) as
+LangGraph always did; ``"v2"`` as the typed parts below and ``GraphOutput``."""
+
 Checkpointer = Any
 """A ``BaseCheckpointSaver``, or ``None`` (a subgraph then uses its parent's)."""
+
+
+class ValuesStreamPart(TypedDict):
+    """A ``version="v2"`` chunk of ``stream_mode="values"``: the state after a step (the
+    output schema's object for a dataclass or pydantic schema), the interrupts apart."""
+
+    type: Literal["values"]
+    ns: tuple[str, ...]
+    data: Any
+    interrupts: tuple[Interrupt, ...]
+
+
+class UpdatesStreamPart(TypedDict):
+    """A ``version="v2"`` chunk of ``stream_mode="updates"``: ``{node: update}``."""
+
+    type: Literal["updates"]
+    ns: tuple[str, ...]
+    data: dict[str, Any]
+
+
+class CustomStreamPart(TypedDict):
+    """A ``version="v2"`` chunk of ``stream_mode="custom"``: what a node wrote."""
+
+    type: Literal["custom"]
+    ns: tuple[str, ...]
+    data: Any
+
+
+class CheckpointStreamPart(TypedDict):
+    """A ``version="v2"`` chunk of ``stream_mode="checkpoints"``."""
+
+    type: Literal["checkpoints"]
+    ns: tuple[str, ...]
+    data: dict[str, Any]
+
+
+class TasksStreamPart(TypedDict):
+    """A ``version="v2"`` chunk of ``stream_mode="tasks"``: a task's start or result."""
+
+    type: Literal["tasks"]
+    ns: tuple[str, ...]
+    data: dict[str, Any]
+
+
+class DebugStreamPart(TypedDict):
+    """A ``version="v2"`` chunk of ``stream_mode="debug"``."""
+
+    type: Literal["debug"]
+    ns: tuple[str, ...]
+    data: dict[str, Any]
+
+
+StreamPart = (
+    ValuesStreamPart
+    | UpdatesStreamPart
+    | CustomStreamPart
+    | CheckpointStreamPart
+    | TasksStreamPart
+    | DebugStreamPart
+)
+"""A ``version="v2"`` chunk; ``part["type"]`` tells which."""
+
+
+@dataclass(frozen=True, slots=True)
+class GraphOutput(Generic[N]):
+    """What ``invoke(..., version="v2")`` returns: the output (the output schema's object for a
+    dataclass or pydantic schema) and the interrupts the run paused on, apart."""
+
+    value: N
+    interrupts: tuple[Interrupt, ...] = ()
+
+    def __getitem__(self, key: str) -> Any:
+        """``result[key]``, as a v1 result reads (deprecated in LangGraph too)."""
+        _warn_item_access()
+        if key == "__interrupt__":
+            return self.interrupts
+        if isinstance(self.value, dict):
+            return self.value[key]
+        try:
+            return getattr(self.value, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def __contains__(self, key: object) -> bool:
+        _warn_item_access()
+        if key == "__interrupt__":
+            return bool(self.interrupts)
+        if isinstance(self.value, dict):
+            return key in self.value
+        return isinstance(key, str) and hasattr(self.value, key)
+
+
+def _warn_item_access() -> None:
+    warnings.warn(
+        "Reading a GraphOutput by key is deprecated: use result.value for the output and "
+        "result.interrupts for the interrupts.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def default_retry_on(exc: BaseException) -> bool:

@@ -423,6 +423,11 @@ class _Compiler:
             state_keys=self.state_keys_in_order,
         )
         compiled.context_schema = builder.context_schema
+        # version="v2" gives whole states as the schema's objects (dataclass, pydantic).
+        if is_model(builder.output_schema):
+            compiled.output_mapper = partial(_as_object, builder.output_schema)
+        if is_model(builder.state_schema):
+            compiled.state_mapper = partial(_as_object, builder.state_schema)
         for node_name, spec in builder.nodes.items():
             subgraph = _find_subgraph(spec.action)
             if subgraph is not None:
@@ -660,6 +665,10 @@ def _find_subgraph(action: Any) -> Pregel | None:
         if isinstance(value, Pregel):
             return value
     return None
+
+
+def _as_object(schema: Any, values: dict[str, Any]) -> Any:
+    return schema(**values)
 
 
 def _not_awaitable(name: str, value: Any) -> Any:

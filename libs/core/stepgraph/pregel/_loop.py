@@ -728,10 +728,16 @@ class RunLoop:
         """The run pauses: tell the stream (``()`` for a breakpoint)."""
         self.interrupts = interrupts
         self.paused = True
-        # A subgraph's breakpoint is told once, by the root (as LangGraph does).
-        if "updates" in self.stream_modes and (interrupts or self.parent_task is None):
+        # Interrupts were told task by task as they paused (``emit_task_result``); a breakpoint
+        # is told here, and a subgraph's only by the root (as LangGraph does).
+        if not interrupts and "updates" in self.stream_modes and self.parent_task is None:
             self.output.append(("updates", {INTERRUPT: interrupts}))
-        if interrupts and "values" in self.stream_modes:
+
+    def _tell_interrupts(self, interrupts: tuple[Interrupt, ...]) -> None:
+        """Stream a paused task's interrupts: an ``updates`` chunk, and the state with them."""
+        if "updates" in self.stream_modes:
+            self.output.append(("updates", {INTERRUPT: interrupts}))
+        if "values" in self.stream_modes:
             self.output.append(("values", with_interrupts(self.emitted_values(), interrupts)))
 
     def show_finished_writes(self, tasks: Sequence[Task]) -> None:
@@ -803,6 +809,8 @@ class RunLoop:
         modes = self.stream_modes
         if "updates" in modes and task.error is None and not task.paused:
             self.output.append(("updates", {task.name: task.update}))
+        if task.paused and task.interrupts:
+            self._tell_interrupts(task.interrupts)  # as it pauses, as LangGraph does
         if modes & {"tasks", "debug"}:
             output_channels = self.values_keys
             payload: dict[str, Any] = {

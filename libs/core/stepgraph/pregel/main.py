@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 import uuid
@@ -17,7 +18,7 @@ from stepgraph.channels.base import BaseChannel
 from stepgraph.checkpoint.base import CheckpointTuple, RunInfo, RunStatus, TaskWrites
 from stepgraph.checkpoint.base.runs import FINISHED
 from stepgraph.config import RunnableConfig, ensure_thread_id, merge_configs
-from stepgraph.constants import END, NULL_TASK_ID, PULL, START, TASKS, branch_channel
+from stepgraph.constants import END, INTERRUPT, NULL_TASK_ID, PULL, START, TASKS, branch_channel
 from stepgraph.errors import (
     GraphInterrupt,
     InvalidUpdateError,
@@ -35,12 +36,14 @@ from stepgraph.runtime import CURRENT_TASK
 from stepgraph.types import (
     Command,
     Durability,
+    GraphOutput,
     Interrupt,
     PregelTask,
     Send,
     StateSnapshot,
     StateUpdate,
     StreamMode,
+    StreamVersion,
 )
 
 __all__ = ["Pregel"]
@@ -88,6 +91,10 @@ class Pregel:
         """Channels a ``Command(update=...)`` input may write."""
         self.channels = channels
         self.managed_keys = tuple(k for k, c in channels.items() if isinstance(c, ManagedValue))
+        self.output_mapper: Callable[[Any], Any] | None = None
+        """``version="v2"``: makes a whole output the output schema's object (StateGraph)."""
+        self.state_mapper: Callable[[Any], Any] | None = None
+        """``version="v2"``: makes a checkpoint's values the state schema's object."""
         """State keys whose value the run computes for each task (``stepgraph.managed``)."""
         self.output_channels = _keys(output_channels)
         """What ``invoke`` returns."""
@@ -579,6 +586,7 @@ class Pregel:
         durability: Durability | None = None,
         subgraphs: bool = False,
         debug: bool | None = None,
+        version: StreamVersion = "v1",
         **kwargs: Any,
     ) -> Iterator[Any]:
         """Run the graph, yielding chunks of ``stream_mode`` (``(mode, chunk)`` for a list)."""
@@ -594,7 +602,7 @@ class Pregel:
             interrupt_after,
             output_keys,
         )
-        shape = _chunk_shape(stream_mode, subgraphs)
+        shape = _chunk_shape(stream_mode, subgraphs, version, self)
         printed = loop.printed_modes
         live = _live_steps(loop, subgraphs)  # before the output is handed to subgraphs
         if subgraphs and loop.parent_task is None:
@@ -621,6 +629,7 @@ class Pregel:
         durability: Durability | None = None,
         subgraphs: bool = False,
         debug: bool | None = None,
+        version: StreamVersion = "v1",
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         durability = _durability(durability, kwargs)
@@ -635,7 +644,7 @@ class Pregel:
             interrupt_after,
             output_keys,
         )
-        shape = _chunk_shape(stream_mode, subgraphs)
+        shape = _chunk_shape(stream_mode, subgraphs, version, self)
         printed = loop.printed_modes
         if subgraphs and loop.parent_task is None:
             loop.forward_to, loop.forward_modes = loop.output, loop.stream_modes
@@ -660,10 +669,12 @@ class Pregel:
         interrupt_after: Any = None,
         durability: Durability | None = None,
         debug: bool | None = None,
+        version: StreamVersion = "v1",
         **kwargs: Any,
     ) -> Any:
         """Run the graph to the end; return the final state (``values``) or the chunks."""
         durability = _durability(durability, kwargs)
+        _check_version(version)
         if stream_mode != "values":
             return list(
                 self.stream(
@@ -671,8 +682,12 @@ class Pregel:
                     config,
                     context=context,
                     stream_mode=stream_mode,
+                    output_keys=output_keys,
+                    interrupt_before=interrupt_before,
+                    interrupt_after=interrupt_after,
                     durability=durability,
                     debug=debug,
+                    version=version,
                 )
             )
         # The final value is read once at the end: no per-step output is built.
@@ -690,7 +705,7 @@ class Pregel:
             loop.output = _Forwarding(loop)
         for chunk in self._run(loop, input, mode, addressed):
             _pass_on(loop, chunk)
-        return _final_output(loop)
+        return _final_output(loop, version)
 
     async def ainvoke(
         self,
@@ -704,9 +719,11 @@ class Pregel:
         interrupt_after: Any = None,
         durability: Durability | None = None,
         debug: bool | None = None,
+        version: StreamVersion = "v1",
         **kwargs: Any,
     ) -> Any:
         durability = _durability(durability, kwargs)
+        _check_version(version)
         if stream_mode != "values":
             return [
                 chunk
@@ -715,8 +732,12 @@ class Pregel:
                     config,
                     context=context,
                     stream_mode=stream_mode,
+                    output_keys=output_keys,
+                    interrupt_before=interrupt_before,
+                    interrupt_after=interrupt_after,
                     durability=durability,
                     debug=debug,
+                    version=version,
                 )
             ]
         loop, mode, addressed = self._prepare(
@@ -733,7 +754,7 @@ class Pregel:
             loop.output = _Forwarding(loop)
         async for chunk in self._arun(loop, input, mode, addressed):
             _pass_on(loop, chunk)
-        return _final_output(loop)
+        return _final_output(loop, version)
 
     def batch(
         self,
@@ -1293,11 +1314,55 @@ def _is_live(config: RunnableConfig) -> bool:
     return not (config.get("configurable") or {}).get("checkpoint_id")
 
 
-def _final_output(loop: RunLoop) -> Any:
+def _final_output(loop: RunLoop, version: StreamVersion = "v1") -> Any:
     values = read_channels(loop.channels, loop.output_keys or loop.graph.output_channels)
+    if version == "v2":
+        return GraphOutput(_as_output(loop.graph, values), tuple(loop.interrupts))
     if loop.interrupts:
         return with_interrupts(values, list(loop.interrupts))
     return values
+
+
+def _check_version(version: str) -> None:
+    if version not in ("v1", "v2"):
+        raise ValueError(f"Unknown version {version!r}: use 'v1' or 'v2'")
+
+
+def _as_output(graph: Pregel, values: Any) -> Any:
+    """``version="v2"``: a whole output as the output schema's object (dataclass,
+    pydantic), as LangGraph gives it."""
+    mapper = graph.output_mapper
+    return mapper(values) if mapper is not None and isinstance(values, dict) else values
+
+
+def _v2_part(graph: Pregel, item: tuple[Any, ...]) -> dict[str, Any]:
+    """A chunk as a ``version="v2"`` stream part (``types.StreamPart``)."""
+    mode, payload = item[0], item[1]
+    namespace = item[2] if len(item) > 2 else ()
+    if mode == "values":
+        interrupts: tuple[Interrupt, ...] = ()
+        if isinstance(payload, dict) and INTERRUPT in payload:
+            payload = dict(payload)
+            interrupts = tuple(payload.pop(INTERRUPT))
+        if not namespace:  # a subgraph's state is not the root's output schema
+            payload = _as_output(graph, payload)
+        return {"type": mode, "ns": namespace, "data": payload, "interrupts": interrupts}
+    if mode in ("checkpoints", "debug") and not namespace and graph.state_mapper is not None:
+        payload = _with_state_objects(payload, graph.state_mapper)
+    return {"type": mode, "ns": namespace, "data": payload}
+
+
+def _with_state_objects(payload: Any, mapper: Callable[[Any], Any]) -> Any:
+    """A checkpoint (or debug checkpoint) event whose ``values`` are the state schema's object,
+    but for the input's checkpoint (``next`` is ``__start__``: the state is not whole yet)."""
+    if not isinstance(payload, dict):
+        return payload
+    if payload.get("type") == "checkpoint" and isinstance(payload.get("payload"), dict):
+        return {**payload, "payload": _with_state_objects(payload["payload"], mapper)}
+    values = payload.get("values")
+    if isinstance(values, dict) and START not in payload.get("next", ()):
+        return {**payload, "values": mapper(values)}
+    return payload
 
 
 def _breakpoints(requested: Any, compiled: tuple[str, ...]) -> tuple[str, ...]:
@@ -1345,9 +1410,14 @@ def _modes(stream_mode: Any) -> frozenset[str]:
     return modes
 
 
-def _chunk_shape(stream_mode: Any, subgraphs: bool) -> Callable[[tuple[Any, ...]], Any]:
+def _chunk_shape(
+    stream_mode: Any, subgraphs: bool, version: str = "v1", graph: Pregel | None = None
+) -> Callable[[tuple[Any, ...]], Any]:
     """Chunks as the caller sees them; with ``subgraphs``, a subgraph's chunk carries its
-    namespace as a third item."""
+    namespace as a third item. ``version="v2"``: every chunk is a typed part."""
+    _check_version(version)
+    if version == "v2" and graph is not None:
+        return functools.partial(_v2_part, graph)
     if isinstance(stream_mode, str):
         if subgraphs:
             return lambda item: (item[2] if len(item) > 2 else (), item[1])
