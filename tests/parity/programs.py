@@ -1215,6 +1215,65 @@ def stream_version_2(api: SimpleNamespace) -> Observation:
     return observed
 
 
+def deferred_with_sends_and_updates(api: SimpleNamespace) -> Observation:
+    """A deferred node fires in the step that triggers no other node, Sends pending or not,
+    and after an update_state that leaves nothing else to run."""
+    builder = api.StateGraph(Log)
+    builder.add_node("a", _say("a"))
+    builder.add_node("w", _say("w"))
+    builder.add_node("x", _say("x"))
+    builder.add_node("d", _say("d"), defer=True)
+    builder.add_edge(api.START, "a")
+    builder.add_conditional_edges("a", lambda s: [api.Send("w", s), "d"])
+    builder.add_edge("w", "x")
+    sends = observe_run(builder.compile(checkpointer=api.InMemorySaver()), {"log": []})
+    builder = api.StateGraph(Log)
+    for name in ("a", "b"):
+        builder.add_node(name, _say(name))
+    builder.add_node("d", _say("d"), defer=True)
+    builder.add_edge(api.START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("a", "d")
+    graph = builder.compile(checkpointer=api.InMemorySaver(), interrupt_before=["b", "d"])
+    config = new_thread()
+    graph.invoke({"log": []}, config, durability=DURABILITY)
+    graph.update_state(config, {"log": ["u"]}, as_node="b")
+    after_update = jsonable(graph.get_state(config).next)
+    resumed = jsonable(graph.invoke(None, config, durability=DURABILITY))
+    kept = graph.invoke({"log": []}, new_thread(), interrupt_before=[], durability=DURABILITY)
+    return {
+        "sends": sends,
+        "after_update": after_update,
+        "resumed": resumed,
+        "history": history(graph, config),
+        "empty_breakpoints_keep_compiled": jsonable(kept),
+    }
+
+
+def task_takes_waiting_answer(api: SimpleNamespace) -> Observation:
+    """A @task call asks twice; each bare resume answers the next question, and the call's
+    earlier answers are kept across its pauses."""
+
+    @api.task
+    def ask_twice() -> list:
+        return [api.interrupt("q1"), api.interrupt("q2")]
+
+    @api.entrypoint(checkpointer=api.InMemorySaver())
+    def flow(x: int) -> list:
+        return ask_twice().result()
+
+    def shown(output: Any) -> Any:
+        if isinstance(output, dict) and "__interrupt__" in output:
+            return {"asks": [i.value for i in output["__interrupt__"]]}
+        return jsonable(output)
+
+    config = new_thread()
+    runs = [shown(flow.invoke(1, config))]
+    for answer in ("r1", "r2", "r3"):
+        runs.append(shown(flow.invoke(api.Command(resume=answer), config)))
+    return {"runs": runs}
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1253,6 +1312,8 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         entrypoint_signatures,
         task_futures,
         stream_version_2,
+        deferred_with_sends_and_updates,
+        task_takes_waiting_answer,
     )
 }
 

@@ -160,6 +160,7 @@ class _TaskFunction(Generic[P, T]):
         loop = caller.loop
         call = Task(loop, self.node, (args, kwargs), (PUSH, caller.id, index), (PUSH,))
         call.resume = caller.resume
+        call.keeper = caller.keeper or caller  # its answers are saved with the step's task
         recorded = _recorded(loop.pending_writes, call.id)
         # As in LangGraph, a call replayed from its saved result shows its start event too
         # (but no result event: it does not run).

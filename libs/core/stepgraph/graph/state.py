@@ -376,7 +376,8 @@ class _Compiler:
         def input_update(value: Any) -> _Update:
             if is_model(builder.input_schema) and isinstance(value, dict):
                 # Validated as a whole, as LangGraph does (keys the schema lacks are left
-                # out), and written as given: only its keys, defaults are not filled in.
+                # out); only its own keys are written (defaults are not filled in), as the
+                # schema made them (LangGraph writes the raw values: "7" for an int field).
                 given = {k: v for k, v in value.items() if k in input_keys}
                 model = builder.input_schema(**given)
                 value = {k: getattr(model, k) for k in given}

@@ -102,6 +102,7 @@ class Task:
         "error",
         "input",
         "interrupts",
+        "keeper",
         "loop",
         "name",
         "node",
@@ -148,6 +149,9 @@ class Task:
         """This task's own answers by interrupt id: those saved for it, and a waiting answer
         it took (``RunLoop.null_resume``)."""
         self.took_answer = False
+        self.keeper: Task | None = None
+        """The task whose saved writes keep this one's answers: for a ``@task`` call, the
+        step's task that made it (its pause is saved; a call's is not). None: itself."""
         """It took the waiting answer: if it pauses again, its answers are saved with the
         pause, so its rerun finds that one by id."""
         self.calls = 0
@@ -216,8 +220,9 @@ class Task:
         except IndexError:
             raise GraphInterrupt((Interrupt(value=value, id=interrupt_id),)) from None
         self.resume = {**self.resume, interrupt_id: answer}
-        self.answers = {**self.answers, interrupt_id: answer}
-        self.took_answer = True
+        keeper = self.keeper or self
+        keeper.answers = {**keeper.answers, interrupt_id: answer}
+        keeper.took_answer = True
         return answer
 
     def __repr__(self) -> str:

@@ -554,7 +554,7 @@ class RunLoop:
             self.live_ephemeral = written_ephemeral
         else:
             self.live_ephemeral |= written_ephemeral
-        if new_checkpoint and source == "loop" and self.graph.finish_channels:
+        if new_checkpoint and self.graph.finish_channels:
             self._finish_if_idle(updated)
         self._bump(updated, writes_by_channel)
         if new_checkpoint:
@@ -565,12 +565,11 @@ class RunLoop:
         return updated
 
     def _finish_if_idle(self, updated: set[str]) -> None:
-        """When the step's writes trigger no node and send nothing, let deferred nodes'
+        """When the step's writes (or an update's) trigger no node, let deferred nodes'
         channels fire in this step, as LangGraph does: its checkpoint then names the deferred
-        nodes as next, so a breakpoint before one stops there and a resume runs it."""
+        nodes as next, so a breakpoint before one stops there and a resume runs it. Pending
+        ``Send``s do not hold them back (LangGraph's rule): they run in the same step."""
         channels = self.channels
-        if channels[TASKS].is_available() if TASKS in channels else False:
-            return
         triggers = self.graph.trigger_to_nodes
         if any(c in triggers and channels[c].is_available() for c in updated):
             return

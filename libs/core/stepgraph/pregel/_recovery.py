@@ -97,14 +97,17 @@ async def _recover(
             request = run.input if isinstance(run.input, dict) else {}
             # A run that died before its first save (the head is where it was when the run
             # started) starts again from its input; one that saved steps goes on from them.
-            # Either way with the call's own durability and breakpoints.
+            # Either way with the call's own durability, breakpoints and recursion limit.
             input = request.get("input") if head == run.head else None
+            run_config = _config(graph, run, config)
+            if "recursion_limit" in request and "recursion_limit" not in run_config:
+                run_config["recursion_limit"] = request["recursion_limit"]
             await call(
                 graph,
                 "invoke",
                 use_async,
                 input,
-                _config(graph, run, config),
+                run_config,
                 durability=durability or request.get("durability"),
                 interrupt_before=request.get("interrupt_before"),
                 interrupt_after=request.get("interrupt_after"),

@@ -1086,7 +1086,8 @@ class Pregel:
 
 def _request(graph: Pregel, loop: RunLoop, input: Any) -> dict[str, Any] | None:
     """What the run registry keeps of a run's call, for recovery to repeat it: the input and
-    the call's own durability and breakpoints (a recovered run must still stop for a human).
+    the call's own durability, breakpoints (a recovered run must still stop for a human) and
+    recursion limit (``RemainingSteps`` reads it).
     None when there is nothing beyond the defaults to keep."""
     request: dict[str, Any] = {}
     if input is not None:
@@ -1097,6 +1098,9 @@ def _request(graph: Pregel, loop: RunLoop, input: Any) -> dict[str, Any] | None:
         request["interrupt_before"] = list(loop.interrupt_before)
     if loop.interrupt_after != graph.interrupt_after_nodes:
         request["interrupt_after"] = list(loop.interrupt_after)
+    limit = loop.config.get("recursion_limit", DEFAULT_RECURSION_LIMIT)
+    if limit != DEFAULT_RECURSION_LIMIT:
+        request["recursion_limit"] = limit
     return request or None
 
 
@@ -1366,7 +1370,7 @@ def _with_state_objects(payload: Any, mapper: Callable[[Any], Any]) -> Any:
 
 
 def _breakpoints(requested: Any, compiled: tuple[str, ...]) -> tuple[str, ...]:
-    if requested is None:
+    if not requested:  # None or empty: the compiled ones, as in LangGraph
         return compiled
     return ("*",) if requested == "*" else tuple(requested)
 
