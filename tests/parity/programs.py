@@ -1274,6 +1274,69 @@ def task_takes_waiting_answer(api: SimpleNamespace) -> Observation:
     return {"runs": runs}
 
 
+def resumed_streams_and_metadata(api: SimpleNamespace) -> Observation:
+    """A resumed run first tells of the checkpoint it resumes (checkpoints, debug); an update
+    that writes no state key streams None; a task's error in tasks events is the exception;
+    checkpoint metadata keeps the runtime's keys first, leaves out None and the task's own
+    langgraph_* keys (a subgraph's checkpoints)."""
+    graph = _chain(api, "a", "ask1", "b", checkpointer=api.InMemorySaver())
+    config = new_thread()
+    graph.invoke({"log": []}, config, durability=DURABILITY)
+    resumed = [
+        [e["metadata"]["step"], e["next"], [[t["name"], len(t["interrupts"])] for t in e["tasks"]]]
+        for e in graph.stream(api.Command(resume="y"), config, stream_mode="checkpoints")
+    ]
+    debug = [
+        [e["type"], e["step"]]
+        for e in graph.stream(None, config, stream_mode="debug", durability=DURABILITY)
+    ]
+    empty = api.StateGraph(Counted)
+    empty.add_node("n", lambda s: {})
+    empty.add_node("m", lambda s: {"unknown": 1})
+    empty.add_node("c", lambda s: api.Command(update={"unknown": 1}))
+    empty.add_edge(api.START, "n")
+    empty.add_edge("n", "m")
+    empty.add_edge("m", "c")
+    updates = jsonable(list(empty.compile().stream({"log": []}, stream_mode="updates")))
+
+    def boom(state: Log) -> dict:
+        raise ValueError("boom")
+
+    failing = api.StateGraph(Log)
+    failing.add_node("boom", boom)
+    failing.add_edge(api.START, "boom")
+    errors = []
+    try:
+        for event in failing.compile().stream({"log": []}, stream_mode="tasks"):
+            if "error" in event:
+                errors.append(type(event["error"]).__name__)
+    except ValueError:
+        errors.append("raised")
+    outer = api.StateGraph(Log)
+    outer.add_node("sub", _chain(api, "i1"))
+    outer.add_edge(api.START, "sub")
+    compiled = outer.compile(checkpointer=api.InMemorySaver())
+    config = new_thread(extra="kept", nothing=None)
+    config["metadata"] = {"tag": "t", "none": None}
+    compiled.invoke({"log": []}, config, durability=DURABILITY)
+    inner = compiled.get_state(config, subgraphs=True)
+    root_keys = [list(s.metadata) for s in compiled.get_state_history(config)]
+    sub_history = []
+    for snapshot in compiled.get_state_history(config):
+        for task in snapshot.tasks:
+            if task.state is not None:
+                sub_history = [list(s.metadata) for s in compiled.get_state_history(task.state)]
+    return {
+        "resumed_checkpoints": jsonable(resumed),
+        "debug_on_finished": debug,
+        "updates": updates,
+        "task_errors": errors,
+        "root_metadata_keys": root_keys,
+        "sub_metadata_keys": sub_history,
+        "next": jsonable(inner.next),
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1314,6 +1377,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         stream_version_2,
         deferred_with_sends_and_updates,
         task_takes_waiting_answer,
+        resumed_streams_and_metadata,
     )
 }
 

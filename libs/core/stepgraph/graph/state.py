@@ -521,7 +521,8 @@ class _Compiler:
             merged.streamed = streamed[0] if len(streamed) == 1 else streamed or None
             return merged
         pairs = check_update(name, output, keys)
-        return _Update(pairs, dict(pairs))
+        # "updates" shows None for an update that writes no state key, as LangGraph does.
+        return _Update(pairs, dict(pairs) if pairs else None)
 
     def _writers(
         self, name: str
@@ -601,7 +602,7 @@ def _command_update(name: str, command: Command, keys: frozenset[str]) -> _Updat
         raise ParentCommand(replace(command, graph=None))
     pairs = command.update_writes()
     writes = [(k, v) for k, v in pairs if k in keys]
-    update = _Update(writes, dict(writes) if pairs else None)
+    update = _Update(writes, dict(writes) if writes else None)
     update.goto = [target for target in command.goto_targets() if target != END]  # routes nowhere
     return update
 

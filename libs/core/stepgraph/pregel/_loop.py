@@ -667,12 +667,14 @@ class RunLoop:
         )
 
     def metadata(self) -> CheckpointMetadata:
-        return {
-            **self.user_metadata,
-            "source": self.source,  # type: ignore[typeddict-item]
+        metadata: dict[str, Any] = {
+            "source": self.source,
             "step": self.step - 1,
             "parents": self.parents,
         }
+        for key, value in self.user_metadata.items():  # after the runtime's own, as LangGraph
+            metadata.setdefault(key, value)
+        return metadata  # type: ignore[return-value]
 
     def save_checkpoint(self, writes: list[TaskWrites]) -> StepSave:
         """The save that makes the current checkpoint durable, with ``writes`` of its parent."""
@@ -787,6 +789,36 @@ class RunLoop:
         }
         self._emit_event("checkpoints", "checkpoint", payload)
 
+    def emit_resumed(self) -> None:
+        """A run that resumes a saved checkpoint tells of it first, as LangGraph does: its
+        next tasks, with the interrupts they paused on (``checkpoints``, ``debug``)."""
+        if not self.stream_modes & {"checkpoints", "debug"} or self.checkpointer is None:
+            return
+        asked: dict[str, list[Interrupt]] = {}
+        for task_id, channel, value in self.pending_writes:
+            if channel == INTERRUPT:
+                asked[task_id] = list(value)
+        next_tasks = self.plan(restore=False)
+        payload = {
+            "config": self.checkpoint_config(),
+            "parent_config": self.parent_config,
+            "values": read_channels(self.channels, self.values_keys),
+            "metadata": dict(self.saved_metadata),
+            "next": [t.name for t in next_tasks],
+            "tasks": [
+                {
+                    "id": t.id,
+                    "name": t.name,
+                    "interrupts": tuple(
+                        {"value": i.value, "id": i.id} for i in asked.get(t.id, ())
+                    ),
+                    "state": None,
+                }
+                for t in next_tasks
+            ],
+        }
+        self._emit_event("checkpoints", "checkpoint", payload)
+
     def emit_task_starts(self, tasks: Sequence[Task]) -> None:
         if not self.stream_modes & {"tasks", "debug"}:
             return
@@ -815,7 +847,7 @@ class RunLoop:
             payload: dict[str, Any] = {
                 "id": task.id,
                 "name": task.name,
-                "error": None if task.error is None else _describe_error(task.error),
+                "error": task.error,  # the exception itself, as LangGraph gives it
                 # A @task call's result is its return value, under RETURN (as in LangGraph).
                 "result": _result(task.writes, (*output_channels, RETURN)),
                 "interrupts": [{"value": i.value, "id": i.id} for i in task.interrupts],

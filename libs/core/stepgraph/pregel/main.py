@@ -290,6 +290,8 @@ class Pregel:
                 write(save)
             if made:
                 loop.emit_step((), set())
+            elif loop.resuming:
+                loop.emit_resumed()
             while True:
                 while output:
                     yield output.popleft()
@@ -413,6 +415,8 @@ class Pregel:
                 await write(save)
             if made:
                 loop.emit_step((), set())
+            elif loop.resuming:
+                loop.emit_resumed()
             while True:
                 while output:
                     yield output.popleft()

@@ -204,9 +204,21 @@ def get_checkpoint_id(config: RunnableConfig) -> str | None:
     return config.get("configurable", {}).get("checkpoint_id")
 
 
-# Keys of ``configurable`` that describe where a checkpoint lives, not what the run was about.
+# Keys of ``configurable`` and ``metadata`` that describe where a checkpoint lives or which task
+# ran, not what the run was about (LangGraph leaves out the same).
 _EXCLUDED_METADATA_KEYS = frozenset(
-    {"thread_id", "checkpoint_id", "checkpoint_ns", "checkpoint_map", "task_id"}
+    {
+        "thread_id",
+        "checkpoint_id",
+        "checkpoint_ns",
+        "checkpoint_map",
+        "task_id",
+        "langgraph_step",
+        "langgraph_node",
+        "langgraph_triggers",
+        "langgraph_path",
+        "langgraph_checkpoint_ns",
+    }
 )
 
 
@@ -216,7 +228,8 @@ def get_checkpoint_metadata(
     """The metadata to store: the runtime's own keys plus the run's scalar user metadata.
 
     Scalars from ``config["metadata"]`` and ``config["configurable"]`` are merged in (as LangGraph
-    does), without overriding the runtime's keys; private ``__keys`` are left out.
+    does), without overriding the runtime's keys; private ``__keys`` and ``None`` values are left
+    out. (LangGraph also strips NULs from strings; stepgraph stores them as they are.)
     """
     merged: dict[str, Any] = dict(metadata)
     for source in (config.get("metadata"), config.get("configurable")):
@@ -225,7 +238,7 @@ def get_checkpoint_metadata(
         for key, value in source.items():
             if key in merged or key in _EXCLUDED_METADATA_KEYS or key.startswith("__"):
                 continue
-            if isinstance(value, (str, int, float, bool)) or value is None:
+            if isinstance(value, (str, int, float, bool)):
                 merged[key] = value
     return merged  # type: ignore[return-value]
 
