@@ -362,11 +362,16 @@ class Pregel:
         persistence = Persistence(loop, mode)
         write = AsyncWriter(saver, background=mode == "async")
         output = loop.output
-        # Custom chunks are streamed while a step runs (for LLM tokens, say).
+        # As the sync stream's (``_live_steps``): every step is live with ``custom`` (chunks
+        # handed out while it runs: LLM tokens, say), steps of several tasks with the modes a
+        # finished task streams in.
         live = "custom" in loop.stream_modes
+        per_task = bool(loop.stream_modes & {"updates", "tasks", "debug"})
 
         async def on_done(task: Task, last: bool) -> None:
             loop.emit_task_result(task)
+            if loop.on_output is not None:
+                loop.on_output()
             await write(persistence.on_task_done(task, last))
 
         # ``@task`` outcomes may come from worker threads: queue them, and have the event loop
@@ -431,7 +436,7 @@ class Pregel:
                     break
                 loop.emit_task_starts(tasks)
                 step = arun_step(tasks, on_done, loop.config.get("max_concurrency"))
-                if live:
+                if live or (per_task and len(tasks) > 1):
                     async for chunk in _while_running(step, loop):
                         yield chunk
                 else:

@@ -83,6 +83,31 @@ def test_finished_sibling_update_streams_before_the_step_ends() -> None:
     assert chunks == [{"quick": {"log": ["quick"]}}, {"waits": {"log": [True]}}]
 
 
+def test_finished_sibling_update_streams_before_the_step_ends_async() -> None:
+    async def run() -> list[Any]:
+        seen = asyncio.Event()
+
+        async def waits(state: State) -> dict[str, Any]:
+            try:
+                await asyncio.wait_for(seen.wait(), GUARD_SECONDS)
+            except TimeoutError:
+                return {"log": [False]}
+            return {"log": [True]}
+
+        async def quick(state: State) -> dict[str, Any]:
+            return {"log": ["quick"]}
+
+        graph = siblings(("waits", waits), ("quick", quick))
+        chunks = []
+        async for chunk in graph.astream({"log": []}, stream_mode="updates"):
+            chunks.append(chunk)
+            if chunk == {"quick": {"log": ["quick"]}}:
+                seen.set()
+        return chunks
+
+    assert asyncio.run(run()) == [{"quick": {"log": ["quick"]}}, {"waits": {"log": [True]}}]
+
+
 def test_entrypoint_streams_its_task_calls_and_custom_chunks_while_it_runs() -> None:
     seen_update = threading.Event()
 
