@@ -45,6 +45,7 @@ def load_api(root: str) -> SimpleNamespace:
         START=graph.START,
         END=graph.END,
         Send=types.Send,
+        Overwrite=types.Overwrite,
         Command=types.Command,
         StateUpdate=types.StateUpdate,
         interrupt=types.interrupt,
@@ -1337,6 +1338,35 @@ def resumed_streams_and_metadata(api: SimpleNamespace) -> Observation:
     }
 
 
+def overwrite(api: SimpleNamespace) -> Observation:
+    """Overwrite replaces a reduced key's value (also as {"__overwrite__": value}); it wins
+    over the step's other writes to the key; two in one step are an error."""
+    cases = {
+        "alone": [("a", lambda s: {"log": api.Overwrite(["b"])})],
+        "dict_form": [("a", lambda s: {"log": {"__overwrite__": ["d"]}})],
+        "beside_a_write": [
+            ("a", lambda s: {"log": api.Overwrite(["b"])}),
+            ("z", lambda s: {"log": ["z"]}),
+        ],
+        "two": [
+            ("a", lambda s: {"log": api.Overwrite(["b"])}),
+            ("z", lambda s: {"log": api.Overwrite(["z"])}),
+        ],
+    }
+    observed: Observation = {}
+    for name, nodes in cases.items():
+        builder = api.StateGraph(Log)
+        for node, action in nodes:
+            builder.add_node(node, action)
+            builder.add_edge(api.START, node)
+        graph = builder.compile(checkpointer=api.InMemorySaver())
+        try:
+            observed[name] = observe_run(graph, {"log": ["x"]})
+        except Exception as error:
+            observed[name] = type(error).__name__
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1378,6 +1408,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         deferred_with_sends_and_updates,
         task_takes_waiting_answer,
         resumed_streams_and_metadata,
+        overwrite,
     )
 }
 

@@ -25,6 +25,7 @@ __all__ = [
     "Durability",
     "GraphOutput",
     "Interrupt",
+    "Overwrite",
     "PregelTask",
     "RetryPolicy",
     "Send",
@@ -161,6 +162,19 @@ def _warn_item_access() -> None:
         DeprecationWarning,
         stacklevel=3,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Overwrite:
+    """A write that replaces a reduced key's value instead of going through its reducer:
+    ``return {"messages": Overwrite(["only this"])}`` for ``Annotated[list, operator.add]``.
+
+    In a step, an ``Overwrite`` wins over the key's other writes; two for one key are an
+    ``InvalidUpdateError``. (As LangGraph's: the dict ``{"__overwrite__": value}`` means the
+    same.)
+    """
+
+    value: Any
 
 
 def default_retry_on(exc: BaseException) -> bool:

@@ -6,9 +6,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Self, get_origin
 
 from stepgraph.channels.base import MISSING, BaseChannel
-from stepgraph.errors import EmptyChannelError
+from stepgraph.errors import EmptyChannelError, InvalidUpdateError
+from stepgraph.types import Overwrite
 
 __all__ = ["BinaryOperatorAggregate"]
+
+OVERWRITE = "__overwrite__"
+"""The key of LangGraph's dict form of an ``Overwrite``: ``{"__overwrite__": value}``."""
 
 _ABSTRACT_TO_CONCRETE: dict[Any, type] = {
     collections.abc.Sequence: list,
@@ -78,6 +82,8 @@ class BinaryOperatorAggregate(BaseChannel):
             return False
         value = self.value
         self._appended = None
+        if any(_is_overwrite(item) for item in values):
+            return self._overwrite(values)
         if self._appends and type(value) is list:
             # list + list appends: record what, and build the new list in one go.
             if len(values) == 1:
@@ -98,3 +104,30 @@ class BinaryOperatorAggregate(BaseChannel):
             value = operator(value, item)
         self.value = value
         return True
+
+    def _overwrite(self, values: Sequence[Any]) -> bool:
+        """A step's writes with an ``Overwrite``: it replaces the value, the writes before it
+        are folded in first and then lost, those after it are dropped (LangGraph's rule)."""
+        value = self.value
+        replaced = False
+        for item in values:
+            if _is_overwrite(item):
+                if replaced:
+                    raise InvalidUpdateError(
+                        f"At key '{self.key}': can receive only one Overwrite value per step"
+                    )
+                value, replaced = _overwritten(item), True
+            elif not replaced:
+                value = item if value is MISSING else self.operator(value, item)
+        self.value = value
+        return True
+
+
+def _is_overwrite(item: Any) -> bool:
+    if type(item) is Overwrite:
+        return True
+    return type(item) is dict and len(item) == 1 and OVERWRITE in item
+
+
+def _overwritten(item: Any) -> Any:
+    return item.value if type(item) is Overwrite else item[OVERWRITE]
