@@ -52,6 +52,7 @@ def load_api(root: str) -> SimpleNamespace:
         GraphRecursionError=errors.GraphRecursionError,
         NodeInterrupt=errors.NodeInterrupt,
         GraphBubbleUp=errors.GraphBubbleUp,
+        is_invalid_resume=errors.is_invalid_resume,
         InMemorySaver=memory.InMemorySaver,
         entrypoint=func.entrypoint,
         task=func.task,
@@ -1367,6 +1368,49 @@ def overwrite(api: SimpleNamespace) -> Observation:
     return observed
 
 
+class Decision(pydantic.BaseModel):
+    ok: bool
+    note: str = ""
+
+
+def response_schemas(api: SimpleNamespace) -> Observation:
+    """interrupt(response_schema=...): a type is surfaced as its JSON Schema and validates the
+    answer (an invalid one fails the node, marked so); a dict schema is only surfaced."""
+    observed: Observation = {}
+    cases: dict[str, tuple[Any, Any, Any]] = {
+        "model": (Decision, [1, 2], {"ok": True}),
+        "dict": ({"type": "string"}, [1, 2], "s"),
+        "int": (int, "x", "7"),
+    }
+    for name, (schema, bad, good) in cases.items():
+
+        def ask(state: Log, schema: Any = schema) -> dict:
+            return {"log": [repr(api.interrupt("q", response_schema=schema))]}
+
+        builder = api.StateGraph(Log)
+        builder.add_node("ask", ask)
+        builder.add_edge(api.START, "ask")
+        graph = builder.compile(checkpointer=api.InMemorySaver())
+        config = new_thread()
+        asked = graph.invoke({"log": []}, config, durability=DURABILITY)["__interrupt__"][0]
+        events = [
+            sorted(event["interrupts"][0])
+            for event in graph.stream({"log": []}, new_thread(), stream_mode="tasks")
+            if event.get("interrupts")
+        ]
+        try:
+            after_bad: Any = jsonable(graph.invoke(api.Command(resume=bad), config))
+        except Exception as error:
+            after_bad = [type(error).__name__, api.is_invalid_resume(error)]
+        observed[name] = {
+            "schema": jsonable(asked.response_schema),
+            "event_keys": events,
+            "bad": after_bad,
+            "good": jsonable(graph.invoke(api.Command(resume=good), config)),
+        }
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1409,6 +1453,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         task_takes_waiting_answer,
         resumed_streams_and_metadata,
         overwrite,
+        response_schemas,
     )
 }
 

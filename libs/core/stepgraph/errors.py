@@ -19,7 +19,10 @@ __all__ = [
     "SerializationError",
     "ThreadBusyError",
     "UnknownTypeError",
+    "is_invalid_resume",
 ]
+
+_INVALID_RESUME = "__stepgraph_invalid_resume__"
 
 
 class GraphRecursionError(RecursionError):
@@ -130,3 +133,15 @@ class RunIncompleteError(RuntimeError):
         )
         self.thread_id = thread_id
         self.run_id = run_id
+
+
+def mark_invalid_resume(error: BaseException) -> None:
+    """Mark ``error`` as raised by an answer that did not match ``interrupt()``'s schema."""
+    setattr(error, _INVALID_RESUME, True)
+
+
+def is_invalid_resume(error: BaseException) -> bool:
+    """Whether ``error`` (a pydantic ``ValidationError``) was raised because a resume answer
+    did not match the ``response_schema`` of the ``interrupt()`` it answered: the node failed,
+    and the question can be answered again."""
+    return getattr(error, _INVALID_RESUME, False) is True

@@ -267,6 +267,8 @@ class Interrupt:
 
     value: Any
     id: str = ""
+    response_schema: dict[str, Any] | None = None
+    """The JSON Schema the answer must match, when ``interrupt()`` was given one."""
 
 
 @dataclass
@@ -343,12 +345,18 @@ class StateSnapshot(NamedTuple):
     interrupts: tuple[Interrupt, ...] = ()
 
 
-def interrupt(value: Any) -> Any:
+def interrupt(value: Any, *, response_schema: dict[str, Any] | type | None = None) -> Any:
     """Pause the run and surface ``value`` to the caller; return the answer once resumed.
 
     The caller resumes with ``invoke(Command(resume=answer), config)``; the node then runs again
     from its start, and this call returns ``answer``. Needs a checkpointer.
+
+    ``response_schema``: what the answer must be. A type (a pydantic model, a dataclass,
+    ``int``...) is surfaced as its JSON Schema (``Interrupt.response_schema``) and the answer
+    is validated and converted with pydantic (an invalid answer raises its
+    ``ValidationError`` from here: ``errors.is_invalid_resume`` tells it apart); a dict is
+    taken as a JSON Schema and only surfaced.
     """
     from stepgraph.runtime import current_task
 
-    return current_task().interrupt(value)
+    return current_task().interrupt(value, response_schema)

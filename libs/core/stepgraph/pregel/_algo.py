@@ -13,7 +13,7 @@ from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
 from stepgraph.constants import PUSH, TAG_HIDDEN
-from stepgraph.errors import GraphInterrupt
+from stepgraph.errors import GraphInterrupt, mark_invalid_resume
 from stepgraph.runtime import Runtime
 from stepgraph.types import Interrupt, RetryPolicy
 
@@ -207,23 +207,55 @@ class Task:
     def stream_writer(self) -> Callable[[Any], None]:
         return self.loop.custom_writer
 
-    def interrupt(self, value: Any) -> Any:
+    def interrupt(self, value: Any, response_schema: Any = None) -> Any:
         """The answer to this task's next ``interrupt()`` call, or pause the run to ask for it."""
         index = self.resume_used
         self.resume_used += 1
         interrupt_id = blake2b(f"{self.id}:{index}".encode(), digest_size=16).hexdigest()
+        adapter = _response_adapter(response_schema)
         if interrupt_id in self.resume:
-            return self.resume[interrupt_id]
+            return _checked_answer(adapter, self.resume[interrupt_id])
         waiting = self.loop.null_resume
         try:
             answer = waiting.pop()  # atomic: parallel tasks may race for it
         except IndexError:
-            raise GraphInterrupt((Interrupt(value=value, id=interrupt_id),)) from None
+            schema = response_schema if adapter is None else adapter.json_schema()
+            asked = Interrupt(value=value, id=interrupt_id, response_schema=schema)
+            raise GraphInterrupt((asked,)) from None
         self.resume = {**self.resume, interrupt_id: answer}
         keeper = self.keeper or self
         keeper.answers = {**keeper.answers, interrupt_id: answer}
         keeper.took_answer = True
-        return answer
+        return _checked_answer(adapter, answer)
 
     def __repr__(self) -> str:
         return f"Task(name={self.name!r}, path={self.path!r})"
+
+
+def _response_adapter(schema: Any) -> Any:
+    """A pydantic ``TypeAdapter`` for an ``interrupt()`` response schema given as a type; None
+    for none, or for a JSON Schema dict (surfaced only)."""
+    if schema is None or isinstance(schema, dict):
+        return None
+    try:
+        from pydantic import TypeAdapter
+    except ImportError as error:  # pydantic is not a dependency of stepgraph itself
+        raise ImportError(
+            "interrupt(response_schema=<a type>) validates answers with pydantic: "
+            "pip install pydantic, or give the schema as a JSON Schema dict"
+        ) from error
+    return TypeAdapter(schema)
+
+
+def _checked_answer(adapter: Any, answer: Any) -> Any:
+    """``answer`` validated (and converted) by ``adapter``; a ``ValidationError`` is marked as
+    an invalid answer (``errors.is_invalid_resume``)."""
+    if adapter is None:
+        return answer
+    from pydantic import ValidationError
+
+    try:
+        return adapter.validate_python(answer)
+    except ValidationError as error:
+        mark_invalid_resume(error)
+        raise

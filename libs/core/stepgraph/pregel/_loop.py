@@ -809,9 +809,7 @@ class RunLoop:
                 {
                     "id": t.id,
                     "name": t.name,
-                    "interrupts": tuple(
-                        {"value": i.value, "id": i.id} for i in asked.get(t.id, ())
-                    ),
+                    "interrupts": tuple(_interrupt_payload(i) for i in asked.get(t.id, ())),
                     "state": None,
                 }
                 for t in next_tasks
@@ -850,7 +848,7 @@ class RunLoop:
                 "error": task.error,  # the exception itself, as LangGraph gives it
                 # A @task call's result is its return value, under RETURN (as in LangGraph).
                 "result": _result(task.writes, (*output_channels, RETURN)),
-                "interrupts": [{"value": i.value, "id": i.id} for i in task.interrupts],
+                "interrupts": [_interrupt_payload(i) for i in task.interrupts],
             }
             self._emit_event("tasks", "task_result", payload)
 
@@ -985,3 +983,12 @@ def _apply_order(task: Task) -> tuple[str, ...]:
 def _describe_error(error: BaseException) -> str:
     """How a task's error is saved and reported (LangGraph's ``repr`` form)."""
     return repr(error)
+
+
+def _interrupt_payload(interrupt: Interrupt) -> dict[str, Any]:
+    """An interrupt as ``tasks``/``debug``/``checkpoints`` events show it (as LangGraph's)."""
+    return {
+        "value": interrupt.value,
+        "id": interrupt.id,
+        "response_schema": interrupt.response_schema,
+    }
