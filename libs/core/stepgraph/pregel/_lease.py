@@ -9,6 +9,11 @@ to ``config["configurable"]["enqueue_timeout"]`` seconds (default 300).
 While the run goes, the lease is renewed every third of its ``ttl`` (``saver.lease_ttl``): by
 one shared thread for sync runs, by an asyncio task for async runs. If the process dies the
 renewals stop and the lease runs out, so another worker may take the thread over.
+
+A lease's owner also names the process that holds it (``owner_name``): a run refused because
+its thread is busy checks whether that holder died on this machine (``died_here``) and, if so,
+makes the dead run's lease run out at once instead of waiting for its ttl, then takes the thread
+as from any run whose lease ran out. Fencing keeps that safe even if the judgement were wrong.
 """
 
 from __future__ import annotations
@@ -20,16 +25,33 @@ import itertools
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from stepgraph._twins import call, drive
-from stepgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple, Lease, RunStatus
+from stepgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    CheckpointTuple,
+    Lease,
+    RunInfo,
+    RunStatus,
+)
 from stepgraph.checkpoint.base.runs import RECOVER_EPOCH_KEY, failure_outcome
 from stepgraph.config import RunnableConfig
 from stepgraph.errors import LeaseLostError, SerializationError, ThreadBusyError
 
-__all__ = ["Holding", "aacquire", "acquire", "outcome", "policy"]
+__all__ = [
+    "Holding",
+    "aacquire",
+    "acquire",
+    "aexpire_if_died_here",
+    "died_here",
+    "expire_if_died_here",
+    "outcome",
+    "owner_name",
+    "policy",
+]
 
 STRATEGIES = ("reject", "enqueue")
 DEFAULT_ENQUEUE_TIMEOUT = 300.0
@@ -46,6 +68,140 @@ def policy(config: RunnableConfig) -> tuple[str, float]:
     if timeout < 0:
         raise ValueError(f"enqueue_timeout must be at least 0 seconds, not {timeout}")
     return strategy, timeout
+
+
+# -- who holds a lease, and whether that process still runs ---------------------------------
+
+_EXPIRE_NOW = 1e-6
+"""The ttl a dead holder's lease is renewed with on its behalf: it runs out at once, and the
+thread is then taken as from any run whose lease ran out (epoch bumped, attempt counted)."""
+_MAX_EXPIRIES = 5
+"""Take-overs from dead holders one acquire tries before it follows its policy: bounds a loop
+on a clock stepped back between the expiry and the take."""
+
+_SELF: tuple[int, str | None, str | None] | None = None
+"""(pid, host token, ``token/pid/start``) of this process; a forked child computes its own."""
+
+
+def _host_token() -> str | None:
+    """This boot and PID namespace, within which a process id names one process (Linux); None
+    elsewhere: owners then carry no location and are never judged dead."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    if not boot or any(c in boot for c in "/@"):
+        return None
+    return f"{boot}.{namespace}"
+
+
+def _proc_stat(pid: int) -> tuple[str, str]:
+    """(state, start time in clock ticks since boot) of process ``pid``, read from ``/proc``."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and ")": count the fields after its last ")".
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return fields[0].decode(), fields[19].decode()  # fields 3 and 22 of proc(5)
+
+
+def _here() -> tuple[str | None, str | None]:
+    """(host token, ``token/pid/start``) of this process, None where they cannot be told."""
+    global _SELF
+    pid = os.getpid()
+    if _SELF is None or _SELF[0] != pid:
+        token = _host_token()
+        where = None
+        if token is not None:
+            try:
+                where = f"{token}/{pid}/{_proc_stat(pid)[1]}"
+            except (OSError, ValueError, IndexError):
+                token = None
+        _SELF = (pid, token, where)
+    return _SELF[1], _SELF[2]
+
+
+def owner_name() -> str:
+    """A new name for a run's lease: a uuid, so that every run is a holder of its own (two
+    invocations given the same ``run_id`` still exclude each other), then where its process
+    lives when that can be told: ``<uuid>@<boot id>.<pid namespace inode>/<pid>/<start>``."""
+    name = str(uuid.uuid4())
+    where = _here()[1]
+    return name if where is None else f"{name}@{where}"
+
+
+def died_here(owner: str | None) -> bool:
+    """Whether lease owner ``owner`` names a process of this boot and PID namespace that no
+    longer runs: gone, a zombie, or its PID reused (the process there started at another
+    time). A holder alive, elsewhere, without a location or that cannot be read is not."""
+    token = _here()[0]
+    if owner is None or token is None or "@" not in owner:
+        return False
+    try:
+        where, pid_text, start = owner.rpartition("@")[2].split("/")
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if where != token or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        ours = True
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        ours = False  # it exists, and runs as another user
+    except (OSError, OverflowError):
+        return False
+    try:
+        state, started = _proc_stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        # Exited since the signal check; for another user's process, maybe only hidden from
+        # us (/proc mounted with hidepid): not judged.
+        return ours
+    except (OSError, ValueError, IndexError):
+        return False
+    return state in ("Z", "X") or started != start
+
+
+async def _expire_dead(saver: BaseCheckpointSaver, run: RunInfo | None, use_async: bool) -> bool:
+    """If ``run`` holds its thread's lease and died on this machine, make that lease run out
+    now (renewed on its behalf, fenced by its owner and epoch, with a ttl of ~0); whether it
+    was so judged. A take-over meanwhile makes the renewal a no-op (``LeaseLostError``)."""
+    if run is None or run.run_id is None or run.expires_at is None:
+        return False
+    if not died_here(run.run_id):
+        return False
+    lease = Lease(run.thread_id, run.run_id, run.epoch, run.expires_at, run.attempts)
+    with contextlib.suppress(LeaseLostError):
+        await call(saver, "renew_lease", use_async, lease, ttl=_EXPIRE_NOW)
+    return True
+
+
+def expire_if_died_here(saver: BaseCheckpointSaver, run: RunInfo | None) -> bool:
+    """``run`` (from ``get_run``) holds a live lease but its process died on this machine: let
+    its lease run out now, so the run is incomplete (``list_incomplete``) at once."""
+    return drive(_expire_dead(saver, run, False))
+
+
+async def aexpire_if_died_here(saver: BaseCheckpointSaver, run: RunInfo | None) -> bool:
+    return await _expire_dead(saver, run, True)
+
+
+async def _retry_at_once(
+    saver: BaseCheckpointSaver, config: RunnableConfig, busy: ThreadBusyError, use_async: bool
+) -> bool:
+    """The thread is busy: whether to try again at once, since its holder died on this
+    machine and its lease was made to run out (or the thread changed hands meanwhile)."""
+    if config["configurable"].get(RECOVER_EPOCH_KEY) is not None:
+        return False  # recovery takes over only the dead run it listed
+    if not died_here(busy.holder):  # no query for a holder alive or elsewhere
+        return False
+    run = await call(saver, "get_run", use_async, busy.thread_id)
+    if run is None or run.run_id != busy.holder or run.expires_at is None:
+        return True  # let go or taken since the refusal: ask again
+    return await _expire_dead(saver, run, use_async)
 
 
 class Holding:
@@ -152,11 +308,15 @@ def acquire(
     ``read``, also the checkpoint ``config`` names (``get_tuple``), read under the lease (if
     that read fails, the saver lets go of the lease with status ``error``)."""
     waiting = _Waiting(config)
+    expiries = 0
     while True:
         try:
             lease, found = drive(_take(saver, config, owner, input, False, read))
             break
         except ThreadBusyError as busy:
+            if expiries < _MAX_EXPIRIES and drive(_retry_at_once(saver, config, busy, False)):
+                expiries += 1
+                continue
             time.sleep(waiting.after(busy))
     holding = Holding(saver, lease, saver.lease_ttl)
     _KEEPER.add(holding)
@@ -174,6 +334,7 @@ async def aacquire(
     """``acquire`` for async runs: also returns the task that renews the lease. Cancelled
     while the lease is being taken, the lease is let go with ``on_cancel`` once taken."""
     waiting = _Waiting(config)
+    expiries = 0
     while True:
         taking = asyncio.ensure_future(_take(saver, config, owner, input, True, read))
         try:
@@ -182,6 +343,9 @@ async def aacquire(
             lease, found = await asyncio.shield(taking)
             break
         except ThreadBusyError as busy:
+            if expiries < _MAX_EXPIRIES and await _retry_at_once(saver, config, busy, True):
+                expiries += 1
+                continue
             await asyncio.sleep(waiting.after(busy))
         except asyncio.CancelledError:
             # Let go from a callback, not here: a second cancellation must not stop it.

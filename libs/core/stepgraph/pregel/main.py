@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import os
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Self, cast
@@ -1039,7 +1038,7 @@ class Pregel:
         saver = self._saver()
         lookup = _update_config(self._lookup_config(config))
         before = saver.get_run(lookup["configurable"]["thread_id"])
-        _check_updatable(before)
+        _check_updatable(before, _lease.expire_if_died_here(saver, before))
         # Read apart from the lease: a failed read must leave the run record as it was.
         holding, _ = _lease.acquire(saver, lookup, _owner(), None, read=False)
         try:
@@ -1068,7 +1067,7 @@ class Pregel:
         saver = self._saver()
         lookup = _update_config(self._lookup_config(config))
         before = await saver.aget_run(lookup["configurable"]["thread_id"])
-        _check_updatable(before)
+        _check_updatable(before, await _lease.aexpire_if_died_here(saver, before))
         kept = _status_kept(before, None)
         holding, beat, _ = await _lease.aacquire(
             saver, lookup, _owner(), None, on_cancel=kept, read=False
@@ -1115,8 +1114,10 @@ def _request(graph: Pregel, loop: RunLoop, input: Any) -> dict[str, Any] | None:
 
 def _owner() -> str:
     """A new name for a run's lease, every time. Not the caller's ``run_id``: two invocations
-    given the same one would otherwise count as one holder and share a fencing token."""
-    return str(uuid.uuid4())
+    given the same one would otherwise count as one holder and share a fencing token. It says
+    where the run's process lives, so a run that died on this machine is taken over at once
+    (``_lease.owner_name``)."""
+    return _lease.owner_name()
 
 
 def _cleared_tasks(loop: RunLoop) -> list[Task]:
@@ -1138,13 +1139,15 @@ def _update_config(lookup: RunnableConfig) -> RunnableConfig:
     return {**lookup, "configurable": {**lookup["configurable"], "multitask_strategy": "reject"}}
 
 
-def _check_updatable(before: RunInfo | None) -> None:
-    """Refuse to update a thread whose last run died (its lease ran out while ``running``):
-    taking it would overwrite what recovery needs (the run's request, its head)."""
+def _check_updatable(before: RunInfo | None, died_here: bool) -> None:
+    """Refuse to update a thread whose last run died (its lease ran out while ``running``, or
+    its process died on this machine: ``died_here``, its lease now made to run out so that
+    recovery finds it): taking it would overwrite what recovery needs (its request, head)."""
     if before is None or before.status != "running":
         return
-    if before.expires_at is not None and before.expires_at > time.time():
-        return  # alive: taking the lease says so (ThreadBusyError)
+    alive = before.expires_at is not None and before.expires_at > time.time()
+    if alive and not died_here:
+        return  # taking the lease says so (ThreadBusyError)
     raise RunIncompleteError(before.thread_id, before.run_id)
 
 
