@@ -10,10 +10,12 @@ from typing import Any, TypedDict, cast
 
 __all__ = [
     "CONFIG_KEYS",
+    "DefaultRecursionLimit",
     "RunnableConfig",
     "ensure_thread_id",
     "get_config",
     "get_stream_writer",
+    "is_default_recursion_limit",
     "merge_configs",
 ]
 
@@ -32,6 +34,20 @@ class RunnableConfig(TypedDict, total=False):
 
 
 CONFIG_KEYS = frozenset(RunnableConfig.__annotations__)
+
+
+class DefaultRecursionLimit(int):
+    """A ``recursion_limit`` the runtime filled in because the caller set none.
+
+    Marked so that a node's config leaves it out, as LangGraph's does, and so that merging
+    does not let it replace a limit someone did set.
+    """
+
+    __slots__ = ()
+
+
+def is_default_recursion_limit(value: Any) -> bool:
+    return type(value) is DefaultRecursionLimit
 
 
 def ensure_thread_id(config: RunnableConfig | None) -> str:
@@ -55,6 +71,8 @@ def merge_configs(*configs: RunnableConfig | None) -> RunnableConfig:
         for key, value in config.items():
             if key in ("configurable", "metadata") and value is not None:
                 merged[key] = {**merged.get(key, {}), **cast(dict[str, Any], value)}
+            elif key == "recursion_limit" and is_default_recursion_limit(value) and key in merged:
+                continue  # a filled-in default never replaces a limit already there
             elif key == "tags" and value is not None:
                 merged[key] = [*merged.get(key, []), *cast(list[str], value)]
             else:

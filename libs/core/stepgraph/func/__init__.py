@@ -31,7 +31,7 @@ from stepgraph.pregel._algo import PregelNode, Task, Writes
 from stepgraph.pregel._executor import arun_task, run_task, shared_pool
 from stepgraph.pregel._loop import OneChannel
 from stepgraph.pregel.main import Pregel
-from stepgraph.runtime import CURRENT_TASK, Runtime
+from stepgraph.runtime import CURRENT_TASK
 from stepgraph.types import CachePolicy, RetryPolicy, StreamWriter
 
 __all__ = ["TaskFuture", "entrypoint", "task"]
@@ -380,25 +380,14 @@ class entrypoint(Generic[T]):
         return graph
 
 
-def _previous(node_task: Task) -> Any:
-    """What the thread's previous run returned (or saved with ``entrypoint.final``). Channels
-    change only when the step is applied, so during the run they still hold it."""
-    previous = node_task.loop.channels[PREVIOUS]
-    return previous.get() if previous.is_available() else None
-
-
 # What an entrypoint parameter of each name is given (LangGraph's injected keywords; there is
 # no store, so ``store`` is None, as LangGraph passes when a run has none).
 _INJECTED: dict[str, Callable[[Task], Any]] = {
     "config": lambda node_task: node_task.config,
     "writer": lambda node_task: node_task.stream_writer,
     "store": lambda node_task: None,
-    "previous": _previous,
-    "runtime": lambda node_task: Runtime(
-        context=node_task.loop.context,
-        stream_writer=node_task.stream_writer,
-        previous=_previous(node_task),
-    ),
+    "previous": lambda node_task: node_task.previous,
+    "runtime": lambda node_task: node_task.runtime,
 }
 
 

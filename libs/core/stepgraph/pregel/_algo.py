@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
-from stepgraph.constants import PUSH, TAG_HIDDEN
+from stepgraph.config import is_default_recursion_limit
+from stepgraph.constants import PREVIOUS, PUSH, TAG_HIDDEN
 from stepgraph.errors import GraphInterrupt, mark_invalid_resume
-from stepgraph.runtime import Runtime
+from stepgraph.runtime import Runtime, task_runtime
 from stepgraph.types import Interrupt, RetryPolicy
 
 if TYPE_CHECKING:
@@ -25,6 +26,17 @@ if TYPE_CHECKING:
 __all__ = ["PregelNode", "Task", "task_id"]
 
 Writes = list[tuple[str, Any]]
+
+_METADATA_FROM_CONFIGURABLE = (
+    "thread_id",
+    "checkpoint_id",
+    "checkpoint_ns",
+    "task_id",
+    "run_id",
+    "assistant_id",
+    "graph_id",
+)
+"""Configurable keys LangGraph copies into a run's metadata (when set and not there yet)."""
 
 
 def task_id(checkpoint_id: str, namespace: str, step: int, name: str, path: tuple) -> str:
@@ -96,10 +108,13 @@ class Task:
     __slots__ = (
         "_config",
         "_id",
+        "_runtime",
         "answers",
+        "attempt",
         "calls",
         "done",
         "error",
+        "first_attempt_time",
         "input",
         "interrupts",
         "keeper",
@@ -162,8 +177,13 @@ class Task:
         self.subgraph_calls = 0
         """Graphs run so far by this attempt: the n-th one (from 0) keeps its checkpoints in
         the task's namespace, suffixed ``|n`` after the first."""
+        self.attempt = 1
+        """Which attempt of the node is running, from 1 (retries under a ``RetryPolicy``)."""
+        self.first_attempt_time: float | None = None
+        """When the first attempt started (``time.time()``), set by the executor."""
         self._id: str | None = None
         self._config: RunnableConfig | None = None
+        self._runtime: Runtime | None = None
 
     @property
     def id(self) -> str:
@@ -177,31 +197,88 @@ class Task:
         return self.path[0] == PUSH
 
     @property
+    def namespace(self) -> str:
+        """The task's checkpoint namespace: ``<node>:<id>`` after the graph's own."""
+        namespace = self.loop.namespace
+        own = f"{self.name}:{self.id}"
+        return f"{namespace}|{own}" if namespace else own
+
+    @property
     def config(self) -> RunnableConfig:
-        """The run's config plus LangGraph's per-task metadata keys."""
+        """The config a node sees, shaped as LangGraph's: the run's config with the task's
+        namespace, the checkpoint each enclosing graph's step started from
+        (``checkpoint_map``), ``checkpoint_id`` None (the task is not a checkpoint) and the
+        per-task ``langgraph_*`` metadata. Built on first use, as few nodes ask for it."""
         if self._config is None:
             loop = self.loop
             base = loop.config
-            task_ns = f"{self.name}:{self.id}"
-            if loop.namespace:
-                task_ns = f"{loop.namespace}|{task_ns}"
-            self._config = {
-                **base,
-                "metadata": {
-                    **base.get("metadata", {}),
-                    "langgraph_step": loop.step,
-                    "langgraph_node": self.name,
-                    "langgraph_triggers": self.triggers,
-                    "langgraph_path": self.path,
-                    "langgraph_checkpoint_ns": task_ns,
-                },
-                "configurable": {**base.get("configurable", {}), "checkpoint_ns": task_ns},
+            configurable = base.get("configurable") or {}
+            task_ns = self.namespace
+            metadata = {**base.get("metadata", {})}
+            # LangGraph's ensure_config copies these ids into metadata when the run starts.
+            for key in _METADATA_FROM_CONFIGURABLE:
+                if key not in metadata and (value := configurable.get(key)):
+                    metadata[key] = value
+            metadata["langgraph_step"] = loop.step
+            metadata["langgraph_node"] = self.name
+            metadata["langgraph_triggers"] = self.triggers
+            metadata["langgraph_path"] = self.path
+            metadata["langgraph_checkpoint_ns"] = task_ns
+            config: dict[str, Any] = {
+                # LangGraph hands a node neither the run_id (its callbacks consume it) nor a
+                # recursion_limit the caller did not set.
+                k: v
+                for k, v in base.items()
+                if k != "run_id" and not (k == "recursion_limit" and is_default_recursion_limit(v))
             }
-        return self._config
+            config["metadata"] = metadata
+            config["configurable"] = {
+                **configurable,
+                "checkpoint_map": {**loop.parents, loop.namespace: loop.checkpoint_id},
+                "checkpoint_id": None,
+                "checkpoint_ns": task_ns,
+            }
+            self._config = config  # type: ignore[assignment]
+        return self._config  # type: ignore[return-value]
 
     @property
     def runtime(self) -> Runtime:
-        return Runtime(context=self.loop.context, stream_writer=self.stream_writer)
+        """What a node gets as ``runtime``: one per attempt, built on first use."""
+        if self._runtime is None:
+            loop = self.loop
+            config = loop.config
+            # A graph run inside a node inherits its parent's run_id here (the parent's run
+            # metadata keeps it), but LangGraph's node config holds none, so a subgraph's
+            # tasks see None, as there.
+            run_id = config.get("run_id") if loop.parent_task is None else None
+            self._runtime = task_runtime(
+                loop.context,
+                loop.custom_writer,
+                self.previous,
+                loop.checkpoint_id,
+                self.namespace,
+                self.id,
+                (config.get("configurable") or {}).get("thread_id"),
+                None if run_id is None else str(run_id),
+                self.attempt,
+                self.first_attempt_time,
+            )
+        return self._runtime
+
+    @property
+    def previous(self) -> Any:
+        """An entrypoint's ``previous``: what the thread's last run returned or saved (None in
+        a graph without one). Channels change only when the step is applied, so during the
+        step they still hold it."""
+        channel = self.loop.channels.get(PREVIOUS)
+        return channel.get() if channel is not None and channel.is_available() else None
+
+    def retry(self) -> None:
+        """Forget what the failed attempt did and count the next one."""
+        self.update = None
+        self.resume_used = self.calls = self.subgraph_calls = 0
+        self.attempt += 1
+        self._runtime = None
 
     @property
     def stream_writer(self) -> Callable[[Any], None]:

@@ -116,6 +116,7 @@ def run_task(task: Task) -> None:
 
 def _attempts(task: Task) -> None:
     attempt = 0
+    task.first_attempt_time = time.time()
     while True:
         attempt += 1
         try:
@@ -136,8 +137,7 @@ def _attempts(task: Task) -> None:
             if policy is None:
                 task.error = error
                 return
-            task.update = None
-            task.resume_used = task.calls = task.subgraph_calls = 0
+            task.retry()
             time.sleep(policy.interval(attempt))
 
 
@@ -172,6 +172,7 @@ async def arun_task(task: Task) -> None:
 
 async def _aattempts(task: Task) -> None:
     attempt = 0
+    task.first_attempt_time = time.time()
     node = task.node
     while True:
         attempt += 1
@@ -196,8 +197,7 @@ async def _aattempts(task: Task) -> None:
             if policy is None:
                 task.error = error
                 return
-            task.update = None
-            task.resume_used = task.calls = task.subgraph_calls = 0
+            task.retry()
             await asyncio.sleep(policy.interval(attempt))
 
 

@@ -16,7 +16,12 @@ from typing import Any, Self, cast
 from stepgraph.channels.base import BaseChannel
 from stepgraph.checkpoint.base import CheckpointTuple, RunInfo, RunStatus, TaskWrites
 from stepgraph.checkpoint.base.runs import FINISHED
-from stepgraph.config import RunnableConfig, ensure_thread_id, merge_configs
+from stepgraph.config import (
+    DefaultRecursionLimit,
+    RunnableConfig,
+    ensure_thread_id,
+    merge_configs,
+)
 from stepgraph.constants import END, INTERRUPT, NULL_TASK_ID, PULL, START, TASKS, branch_channel
 from stepgraph.errors import (
     GraphInterrupt,
@@ -185,7 +190,7 @@ class Pregel:
         context = _coerce_context(self.context_schema, context)
         config = merge_configs(self.config, config) if config or self.config else {}
         if "recursion_limit" not in config:
-            config["recursion_limit"] = DEFAULT_RECURSION_LIMIT
+            config["recursion_limit"] = DefaultRecursionLimit(DEFAULT_RECURSION_LIMIT)
         elif config["recursion_limit"] < 1:
             raise ValueError("recursion_limit must be at least 1")
         requested = _modes(stream_mode)
@@ -1291,6 +1296,11 @@ def _nested_config(parent: Task, *, recast: bool, config: RunnableConfig | None)
     if recast:
         namespace = "|".join(part.split(":")[0] for part in namespace.split("|"))
     merged = merge_configs(parent.loop.config, config)
+    if config and (tags := config.get("tags")):
+        # A node passes its own config on, tags included: as LangGraph, tags the parent's run
+        # already has are not added twice.
+        inherited = parent.loop.config.get("tags") or []
+        merged["tags"] = [*inherited, *(tag for tag in tags if tag not in inherited)]
     configurable = {
         k: v for k, v in (merged.get("configurable") or {}).items() if k != "checkpoint_id"
     }
