@@ -40,6 +40,7 @@ def load_api(root: str) -> SimpleNamespace:
     func = importlib.import_module(f"{root}.func")
     managed = importlib.import_module(f"{root}.managed")
     runtime = importlib.import_module(f"{root}.runtime")
+    config = importlib.import_module(f"{root}.config")
     return SimpleNamespace(
         StateGraph=graph.StateGraph,
         START=graph.START,
@@ -57,6 +58,9 @@ def load_api(root: str) -> SimpleNamespace:
         entrypoint=func.entrypoint,
         task=func.task,
         Runtime=runtime.Runtime,
+        get_runtime=runtime.get_runtime,
+        get_config=config.get_config,
+        RetryPolicy=types.RetryPolicy,
         RemainingSteps=managed.RemainingSteps,
         IsLastStep=managed.IsLastStep,
     )
@@ -1411,6 +1415,103 @@ def response_schemas(api: SimpleNamespace) -> Observation:
     return observed
 
 
+def node_runtime_and_config(api: SimpleNamespace) -> Observation:
+    """What a node sees of its runtime (``execution_info``, retries) and config (keys,
+    ``checkpoint_map``), in a graph, a subgraph and an entrypoint with a ``@task``."""
+    seen: dict[str, Any] = {}
+
+    def describe(config: dict, runtime: Any) -> Observation:
+        info = runtime.execution_info
+        configurable = config["configurable"]
+        checkpoint_map = configurable["checkpoint_map"]
+        return {
+            "config_keys": sorted(k for k in config if k != "callbacks"),
+            "configurable_keys": sorted(k for k in configurable if not k.startswith("__")),
+            "metadata": jsonable(
+                {
+                    # namespaces hold task ids: their node names are kept
+                    k: v.split(":")[0] if k == "checkpoint_ns" else v
+                    for k, v in config["metadata"].items()
+                    if k != "langgraph_checkpoint_ns"
+                }
+            ),
+            "tags": jsonable(config.get("tags")),
+            "recursion_limit": config.get("recursion_limit"),
+            "checkpoint_id": configurable["checkpoint_id"],
+            "map_size": len(checkpoint_map),
+            "map_names_step_checkpoint": checkpoint_map[
+                configurable["checkpoint_ns"].rpartition("|")[0]
+            ]
+            == info.checkpoint_id,
+            "ns_matches": info.checkpoint_ns == configurable["checkpoint_ns"],
+            "task_in_ns": configurable["checkpoint_ns"].endswith(f":{info.task_id}"),
+            "thread_id": info.thread_id,
+            "run_id": info.run_id,
+            "attempt": info.node_attempt,
+            "first_attempt_time": type(info.node_first_attempt_time).__name__,
+            "store": runtime.store,
+            "server_info": runtime.server_info,
+            "drain_requested": runtime.drain_requested,
+            "previous": jsonable(runtime.previous),
+        }
+
+    def flaky(state: Log, runtime: Any) -> dict:
+        seen.setdefault("flaky", []).append(describe(api.get_config(), runtime))
+        if runtime.execution_info.node_attempt < 3:
+            raise ConnectionError("try again")
+        return {"log": ["flaky"]}
+
+    def inner(state: Log, runtime: Any) -> dict:
+        seen["inner"] = describe(api.get_config(), runtime)
+        return {"log": ["inner"]}
+
+    sub = api.StateGraph(Log)
+    sub.add_node("inner", inner)
+    sub.add_edge(api.START, "inner")
+    builder = api.StateGraph(Log)
+    builder.add_node(
+        "flaky", flaky, retry_policy=api.RetryPolicy(initial_interval=0.001, jitter=False)
+    )
+    builder.add_node("outer", sub.compile())
+    builder.add_edge(api.START, "flaky")
+    builder.add_edge("flaky", "outer")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    config = new_thread(user="ann")
+    config.update(run_id=uuid.UUID(int=7), tags=["mine"], metadata={"m": 1}, recursion_limit=40)
+    thread_id = config["configurable"]["thread_id"]
+    output = graph.invoke({"log": []}, config, durability=DURABILITY)
+    seen["subgraph"] = seen.pop("inner")
+    bare = api.StateGraph(Log)
+    bare.add_node("inner", inner)
+    bare.add_edge(api.START, "inner")
+    bare.compile().invoke({"log": []})  # no checkpointer, thread, run_id or limit
+    seen["bare"] = seen.pop("inner")
+
+    @api.task
+    def double(value: int) -> int:
+        runtime = api.get_runtime()
+        seen.setdefault("task", []).append(
+            {"previous": runtime.previous, "attempt": runtime.execution_info.node_attempt}
+        )
+        return value * 2
+
+    @api.entrypoint(checkpointer=api.InMemorySaver())
+    def flow(value: int, runtime: Any) -> int:
+        seen.setdefault("entrypoint", []).append(describe(api.get_config(), runtime))
+        return double(value).result()
+
+    flow_config = new_thread()
+    flow_thread = flow_config["configurable"]["thread_id"]
+    results = [flow.invoke(value, flow_config) for value in (1, 5)]
+
+    def no_ids(value: Any) -> Any:
+        return json.loads(
+            json.dumps(jsonable(value)).replace(thread_id, "<thread>").replace(flow_thread, "<t>")
+        )
+
+    return {"output": jsonable(output), "results": results, "seen": no_ids(seen)}
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1454,6 +1555,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         resumed_streams_and_metadata,
         overwrite,
         response_schemas,
+        node_runtime_and_config,
     )
 }
 
