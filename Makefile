@@ -1,5 +1,6 @@
 # Two commands set up and prove a fresh machine: `make demo` and `make test`.
-# Both create .venv/ (Python 3.11+) and install the three packages editable, from PyPI otherwise.
+# Both create .venv/ (Python 3.11+) and install the three packages editable (core with its
+# crypto and messages extras), from PyPI otherwise.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml libs/core/pyproject.toml libs/checkpoint-sqlite/pyproje
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
 	$(BIN)/python -m pip install --quiet \
-		-e libs/core[crypto] -e libs/checkpoint-sqlite -e libs/checkpoint-postgres \
+		-e libs/core[crypto,messages] -e libs/checkpoint-sqlite -e libs/checkpoint-postgres \
 		--group test --group lint
 	touch $(STAMP)
 
