@@ -1512,6 +1512,146 @@ def node_runtime_and_config(api: SimpleNamespace) -> Observation:
     return {"output": jsonable(output), "results": results, "seen": no_ids(seen)}
 
 
+# -- messages (stepgraph.graph.message needs langchain-core, present under both roots) ----------
+
+
+def _message_module(api: SimpleNamespace) -> Any:
+    root = api.StateGraph.__module__.split(".")[0]
+    return importlib.import_module(f"{root}.graph.message")
+
+
+def _shown_id(message_id: Any) -> Any:
+    """Ids the program set are shown; generated uuid4 ids only as such."""
+    try:
+        return "<uuid>" if uuid.UUID(message_id).version == 4 else message_id
+    except (TypeError, ValueError):
+        return message_id
+
+
+def shown_messages(value: Any) -> Any:
+    """``value`` with every LangChain message as [class, content, id, tool_calls, extra]."""
+    from langchain_core.messages import BaseMessage
+
+    if isinstance(value, BaseMessage):
+        extra = {"tool_call_id": value.tool_call_id} if hasattr(value, "tool_call_id") else {}
+        return [
+            type(value).__name__,
+            jsonable(value.content),
+            _shown_id(value.id),
+            jsonable(getattr(value, "tool_calls", None)),
+            jsonable(extra),
+        ]
+    if isinstance(value, dict):
+        return {str(k): shown_messages(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [shown_messages(v) for v in value]
+    return jsonable(value)
+
+
+def message_state(graph: Any, config: dict) -> Observation:
+    snapshot = graph.get_state(config)
+    return {"values": shown_messages(snapshot.values), "next": jsonable(snapshot.next)}
+
+
+def message_stream(graph: Any, input: Any) -> list[Any]:
+    """The values and updates chunks of a run on a new thread (one task per step here)."""
+    chunks = graph.stream(
+        input, new_thread(), stream_mode=["values", "updates"], durability=DURABILITY
+    )
+    return [[mode, shown_messages(chunk)] for mode, chunk in chunks]
+
+
+def messages(api: SimpleNamespace) -> Observation:
+    """add_messages and MessagesState in graphs: ids, replacement, removal, coercion, the
+    OpenAI format, a subclass with more keys, and a resume after a failing node."""
+    from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
+
+    msg = _message_module(api)
+    observed: Observation = {}
+
+    class Chat(msg.MessagesState):
+        turns: int
+
+    def reply(state: Any) -> dict:
+        last = state["messages"][-1]
+        return {"messages": ("ai", f"re: {last.content}"), "turns": len(state["messages"])}
+
+    builder = api.StateGraph(Chat)
+    builder.add_node("reply", reply)
+    builder.add_edge(api.START, "reply")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+
+    def run(input: Any, config: dict) -> Any:
+        try:
+            return shown_messages(graph.invoke(input, config, durability=DURABILITY))
+        except Exception as error:
+            return type(error).__name__
+
+    observed["coerced"] = message_stream(
+        graph, {"messages": [("user", "hi"), {"role": "system", "content": "s"}]}
+    )
+    config = new_thread()
+    observed["turns"] = [
+        run({"messages": "first"}, config),
+        run({"messages": HumanMessage("second", id="h2")}, config),
+        run({"messages": [HumanMessage("second, edited", id="h2")]}, config),
+        run({"messages": [RemoveMessage(id="h2"), AIMessage("note", id="n")]}, config),
+        run({"messages": [RemoveMessage(id="missing")]}, config),
+        run({"messages": [RemoveMessage(id=msg.REMOVE_ALL_MESSAGES), ("user", "fresh")]}, config),
+    ]
+    observed["state"] = message_state(graph, config)
+    observed["history"] = history(graph, config)
+
+    # The functional form: a class body annotation would be a string naming a local variable.
+    Formatted = TypedDict(  # noqa: UP013
+        "Formatted", {"messages": Annotated[list, msg.add_messages(format="langchain-openai")]}
+    )
+    formatted = api.StateGraph(Formatted)
+    formatted.add_node(
+        "tool", lambda s: {"messages": [ToolMessage("42", tool_call_id="c1", id="t")]}
+    )
+    formatted.add_edge(api.START, "tool")
+    tool_call = {"name": "calc", "args": {"x": 6}, "id": "c1"}
+    observed["formatted"] = shown_messages(
+        formatted.compile(checkpointer=api.InMemorySaver()).invoke(
+            {"messages": [AIMessage("", id="a", tool_calls=[tool_call])]},
+            new_thread(),
+            durability=DURABILITY,
+        )
+    )
+
+    failures = {"flaky": 1}
+    pruned = threading.Event()
+
+    def prune(state: Any) -> dict:
+        pruned.set()
+        return {"messages": [RemoveMessage(id="greeting"), AIMessage("pruned", id="p")]}
+
+    def flaky(state: Any) -> dict:
+        pruned.wait(timeout=30)  # fail only once the sibling's writes are saved
+        if failures["flaky"]:
+            failures["flaky"] -= 1
+            raise ValueError("flaky failed")
+        return {"messages": [ToolMessage("ok", tool_call_id="c", id="t")]}
+
+    resumed = api.StateGraph(msg.MessagesState)
+    resumed.add_node("greet", lambda s: {"messages": [AIMessage("hello", id="greeting")]})
+    resumed.add_node("prune", prune)
+    resumed.add_node("flaky", flaky)
+    resumed.add_edge(api.START, "greet")
+    resumed.add_edge("greet", "prune")
+    resumed.add_edge("greet", "flaky")
+    graph = resumed.compile(checkpointer=api.InMemorySaver())
+    config = new_thread()
+    observed["error"] = raised(
+        lambda: graph.invoke({"messages": [("user", "hi")]}, config, durability=DURABILITY)
+    )
+    observed["after_error"] = message_state(graph, config)
+    observed["resume"] = shown_messages(graph.invoke(None, config, durability=DURABILITY))
+    observed["resumed_history"] = history(graph, config)
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1556,6 +1696,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         overwrite,
         response_schemas,
         node_runtime_and_config,
+        messages,
     )
 }
 
