@@ -20,6 +20,7 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from pydantic import BaseModel, ValidationError
 
 import stepgraph.graph
 from stepgraph.checkpoint.serde.schema import reachable_classes
@@ -274,6 +275,38 @@ def test_a_list_annotated_with_add_messages_and_a_format() -> None:
 
     out = chat_graph(State).compile().invoke({"messages": [{"role": "user", "content": "q"}]})
     assert [type(m) for m in out["messages"]] == [HumanMessage, AIMessage]
+
+
+class ChatModel(BaseModel):
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+def pydantic_chat() -> Any:
+    def chat(state: ChatModel) -> dict[str, Any]:
+        return {"messages": [("ai", f"you said {state.messages[-1].content}")]}
+
+    builder = StateGraph(ChatModel)
+    builder.add_node("chat", chat)
+    builder.add_edge(START, "chat")
+    return builder.compile()
+
+
+def test_a_pydantic_state_with_messages() -> None:
+    # Nodes may return any message-like value: the reducer coerces it before a node reads it.
+    out = pydantic_chat().invoke({"messages": [HumanMessage("hi")]})
+    assert contents(out["messages"]) == ["hi", "you said hi"]
+    assert [type(m) for m in out["messages"]] == [HumanMessage, AIMessage]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=(ValidationError, TypeError),
+    reason="stepgraph validates a pydantic state's input before reducers run, so it refuses "
+    "what add_messages would coerce (LangGraph accepts it); see docs/executor.md",
+)
+def test_a_pydantic_state_takes_message_likes_as_input() -> None:
+    out = pydantic_chat().invoke({"messages": [("user", "hi")]})
+    assert contents(out["messages"]) == ["hi", "you said hi"]
 
 
 # -- serialization -------------------------------------------------------------------------------
