@@ -197,6 +197,40 @@ def test_a_gone_or_zombie_process_died_a_live_one_did_not() -> None:
     assert _lease.died_here(owner)  # gone
 
 
+def test_a_process_whose_main_thread_ended_while_others_run_is_alive() -> None:
+    """Its first thread shows as a zombie in /proc, yet the process runs (and may hold a
+    lease from another thread)."""
+    code = (
+        "import ctypes, sys, threading, time\n"
+        "from stepgraph.pregel import _lease\n"
+        "print(_lease.owner_name(), flush=True)\n"
+        "threading.Thread(target=lambda: (sys.stdin.read(), time.sleep(0))).start()\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    owner = child.stdout.readline().strip()
+    deadline = time.monotonic() + 10
+    while _lease._proc_stat(child.pid)[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _lease._proc_stat(child.pid)[0] == "Z"
+    assert not _lease.died_here(owner)
+    child.communicate("")
+    assert _lease.died_here(owner)
+
+
+def test_a_proc_of_another_pid_namespace_gives_no_location(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``unshare --pid`` without a new /proc: pids there are the parent namespace's."""
+    monkeypatch.setattr(_lease, "_SELF", None)
+    monkeypatch.setattr(_lease, "_proc_is_ours", lambda pid: False)
+    assert "@" not in _lease.owner_name()
+    assert not _lease.died_here(f"{uuid.uuid4()}@x.1/{os.getpid()}/1")
+
+
 def test_a_reused_pid_counts_as_dead() -> None:
     """The PID names a live process that started at another time than the holder did."""
     me = os.getpid()

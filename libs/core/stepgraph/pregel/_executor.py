@@ -180,7 +180,11 @@ async def _aattempts(task: Task) -> None:
             if node.arun is not None:
                 task.writes = await node.arun(task, task.input)
             else:
-                task.writes = node.run(task, task.input)
+                # A synchronous node runs on a thread, as in LangGraph: blocking there must not
+                # stall the event loop (the stream's consumer, other requests of the app).
+                task.writes = await asyncio.get_running_loop().run_in_executor(
+                    shared_pool(), contextvars.copy_context().run, node.run, task, task.input
+                )
             return
         except GraphInterrupt as paused:
             task.interrupts = _with_ids(task, paused.interrupts)
@@ -341,6 +345,8 @@ class LiveSteps:
         self.running = True
         jobs.put(step)
         try:
+            while output:  # made before the step started: its tasks' start events
+                yield output.popleft()
             while wake.get() is not _STEP_ENDED:
                 while output:
                     yield output.popleft()

@@ -106,6 +106,25 @@ def _proc_stat(pid: int) -> tuple[str, str]:
     return fields[0].decode(), fields[19].decode()  # fields 3 and 22 of proc(5)
 
 
+def _proc_is_ours(pid: int) -> bool:
+    """Whether the mounted ``/proc`` shows this process's PID namespace (``unshare --pid``
+    without a new ``/proc`` shows the parent's: a pid read there would name another process)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            return int(f.read().split(b" ", 1)[0]) == pid
+    except (OSError, ValueError):
+        return False
+
+
+def _other_threads_run(pid: int) -> bool:
+    """Whether process ``pid``, whose first thread is a zombie, still has other threads (its
+    main thread ended, the process did not)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
+
+
 def _here() -> tuple[str | None, str | None]:
     """(host token, ``token/pid/start``) of this process, None where they cannot be told."""
     global _SELF
@@ -113,6 +132,8 @@ def _here() -> tuple[str | None, str | None]:
     if _SELF is None or _SELF[0] != pid:
         token = _host_token()
         where = None
+        if token is not None and not _proc_is_ours(pid):
+            token = None  # /proc belongs to another PID namespace: pids there are not ours
         if token is not None:
             try:
                 where = f"{token}/{pid}/{_proc_stat(pid)[1]}"
@@ -162,7 +183,9 @@ def died_here(owner: str | None) -> bool:
         return ours
     except (OSError, ValueError, IndexError):
         return False
-    return state in ("Z", "X") or started != start
+    if started != start:
+        return True  # the pid was reused: the holder is gone
+    return state in ("Z", "X") and not _other_threads_run(pid)
 
 
 async def _expire_dead(saver: BaseCheckpointSaver, run: RunInfo | None, use_async: bool) -> bool:

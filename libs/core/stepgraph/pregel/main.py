@@ -369,7 +369,9 @@ class Pregel:
         # As the sync stream's (``_live_steps``): every step is live with ``custom`` (chunks
         # handed out while it runs: LLM tokens, say), steps of several tasks with the modes a
         # finished task streams in.
-        live = "custom" in loop.stream_modes
+        live = "custom" in loop.stream_modes or (
+            loop.forward_to is not None and loop.parent_task is None  # subgraphs stream in
+        )
         per_task = bool(loop.stream_modes & {"updates", "tasks", "debug"})
 
         async def on_done(task: Task, last: bool) -> None:
@@ -659,6 +661,7 @@ class Pregel:
         )
         shape = _chunk_shape(stream_mode, subgraphs, version, self)
         printed = loop.printed_modes
+        loop.output = _Waking(loop)  # a chunk added mid-step wakes the consumer
         if subgraphs and loop.parent_task is None:
             loop.forward_to, loop.forward_modes = loop.output, loop.stream_modes
         own, teed = _teeing(loop, stream_mode)
@@ -1217,6 +1220,8 @@ async def _while_running(
     loop.on_output = lambda: event_loop.call_soon_threadsafe(signal.set)
     running = asyncio.ensure_future(step)
     try:
+        while loop.output:  # made before the step started: its tasks' start events
+            yield loop.output.popleft()
         while not running.done():
             waiter = asyncio.ensure_future(signal.wait())
             await asyncio.wait({running, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -1249,6 +1254,21 @@ def _live_steps(loop: RunLoop, subgraphs: bool) -> LiveSteps | None:
         return None
     loop.output = live.output
     return live
+
+
+class _Waking(deque[Any]):
+    """An ``astream``'s output: adding a chunk while a step runs live (from a node, a task that
+    finished, a subgraph's run) wakes the consumer (``RunLoop.on_output``)."""
+
+    def __init__(self, loop: RunLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def append(self, chunk: Any) -> None:
+        super().append(chunk)
+        wake = self._loop.on_output
+        if wake is not None:
+            wake()
 
 
 class _Forwarding(deque[Any]):

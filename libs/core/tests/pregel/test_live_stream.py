@@ -362,3 +362,71 @@ def test_live_stream_saves_what_invoke_saves(durability: str) -> None:
     chunks = list(graph.stream({"log": []}, streamed, stream_mode="custom", durability=durability))
     assert chunks == ["a", "b", "c"]
     assert history(graph, streamed) == history(graph, invoked)
+
+
+def test_a_sync_node_under_astream_leaves_the_event_loop_free() -> None:
+    """A blocking sync node runs on a thread: the consumer gets the chunk it wrote (and the
+    loop's other coroutines run) while it still blocks."""
+
+    async def run() -> list[Any]:
+        seen = threading.Event()
+        ticks: list[int] = []
+
+        def blocks(state: State) -> dict[str, Any]:
+            get_stream_writer()("asked")
+            return {"log": [seen.wait(GUARD_SECONDS)]}
+
+        async def ticker() -> None:
+            while not seen.is_set():
+                ticks.append(1)
+                await asyncio.sleep(0.001)
+
+        beside = asyncio.ensure_future(ticker())
+        chunks = []
+        async for mode, chunk in chain(("blocks", blocks)).astream(
+            {"log": []}, stream_mode=["custom", "updates"]
+        ):
+            chunks.append((mode, chunk))
+            if chunk == "asked":
+                seen.set()
+        await beside
+        assert ticks
+        return chunks
+
+    assert asyncio.run(run()) == [("custom", "asked"), ("updates", {"blocks": {"log": [True]}})]
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_task_start_events_come_before_the_tasks_end(api: str) -> None:
+    """A live step's ``tasks`` start events are handed out as the step starts, not with the
+    first chunk a task makes."""
+    started = threading.Event()
+
+    def waits(state: State) -> dict[str, Any]:
+        return {"log": [started.wait(GUARD_SECONDS)]}
+
+    graph = siblings(("a", waits), ("b", waits))
+    events: list[tuple[str, bool]] = []
+
+    answers: list[Any] = []
+
+    def see(event: dict[str, Any]) -> None:
+        events.append((event["name"], "result" in event))
+        if "result" in event:
+            answers.append(event["result"]["log"])
+        if sum(not result for _, result in events) == 2:
+            started.set()
+
+    if api == "sync":
+        for event in graph.stream({"log": []}, stream_mode="tasks"):
+            see(event)
+    else:
+
+        async def run() -> None:
+            async for event in graph.astream({"log": []}, stream_mode="tasks"):
+                see(event)
+
+        asyncio.run(run())
+    assert sorted(events) == [("a", False), ("a", True), ("b", False), ("b", True)]
+    assert events[:2] == [("a", False), ("b", False)]
+    assert answers == [[True], [True]]  # both saw their start told while they ran
