@@ -374,19 +374,24 @@ class _Compiler:
             return channels[START].get()
 
         def input_update(value: Any) -> _Update:
-            if is_model(builder.input_schema) and isinstance(value, dict):
-                # Validated as a whole, as LangGraph does (keys the schema lacks are left
-                # out); only its own keys are written (defaults are not filled in), as the
-                # schema made them (LangGraph writes the raw values: "7" for an int field).
-                given = {k: v for k, v in value.items() if k in input_keys}
-                model = builder.input_schema(**given)
-                value = {k: getattr(model, k) for k in given}
+            # As in LangGraph, a dict input writes its known keys as given: a dataclass or
+            # pydantic state validates (and converts) them when a node reads the state, after
+            # reducers ran (add_messages turns ("user", "hi") into a message first).
             return _Update(check_update(START, value, input_keys))
 
+        # A dataclass or pydantic state is checked in START's step, as the first node will
+        # read it (with the input's writes through the reducers): an invalid input then
+        # fails that step, with nothing of it in the state, where LangGraph fails when the
+        # node is planned and leaves a thread whose state cannot be read back.
+        read_fresh = self._fresh_reader() if is_model(builder.state_schema) else None
+
+        def take_input(task: Task, value: Any) -> Any:
+            if read_fresh is not None and isinstance(value, dict):
+                read_fresh(task, check_update(START, value, input_keys))
+            return value
+
         nodes = {
-            START: self._pregel_node(
-                START, read_input, lambda task, value: value, False, input_update, None, True
-            )
+            START: self._pregel_node(START, read_input, take_input, False, input_update, None, True)
         }
         update_writers = {START: self._update_writer(START, input_update)}
         for node_name, spec in builder.nodes.items():

@@ -20,7 +20,7 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 import stepgraph.graph
 from stepgraph.checkpoint.serde.schema import reachable_classes
@@ -298,12 +298,6 @@ def test_a_pydantic_state_with_messages() -> None:
     assert [type(m) for m in out["messages"]] == [HumanMessage, AIMessage]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ValidationError, TypeError),
-    reason="stepgraph validates a pydantic state's input before reducers run, so it refuses "
-    "what add_messages would coerce (LangGraph accepts it); see docs/executor.md",
-)
 def test_a_pydantic_state_takes_message_likes_as_input() -> None:
     out = pydantic_chat().invoke({"messages": [("user", "hi")]})
     assert contents(out["messages"]) == ["hi", "you said hi"]
