@@ -1652,6 +1652,40 @@ def messages(api: SimpleNamespace) -> Observation:
     return observed
 
 
+def resumed_step_order(api: SimpleNamespace) -> Observation:
+    """A resumed step streams the saved updates of its tasks that finished (marked cached)
+    before running the others; a run plans a step's nodes by name, a snapshot lists them in
+    the graph's order."""
+    builder = api.StateGraph(Counted)
+    builder.add_node("zed", _ask(api, "zed"))
+    builder.add_node("plain", lambda s: {"log": ["plain"], "x": 1})
+    builder.add_node("empty", lambda s: None)
+    for name in ("zed", "plain", "empty"):
+        builder.add_edge(api.START, name)
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    observed: Observation = {}
+    for modes in ("updates", ["updates", "values"], ["updates", "tasks"]):
+        config = new_thread()
+        first = [  # start events only: results come in completion order
+            event["name"]
+            for event in graph.stream({"log": []}, config, stream_mode="tasks")
+            if "result" not in event
+        ]
+        resumed = []
+        for chunk in graph.stream(api.Command(resume="y"), config, stream_mode=modes):
+            mode, payload = chunk if isinstance(chunk, tuple) else ("updates", chunk)
+            if mode == "tasks":
+                resumed.append(["tasks", payload["name"], "result" in payload])
+            else:
+                resumed.append([mode, jsonable(payload)])
+        observed[str(modes)] = {"first": first, "resumed": resumed}
+    config = new_thread()
+    graph.invoke({"log": []}, config, durability=DURABILITY)
+    observed["next"] = jsonable(graph.get_state(config).next)
+    observed["history"] = history(graph, config)
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1697,6 +1731,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         response_schemas,
         node_runtime_and_config,
         messages,
+        resumed_step_order,
     )
 }
 

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["OneChannel", "RunLoop", "StepSave", "read_channels", "with_interrupts"]
 
 _SPECIAL_CHANNELS = frozenset({ERROR, INTERRUPT, RESUME, NO_WRITES})
+_CACHED = {"cached": True}
 # Pending writes that are not a task's results: a task with any other write has finished.
 _NOT_RESULTS = frozenset({ERROR, INTERRUPT, RESUME})
 
@@ -831,6 +832,17 @@ class RunLoop:
             }
             self._emit_event("tasks", "task", payload)
 
+    def emit_cached(self, tasks: Sequence[Task]) -> None:
+        """A resumed step's tasks that finished in an earlier attempt do not run again; their
+        saved updates are streamed, marked cached, as LangGraph does."""
+        if "updates" not in self.stream_modes:
+            return
+        keys = self.values_keys
+        for task in tasks:
+            if task.done and not task.node.hidden:
+                update = {k: v for k, v in task.writes if k in keys} or None
+                self.output.append(("updates", {task.name: update, "__metadata__": _CACHED}))
+
     def emit_task_result(self, task: Task) -> None:
         """Output for a task that finished (or failed)."""
         if task.node.hidden:
@@ -879,6 +891,12 @@ class RunLoop:
         for task_id, channel, value in self.pending_writes:
             saved.setdefault(task_id, []).append((channel, value))
         tasks = self.plan(restore=live)
+        # A snapshot lists a step's nodes in the graph's order (a run plans them by name), as
+        # LangGraph's do; Send tasks first.
+        index = self.graph.node_index
+        tasks.sort(
+            key=lambda t: (t.path[0] == PULL, index.get(t.name, 0) if t.path[0] == PULL else 0)
+        )
         finished: list[Task] = [task for task in tasks if task.done]
         if NULL_TASK_ID in saved:  # a Command's update: applied first, on its own, as a run does
             self.apply([self._pseudo_task(saved[NULL_TASK_ID])], new_checkpoint=False)

@@ -143,7 +143,8 @@ class Pregel:
         return writes
 
     def nodes_triggered_by(self, channels: set[str]) -> Sequence[str]:
-        """Candidate nodes for the next step, in node order."""
+        """Candidate nodes for the next step, by name (LangGraph's order: its tasks, their
+        start events and a snapshot's ``next`` come so)."""
         table = self.trigger_to_nodes
         found: list[str] = []
         for channel in channels:
@@ -154,10 +155,9 @@ class Pregel:
             first, second = found
             if first == second:
                 return [first]
-            index = self.node_index
-            return found if index[first] < index[second] else [second, first]
+            return found if first < second else [second, first]
         if len(found) > 1:
-            return sorted(set(found), key=self.node_index.__getitem__)
+            return sorted(set(found))
         return found
 
     # -- runs ------------------------------------------------------------------------------
@@ -309,6 +309,7 @@ class Pregel:
                     loop.stop_for_interrupts(())
                     break
                 loop.emit_task_starts(tasks)
+                loop.emit_cached(tasks)
                 if live is not None and live.takes(tasks):
                     yield from live.run(tasks, on_done, loop.config.get("max_concurrency"))
                 else:
@@ -441,6 +442,7 @@ class Pregel:
                     loop.stop_for_interrupts(())
                     break
                 loop.emit_task_starts(tasks)
+                loop.emit_cached(tasks)
                 step = arun_step(tasks, on_done, loop.config.get("max_concurrency"))
                 if live or (per_task and len(tasks) > 1):
                     async for chunk in _while_running(step, loop):
