@@ -13,6 +13,7 @@ workflow must make the same calls in the same order each time it runs (see
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import inspect
 import threading
@@ -148,7 +149,8 @@ class _TaskFunction(Generic[P, T]):
                 "@entrypoint function, a graph node, or another task, so their results are "
                 "recorded."
             )
-        if self.is_async and not _in_event_loop():
+        elsewhere = self.is_async and not _in_event_loop()
+        if elsewhere and caller.loop.event_loop is None:
             # Starts with LangGraph's words (sic), so code matching its message still does.
             raise RuntimeError(
                 f"In an sync context async tasks cannot be called: @task '{self.name}' is "
@@ -165,6 +167,14 @@ class _TaskFunction(Generic[P, T]):
         # As in LangGraph, a call replayed from its saved result shows its start event too
         # (but no result event: it does not run).
         loop.emit_task_starts([call])
+        if elsewhere:  # sync code of an async run, on a thread: the call runs on the run's loop
+            if recorded is not None:
+                replayed: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                replayed.set_result(recorded[0])
+                return replayed
+            elsewhere_call = asyncio.run_coroutine_threadsafe(_arun_call(call), loop.event_loop)
+            _spawned(caller).append(elsewhere_call)
+            return elsewhere_call
         if self.is_async:
             if recorded is not None:
                 done = asyncio.get_running_loop().create_future()

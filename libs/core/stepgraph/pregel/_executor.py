@@ -150,8 +150,13 @@ def _settle_calls(task: Task, cancel: bool) -> None:
         for call in spawned:
             call.cancel()
     for call in spawned:
-        if not isinstance(call, asyncio.Future):  # an async call made on the event loop by
-            call._join()  # a sync task run there: waiting would block the loop it needs
+        if isinstance(call, asyncio.Future):  # an async call made on the event loop by a sync
+            continue  # task run there: waiting would block the loop it needs
+        join = getattr(call, "_join", None)
+        if join is not None:
+            join()
+        else:  # an async call sync code sent to its run's event loop: it runs there
+            wait([call])
 
 
 async def arun_task(task: Task) -> None:
@@ -215,12 +220,15 @@ async def _asettle_calls(task: Task, cancel: bool) -> None:
             call.cancel()
     # A sync call is waited for on a thread: one nobody has started runs there (the pool may
     # be busy with the very tasks waiting on it).
-    await asyncio.wait(
-        [
-            call if isinstance(call, asyncio.Future) else asyncio.create_task(_waited(call))
-            for call in task.spawned
-        ]
-    )
+    await asyncio.wait([_awaitable_call(call) for call in task.spawned])
+
+
+def _awaitable_call(call: Any) -> Any:
+    if isinstance(call, asyncio.Future):
+        return call
+    if hasattr(call, "_join"):  # a TaskFuture: waited for on a thread
+        return asyncio.create_task(_waited(call))
+    return asyncio.wrap_future(call)  # an async call sent to this loop from a thread
 
 
 async def _waited(call: Any) -> None:

@@ -141,6 +141,9 @@ class RunLoop:
         self.output_keys: tuple[str, ...] | None = None
         """Channels ``invoke`` returns, when the caller chose them."""
         self.on_output: Callable[[], Any] | None = None
+        self.event_loop: Any = None
+        """The event loop of an async run (``_arun``): sync code run on a thread may call an
+        async ``@task`` there, as in LangGraph."""
         """Called after a custom chunk is added, when a stream hands chunks out live."""
         self.custom_writer: Callable[[Any], None] = (
             self._write_custom if "custom" in stream_modes else _discard

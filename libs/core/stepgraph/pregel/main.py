@@ -384,7 +384,7 @@ class Pregel:
         # ``@task`` outcomes may come from worker threads: queue them, and have the event loop
         # save them at once (a job per outcome); the step waits for those jobs before it ends.
         calls: deque[StepSave] = deque()
-        event_loop = asyncio.get_running_loop()
+        event_loop = loop.event_loop = asyncio.get_running_loop()
         jobs: list[asyncio.Future[None]] = []
 
         def save_call(writes: TaskWrites) -> None:

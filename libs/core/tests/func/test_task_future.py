@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import threading
 import uuid
@@ -130,3 +131,27 @@ def test_an_async_task_called_in_a_sync_run_is_a_clear_error() -> None:
 
     with pytest.raises(RuntimeError, match="In an sync context async tasks cannot be called"):
         workflow.invoke(1)
+
+
+def test_sync_code_of_an_async_run_calls_an_async_task_on_the_runs_loop() -> None:
+    """Under ainvoke a sync entrypoint runs on a thread; an async task it calls runs on the
+    run's event loop, and its future's result() waits for it there (as in LangGraph)."""
+    calls: list[int] = []
+
+    @task
+    async def fetch(x: int) -> int:
+        calls.append(x)
+        await asyncio.sleep(0)
+        return x * 10
+
+    @entrypoint(checkpointer=InMemorySaver())
+    def workflow(x: int) -> list[int]:
+        first = fetch(x)
+        assert isinstance(first, cf.Future)
+        return [first.result(), fetch(x + 1).result()]
+
+    config = thread()
+    assert asyncio.run(workflow.ainvoke(2, config)) == [20, 30]
+    assert calls == [2, 3]
+    # Their results were saved as the calls finished: a replay of the step reads them back.
+    assert workflow.get_state(config).values == [20, 30]
