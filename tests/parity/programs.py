@@ -39,6 +39,7 @@ def load_api(root: str) -> SimpleNamespace:
     memory = importlib.import_module(f"{root}.checkpoint.memory")
     func = importlib.import_module(f"{root}.func")
     managed = importlib.import_module(f"{root}.managed")
+    channels = importlib.import_module(f"{root}.channels")
     runtime = importlib.import_module(f"{root}.runtime")
     config = importlib.import_module(f"{root}.config")
     return SimpleNamespace(
@@ -63,6 +64,8 @@ def load_api(root: str) -> SimpleNamespace:
         RetryPolicy=types.RetryPolicy,
         RemainingSteps=managed.RemainingSteps,
         IsLastStep=managed.IsLastStep,
+        UntrackedValue=channels.UntrackedValue,
+        AnyValue=channels.AnyValue,
     )
 
 
@@ -1686,6 +1689,51 @@ def resumed_step_order(api: SimpleNamespace) -> Observation:
     return observed
 
 
+def untracked_and_any_values(api: SimpleNamespace) -> Observation:
+    """UntrackedValue: read within the run, never saved (a resumed run starts without it);
+    AnyValue: several writes in a step keep one, a step that writes nothing empties it."""
+    state = TypedDict(  # type: ignore[misc]  # noqa: UP013
+        "Channels",
+        {
+            "log": Annotated[list, operator.add],
+            "scratch": Annotated[str, api.UntrackedValue],
+            "any": Annotated[str, api.AnyValue],
+        },
+    )
+
+    def first(s: Any) -> dict:
+        return {"scratch": "s1", "any": "a1", "log": ["first"]}
+
+    def second(s: Any) -> dict:
+        return {"log": [f"second saw {s.get('scratch')} {s.get('any')}"], "any": "a2"}
+
+    def twin(s: Any) -> dict:
+        return {"any": "a2"}
+
+    def ask(s: Any) -> dict:
+        answer = api.interrupt("q")
+        return {"log": [f"ask saw {s.get('scratch')} {s.get('any')} {answer}"]}
+
+    builder = api.StateGraph(state)
+    for name, action in (("first", first), ("second", second), ("twin", twin), ("ask", ask)):
+        builder.add_node(name, action)
+    builder.add_edge(api.START, "first")
+    builder.add_edge("first", "second")
+    builder.add_edge("first", "twin")
+    builder.add_edge(["second", "twin"], "ask")
+    graph = builder.compile(checkpointer=api.InMemorySaver())
+    config = new_thread()
+    paused = graph.invoke({"log": []}, config, durability=DURABILITY)
+    values = graph.get_state(config).values
+    resumed = graph.invoke(api.Command(resume="y"), config, durability=DURABILITY)
+    return {
+        "paused": jsonable(paused),
+        "values": jsonable(values),
+        "resumed": jsonable(resumed),
+        "history": history(graph, config),
+    }
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1732,6 +1780,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         node_runtime_and_config,
         messages,
         resumed_step_order,
+        untracked_and_any_values,
     )
 }
 

@@ -17,6 +17,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from stepgraph.channels.any_value import AnyValue
 from stepgraph.channels.base import BaseChannel
 from stepgraph.channels.ephemeral_value import EphemeralValue
 from stepgraph.channels.last_value import LastValueAfterFinish
@@ -326,7 +327,10 @@ class _Compiler:
         self.channels: dict[str, BaseChannel] = dict(builder.channels)
         self.channels[START] = EphemeralValue(Any, key=START)
         self.channels[TASKS] = Topic(Send, key=TASKS)
-        self.ephemeral = {START, TASKS}
+        # A step that does not write an AnyValue key empties it, as an ephemeral channel.
+        self.ephemeral = {START, TASKS} | {
+            k for k, c in builder.channels.items() if isinstance(c, AnyValue)
+        }
         self.finish_channels: list[str] = []
         self.state_reader = make_reader(builder.state_schema, schema_keys(builder.state_schema))
         self.triggers: dict[str, list[str]] = {name: [] for name in builder.nodes}

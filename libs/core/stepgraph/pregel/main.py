@@ -4,6 +4,7 @@ exposes the thread's state (``get_state``, ``get_state_history``, ``update_state
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -809,6 +810,50 @@ class Pregel:
         runs = [self.ainvoke(i, c, **kwargs) for i, c in zip(inputs, configs, strict=True)]
         return list(await asyncio.gather(*runs, return_exceptions=return_exceptions))
 
+    def batch_as_completed(
+        self,
+        inputs: Sequence[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> Iterator[tuple[int, Any]]:
+        """``invoke`` each input in parallel threads, yielding ``(index, output)`` as each
+        run finishes (with ``return_exceptions``, a failed run's exception as its output)."""
+        configs = _batch_configs(config, len(inputs))
+        futures = {
+            shared_pool().submit(self.invoke, item, one, **kwargs): index
+            for index, (item, one) in enumerate(zip(inputs, configs, strict=True))
+        }
+        for future in concurrent.futures.as_completed(futures):
+            error = future.exception()
+            if error is not None and not return_exceptions:
+                raise error
+            yield futures[future], error if error is not None else future.result()
+
+    async def abatch_as_completed(
+        self,
+        inputs: Sequence[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """``ainvoke`` each input concurrently, yielding ``(index, output)`` as each finishes."""
+        configs = _batch_configs(config, len(inputs))
+
+        async def one(index: int, item: Any, run_config: RunnableConfig | None) -> tuple[int, Any]:
+            try:
+                return index, await self.ainvoke(item, run_config, **kwargs)
+            except Exception as error:
+                if not return_exceptions:
+                    raise
+                return index, error
+
+        runs = [one(i, item, c) for i, (item, c) in enumerate(zip(inputs, configs, strict=True))]
+        for finished in asyncio.as_completed(runs):
+            yield await finished
+
     # -- state API -------------------------------------------------------------------------
 
     def _saver(self) -> Any:
@@ -901,6 +946,13 @@ class Pregel:
                 inner = None if namespace is None else namespace[len(name) + 1 :]
                 for found, subgraph in graph.get_subgraphs(namespace=inner, recurse=True):
                     yield f"{name}|{found}", subgraph
+
+    async def aget_subgraphs(
+        self, *, namespace: str | None = None, recurse: bool = False
+    ) -> AsyncIterator[tuple[str, Pregel]]:
+        """``get_subgraphs``, for async code."""
+        for found in self.get_subgraphs(namespace=namespace, recurse=recurse):
+            yield found
 
     def get_state(self, config: RunnableConfig, *, subgraphs: bool = False) -> StateSnapshot:
         """The thread's latest state, or the checkpoint ``config`` names; ``subgraphs`` puts the
