@@ -1734,6 +1734,31 @@ def untracked_and_any_values(api: SimpleNamespace) -> Observation:
     }
 
 
+def output_when_nothing_changed(api: SimpleNamespace) -> Observation:
+    """invoke returns None for a new run that changed no output key (its stream has no values
+    chunk); a resumed run returns the state."""
+    observed: Observation = {}
+    for name, schema, given in (
+        ("reducer_empty_input", Log, {}),
+        ("reducer_unknown_key", Log, {"unknown": 1}),
+        ("plain_empty_input", Counted, {}),
+        ("reducer_written", Log, {"log": []}),
+    ):
+        builder = api.StateGraph(schema)
+        builder.add_node("n", lambda s: None)
+        builder.add_edge(api.START, "n")
+        graph = builder.compile(checkpointer=api.InMemorySaver())
+        config = new_thread()
+        observed[name] = {
+            "invoke": jsonable(graph.invoke(given, config, durability=DURABILITY)),
+            "resumed": jsonable(graph.invoke(None, config, durability=DURABILITY)),
+            "values_chunks": jsonable(
+                list(graph.stream(given, new_thread(), stream_mode="values"))
+            ),
+        }
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1781,6 +1806,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         messages,
         resumed_step_order,
         untracked_and_any_values,
+        output_when_nothing_changed,
     )
 }
 

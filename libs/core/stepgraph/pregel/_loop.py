@@ -140,6 +140,9 @@ class RunLoop:
         """Channels shown in ``values`` chunks and checkpoint events."""
         self.output_keys: tuple[str, ...] | None = None
         """Channels ``invoke`` returns, when the caller chose them."""
+        self.output_changed = False
+        """This run changed an output channel: a new run that changed none returns None
+        (LangGraph's ``invoke`` returns its last ``values`` chunk, and there was none)."""
         self.on_output: Callable[[], Any] | None = None
         self.event_loop: Any = None
         """The event loop of an async run (``_arun``): sync code run on a thread may call an
@@ -585,6 +588,9 @@ class RunLoop:
         changed by their writes (``update``)."""
         if not channels:
             return
+        if not self.output_changed:
+            output = self.output_keys or self.graph.output_channels
+            self.output_changed = not channels.isdisjoint(output)
         if self.append_bases:
             self._record_appends(channels, written)
         version = self.max_version = self.next_version(self.max_version)

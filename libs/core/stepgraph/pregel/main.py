@@ -1415,7 +1415,10 @@ def _is_live(config: RunnableConfig) -> bool:
 
 
 def _final_output(loop: RunLoop, version: StreamVersion = "v1") -> Any:
-    values = read_channels(loop.channels, loop.output_keys or loop.graph.output_channels)
+    if loop.output_changed or loop.resuming or loop.interrupts:
+        values = read_channels(loop.channels, loop.output_keys or loop.graph.output_channels)
+    else:
+        values = None  # nothing was ever output: LangGraph's invoke has no values chunk to give
     if version == "v2":
         return GraphOutput(_as_output(loop.graph, values), tuple(loop.interrupts))
     if loop.interrupts:
