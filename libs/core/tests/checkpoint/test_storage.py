@@ -117,11 +117,11 @@ def test_round_trip_builds_configs_and_orders_writes() -> None:
     assert found.config == at
     assert found.parent_config == thread("t", "ns", checkpoint_id="p")
     assert found.checkpoint == checkpoint
-    assert found.pending_writes == [
-        ("task-a", ERROR, "e"),
-        ("task-a", "z", 3),
+    assert found.pending_writes == [  # by task path ("" first), task id, index
         ("task-b", "x", 1),
         ("task-b", "y", 2),
+        ("task-a", ERROR, "e"),
+        ("task-a", "z", 3),
     ]
 
 

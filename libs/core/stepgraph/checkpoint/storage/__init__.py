@@ -1301,7 +1301,7 @@ def load_tuple(
 def pending_writes(
     serde: SerializerProtocol, where: _Where, writes: Iterable[WriteRow]
 ) -> list[PendingWrite]:
-    """The pending writes the rows stand for, ordered by task, then index.
+    """The pending writes the rows stand for, ordered by task path, task, then index.
 
     A ``TASK_WRITES`` row is keyed by its last index, so a task's regular writes saved again
     with the list grown are a row of their own (the executor does this with the updates of the
@@ -1394,8 +1394,10 @@ def _resolve_appended(
     return value
 
 
-def _write_order(write: WriteRow) -> tuple[str, int]:
-    return write.task_id, write.idx
+def _write_order(write: WriteRow) -> tuple[str, str, int]:
+    # LangGraph's savers' order: by task path (a step's nodes by name, then its Sends in
+    # order), task id, index.
+    return write.task_path, write.task_id, write.idx
 
 
 # -- pages of checkpoints (get_tuple, list) ------------------------------------------------

@@ -505,12 +505,12 @@ async def put_writes_batch_is_put_writes_of_each_task(api: SaverApi) -> None:
         ],
     )
     await api.put_writes_batch(config, [])
-    expected = [
+    expected = [  # by task path, task id, index (LangGraph's order)
         ("task-1", ERROR, "new error"),
         ("task-1", "a", "kept"),
+        ("task-3", INTERRUPT, ["second"]),
         ("task-2", "a", 1),
         ("task-2", "b", 2),
-        ("task-3", INTERRUPT, ["second"]),
     ]
     assert (await must_get(api, config)).pending_writes == expected
     with pytest.raises(SerializationError, match="bad"):
