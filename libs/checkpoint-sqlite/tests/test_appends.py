@@ -196,37 +196,3 @@ def assert_history_exact_prefix(graph: Any, thread_id: str) -> None:
     for snapshot in graph.get_state_history(config(thread_id)):
         items, n = snapshot.values["items"], snapshot.values.get("n", 0)
         assert items[:n] == list(range(n)) and items[n:] in ([], [100, 101]), snapshot.config
-
-
-def test_a_conversation_stores_each_new_message_once(saver: SqliteSaver) -> None:
-    """``add_messages`` tells the channel when it only appended: a growing conversation is
-    stored as its new messages, not as the whole list at every turn, and reads back exactly."""
-    pytest.importorskip("langchain_core")
-    from langchain_core.messages import AIMessage
-
-    from stepgraph.graph.message import MessagesState
-
-    def reply(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [AIMessage(content=f"re: {state['messages'][-1].content}")]}
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("reply", reply)
-    builder.add_edge(START, "reply")
-    graph = builder.compile(checkpointer=saver)
-    turns = 200
-    for turn in range(turns):
-        graph.invoke({"messages": [("user", f"q{turn}")]}, config("chat"), durability="sync")
-    rows = saver.conn.execute(
-        "SELECT type, value, kind FROM checkpoint_values WHERE thread_id = 'chat' "
-        "AND channel = 'messages'"
-    ).fetchall()
-    stored = sum(len(saver.serde.loads_typed((type_, value))) for type_, value, _ in rows)
-    assert sum(kind == APPENDED_ITEMS for *_, kind in rows) > len(rows) * 0.8
-    assert stored < 7 * 2 * turns  # whole lists every turn would be ~2 * turns**2 = 80,000
-    messages = graph.get_state(config("chat")).values["messages"]
-    assert [m.content for m in messages[-2:]] == [f"q{turns - 1}", f"re: q{turns - 1}"]
-    for snapshot in list(graph.get_state_history(config("chat")))[::41]:
-        held = snapshot.values.get("messages", [])
-        assert [m.content for m in held[1::2]] == [f"re: {m.content}" for m in held[::2]][
-            : len(held[1::2])
-        ]

@@ -44,20 +44,13 @@ class BinaryOperatorAggregate(BaseChannel):
     items, and ``appended()`` reports them.
     """
 
-    __slots__ = ("_appended", "_appender", "_appends", "operator", "value")
+    __slots__ = ("_appended", "_appends", "operator", "value")
 
     def __init__(self, typ: Any, operator: Callable[[Any, Any], Any], key: str = "") -> None:
         super().__init__(typ, key)
         self.operator = operator
         self.value: Any = _empty_value(typ)
-        # A reducer that can tell what it appended (``add_messages``): ``appending(value,
-        # write)`` returns the new value and the items appended, or None if it did more.
-        self._appender: Callable[[Any, Any], tuple[Any, list[Any] | None]] | None = getattr(
-            operator, "appending", None
-        )
-        self._appends = (
-            operator is _operator.add or operator is list.__add__ or self._appender is not None
-        )
+        self._appends = operator is _operator.add or operator is list.__add__
         self._appended: list[Any] | None = None
 
     def from_checkpoint(self, value: Any) -> Self:
@@ -91,8 +84,6 @@ class BinaryOperatorAggregate(BaseChannel):
         self._appended = None
         if any(_is_overwrite(item) for item in values):
             return self._overwrite(values)
-        if self._appender is not None and type(value) is list:
-            return self._append_with(self._appender, values)
         if self._appends and type(value) is list:
             # list + list appends: record what, and build the new list in one go.
             if len(values) == 1:
@@ -112,25 +103,6 @@ class BinaryOperatorAggregate(BaseChannel):
         for item in values[start:]:
             value = operator(value, item)
         self.value = value
-        return True
-
-    def _append_with(
-        self,
-        appending: Callable[[Any, Any], tuple[Any, list[Any] | None]],
-        values: Sequence[Any],
-    ) -> bool:
-        """Fold the writes with a reducer that reports its appends; ``appended`` is all of them
-        when every write only appended."""
-        value = self.value
-        added: list[Any] | None = []
-        for item in values:
-            value, appended = appending(value, item)
-            if appended is None or added is None:
-                added = None
-            else:
-                added.extend(appended)
-        self.value = value
-        self._appended = added
         return True
 
     def _overwrite(self, values: Sequence[Any]) -> bool:

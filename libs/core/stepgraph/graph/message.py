@@ -125,18 +125,6 @@ def add_messages(
     return _reduce(left, right, format=format)
 
 
-def _merge_appending(left: Any, right: Any) -> tuple[list[BaseMessage], list[BaseMessage] | None]:
-    """``add_messages(left, right)``, and the messages it appended when that is all it did
-    (``BinaryOperatorAggregate.appended``): a checkpoint then stores only the new messages of
-    a growing conversation, not the whole list again."""
-    merged, pure_append = _merge(left, right)
-    return merged, merged[len(left) :] if pure_append else None
-
-
-# The channel of a key reduced by add_messages asks the reducer what it appended.
-add_messages.appending = _merge_appending  # type: ignore[attr-defined]
-
-
 def _reduce(left: Messages, right: Messages, *, format: Format | None = None) -> list[BaseMessage]:
     merged = _merge(left, right)[0]
     if format is None:
