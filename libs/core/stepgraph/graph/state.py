@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from stepgraph.channels.any_value import AnyValue
 from stepgraph.channels.base import BaseChannel
+from stepgraph.channels.binop import BinaryOperatorAggregate
 from stepgraph.channels.ephemeral_value import EphemeralValue
 from stepgraph.channels.last_value import LastValueAfterFinish
 from stepgraph.channels.named_barrier_value import NamedBarrierValue, NamedBarrierValueAfterFinish
@@ -333,6 +334,7 @@ class _Compiler:
         }
         self.finish_channels: list[str] = []
         self.state_reader = make_reader(builder.state_schema, schema_keys(builder.state_schema))
+        self.state_reader_dict = make_reader(dict, schema_keys(builder.state_schema))
         self.triggers: dict[str, list[str]] = {name: [] for name in builder.nodes}
         self.edge_writes: dict[str, list[tuple[str, Any]]] = {START: []}
         for name, spec in builder.nodes.items():
@@ -384,14 +386,23 @@ class _Compiler:
             return _Update(check_update(START, value, input_keys))
 
         # A dataclass or pydantic state is checked in START's step, as the first node will
-        # read it (with the input's writes through the reducers): an invalid input then
-        # fails that step, with nothing of it in the state, where LangGraph fails when the
-        # node is planned and leaves a thread whose state cannot be read back.
-        read_fresh = self._fresh_reader() if is_model(builder.state_schema) else None
+        # read it: an invalid input then fails that step, with nothing of it in the state,
+        # where LangGraph fails when the node is planned and leaves a thread whose state cannot
+        # be read back. Keys with a reducer are left as they are for the check (a reducer may
+        # change its value in place, and coerces what it is given: add_messages); the node's
+        # own read checks them, as in LangGraph.
+        state_schema = builder.state_schema if is_model(builder.state_schema) else None
+        reduced = frozenset(
+            k for k, c in builder.channels.items() if isinstance(c, BinaryOperatorAggregate)
+        )
 
         def take_input(task: Task, value: Any) -> Any:
-            if read_fresh is not None and isinstance(value, dict):
-                read_fresh(task, check_update(START, value, input_keys))
+            if state_schema is not None and isinstance(value, dict):
+                state = self.state_reader_dict(task.loop.channels)
+                state.update(
+                    (k, v) for k, v in check_update(START, value, input_keys) if k not in reduced
+                )
+                state_schema(**state)
             return value
 
         nodes = {

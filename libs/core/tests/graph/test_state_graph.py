@@ -578,3 +578,25 @@ async def test_compiled_graph_as_a_node() -> None:
     # inner nodes' entries on top of the input it received.
     assert graph.invoke({"x": 0})["log"] == ["before", "before", "inner1", "inner2"]
     assert (await graph.ainvoke({"x": 0}))["log"] == ["before", "before", "inner1", "inner2"]
+
+
+def test_a_model_states_input_runs_its_reducers_once() -> None:
+    """START's check of a pydantic state's input does not run the reducers itself: a reducer
+    that changes its value in place sees the input once."""
+    import pydantic
+
+    def extend(value: list[str], more: list[str]) -> list[str]:
+        value.extend(more)
+        return value
+
+    class Model(pydantic.BaseModel):
+        items: Annotated[list[str], extend] = []
+        n: int = 0
+
+    builder = StateGraph(Model)
+    builder.add_node("node", lambda state: {"items": ["node"]})
+    builder.add_edge(START, "node")
+    graph = builder.compile()
+    assert graph.invoke({"items": ["in"]}) == {"items": ["in", "node"]}
+    with pytest.raises(pydantic.ValidationError):
+        graph.invoke({"items": ["in"], "n": "not a number"})
