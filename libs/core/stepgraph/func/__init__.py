@@ -157,6 +157,8 @@ class _TaskFunction(Generic[P, T]):
                 "async; call it from an async entrypoint or node run with ainvoke/astream, "
                 "or make it sync."
             )
+        if (caller.keeper or caller).cancelled:
+            raise asyncio.CancelledError(f"the run was cancelled: @task '{self.name}' not run")
         index = caller.calls
         caller.calls += 1
         loop = caller.loop
@@ -230,8 +232,8 @@ def _recorded(pending_writes: Sequence[tuple[str, str, Any]], call_id: str) -> t
 def _settle(call: Task) -> None:
     """A call finished: save its result or error at once, and stream it. An interrupted call
     saves nothing: it runs again, from its start, once answered."""
-    if call.paused:
-        return
+    if call.paused or (call.keeper or call).cancelled:
+        return  # a cancelled run's call saves nothing: its lease is gone
     loop = call.loop
     if loop.save_task_writes is not None:
         loop.save_task_writes(loop.task_writes(call))

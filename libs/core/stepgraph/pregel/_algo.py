@@ -112,6 +112,7 @@ class Task:
         "answers",
         "attempt",
         "calls",
+        "cancelled",
         "done",
         "error",
         "first_attempt_time",
@@ -170,6 +171,9 @@ class Task:
         """It took the waiting answer: if it pauses again, its answers are saved with the
         pause, so its rerun finds that one by id."""
         self.calls = 0
+        self.cancelled = False
+        """The async run was cancelled while this task ran: a sync node may still run on its
+        thread, but makes no more ``@task`` calls and saves nothing."""
         """``@task`` calls made so far by this attempt: the next call's index in its path."""
         self.spawned: list[Any] | None = None
         """The futures of the ``@task`` calls it made: the task ends only once they have,

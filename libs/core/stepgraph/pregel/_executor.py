@@ -168,6 +168,7 @@ async def arun_task(task: Task) -> None:
             await _asettle_calls(task, cancel=False)
             raise
         except BaseException:  # cancelled, say: so are its calls, and they unwind first
+            task.cancelled = True  # a sync node still running on its thread starts no more
             await _asettle_calls(task, cancel=True)
             raise
         await _asettle_calls(task, cancel=task.error is not None)
@@ -186,9 +187,11 @@ async def _aattempts(task: Task) -> None:
                 task.writes = await node.arun(task, task.input)
             else:
                 # A synchronous node runs on a thread, as in LangGraph: blocking there must not
-                # stall the event loop (the stream's consumer, other requests of the app).
+                # stall the event loop (the stream's consumer, other requests of the app). The
+                # loop's own executor, as LangGraph's: a node that starts a loop of its own
+                # (asyncio.run of a graph) gets fresh threads there, never waiting for its own.
                 task.writes = await asyncio.get_running_loop().run_in_executor(
-                    shared_pool(), contextvars.copy_context().run, node.run, task, task.input
+                    None, contextvars.copy_context().run, node.run, task, task.input
                 )
             return
         except GraphInterrupt as paused:
@@ -411,14 +414,13 @@ async def arun_step(
         await on_done(todo[0], True)
         return
     loop = asyncio.get_running_loop()
-    pool = shared_pool()
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     remaining = len(todo)
 
     async def run(task: Task) -> None:
         if task.node.arun is None:
             # Synchronous nodes of a multi-task step run on threads, in parallel.
-            await loop.run_in_executor(pool, contextvars.copy_context().run, run_task, task)
+            await loop.run_in_executor(None, contextvars.copy_context().run, run_task, task)
         else:
             await arun_task(task)
 
