@@ -1759,6 +1759,47 @@ def output_when_nothing_changed(api: SimpleNamespace) -> Observation:
     return observed
 
 
+def graph_on_another_thread(api: SimpleNamespace) -> Observation:
+    """A node runs a graph with a config naming its own thread: a run of its own there (root
+    namespace, the graph's own checkpointer); without that config, a subgraph of the node."""
+    observed: Observation = {}
+    for own_saver, own_thread in ((True, False), (True, True), (False, True)):
+        saver = api.InMemorySaver()
+        inner_builder = api.StateGraph(Counted)
+        inner_builder.add_node("i", lambda s: {"x": s["x"] + 1})
+        inner_builder.add_edge(api.START, "i")
+        inner = inner_builder.compile(checkpointer=saver if own_saver else None)
+        inner_thread = str(uuid.uuid4())
+
+        def node(
+            s: Any, inner: Any = inner, own_thread: bool = own_thread, thread: str = inner_thread
+        ) -> dict:
+            config = {"configurable": {"thread_id": thread}} if own_thread else None
+            return {"x": inner.invoke(s, config)["x"]}
+
+        builder = api.StateGraph(Counted)
+        builder.add_node("n", node)
+        builder.add_edge(api.START, "n")
+        graph = builder.compile(checkpointer=saver)
+        outer_thread = new_thread()
+        output = graph.invoke({"x": 1, "log": []}, outer_thread, durability=DURABILITY)
+        outer_id = outer_thread["configurable"]["thread_id"]
+        where = sorted(
+            {
+                (
+                    "outer" if t.config["configurable"]["thread_id"] == outer_id else "inner",
+                    t.config["configurable"]["checkpoint_ns"].split(":")[0],
+                )
+                for t in saver.list(None)
+            }
+        )
+        observed[f"own_saver={own_saver} own_thread={own_thread}"] = {
+            "output": jsonable(output),
+            "saved_in": jsonable(where),
+        }
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1807,6 +1848,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         resumed_step_order,
         untracked_and_any_values,
         output_when_nothing_changed,
+        graph_on_another_thread,
     )
 }
 

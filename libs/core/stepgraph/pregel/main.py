@@ -175,6 +175,10 @@ class Pregel:
         output_keys: str | Sequence[str] | None = None,
     ) -> tuple[RunLoop, Durability | None, bool]:
         parent = CURRENT_TASK.get()
+        if parent is not None and _names_another_thread(config, parent):
+            # A node runs a graph on a thread of its own: as in LangGraph, a run of its own
+            # (its own checkpointer, lease and root namespace), not a subgraph of the node.
+            parent = None
         if parent is not None:
             config = _nested_config(parent, recast=self.checkpointer is True, config=config)
             if context is None:
@@ -1357,6 +1361,11 @@ def _pass_on(loop: RunLoop, chunk: tuple[str, Any]) -> None:
         loop.forward_to.append((*chunk, tuple(loop.namespace.split("|"))))
     else:
         _print_event(chunk[1])  # only debug events reach here
+
+
+def _names_another_thread(config: RunnableConfig | None, parent: Task) -> bool:
+    thread = ((config or {}).get("configurable") or {}).get("thread_id")
+    return thread is not None and thread != parent.config["configurable"].get("thread_id")
 
 
 def _nested_config(parent: Task, *, recast: bool, config: RunnableConfig | None) -> RunnableConfig:
