@@ -854,9 +854,17 @@ class Pregel:
                     raise
                 return index, error
 
-        runs = [one(i, item, c) for i, (item, c) in enumerate(zip(inputs, configs, strict=True))]
-        for finished in asyncio.as_completed(runs):
-            yield await finished
+        runs = [
+            asyncio.ensure_future(one(i, item, c))
+            for i, (item, c) in enumerate(zip(inputs, configs, strict=True))
+        ]
+        try:
+            for finished in asyncio.as_completed(runs):
+                yield await finished
+        finally:  # a failure raised, or the consumer stopped: the other runs are cancelled
+            for run in runs:
+                run.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
 
     # -- state API -------------------------------------------------------------------------
 
