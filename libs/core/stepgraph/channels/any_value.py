@@ -1,39 +1,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Any
 
-from stepgraph.channels.base import MISSING, BaseChannel
-from stepgraph.errors import EmptyChannelError
+from stepgraph.channels.base import MISSING
+from stepgraph.channels.last_value import LastValue
 
 __all__ = ["AnyValue"]
 
 
-class AnyValue(BaseChannel):
+class AnyValue(LastValue):
     """Holds the last value written in a step, taking any of several writes as equal; a step
     that writes nothing empties it (as LangGraph's: it is told of every step)."""
 
-    __slots__ = ("value",)
-
-    def __init__(self, typ: Any = Any, key: str = "") -> None:
-        super().__init__(typ, key)
-        self.value: Any = MISSING
-
-    def from_checkpoint(self, value: Any) -> Self:
-        new = self.__class__(self.typ, self.key)
-        new.value = value
-        return new
-
-    def get(self) -> Any:
-        if self.value is MISSING:
-            raise EmptyChannelError(self.key)
-        return self.value
-
-    def checkpoint(self) -> Any:
-        return self.value
-
-    def is_available(self) -> bool:
-        return self.value is not MISSING
+    __slots__ = ()
 
     def update(self, values: Sequence[Any]) -> bool:
         if not values:

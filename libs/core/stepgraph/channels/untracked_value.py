@@ -3,25 +3,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Self
 
-from stepgraph.channels.base import MISSING, BaseChannel
-from stepgraph.errors import EmptyChannelError, InvalidUpdateError
+from stepgraph.channels.base import MISSING
+from stepgraph.channels.last_value import LastValue
+from stepgraph.errors import InvalidUpdateError
 
 __all__ = ["UntrackedValue"]
 
 
-class UntrackedValue(BaseChannel):
+class UntrackedValue(LastValue):
     """Holds the last value written, for the run only: never saved, so a run resumed from a
     checkpoint (or another run of the thread) starts without it.
 
     ``guard``: two writes in one step are a conflict (else the last one is kept).
     """
 
-    __slots__ = ("guard", "value")
+    __slots__ = ("guard",)
 
     def __init__(self, typ: Any = Any, guard: bool = True, key: str = "") -> None:
         super().__init__(typ, key)
         self.guard = guard
-        self.value: Any = MISSING
 
     def from_checkpoint(self, value: Any) -> Self:
         return self.__class__(self.typ, self.guard, self.key)  # nothing was saved
@@ -31,16 +31,8 @@ class UntrackedValue(BaseChannel):
         new.value = self.value
         return new
 
-    def get(self) -> Any:
-        if self.value is MISSING:
-            raise EmptyChannelError(self.key)
-        return self.value
-
     def checkpoint(self) -> Any:
         return MISSING
-
-    def is_available(self) -> bool:
-        return self.value is not MISSING
 
     def update(self, values: Sequence[Any]) -> bool:
         if not values:
