@@ -1352,6 +1352,7 @@ def overwrite(api: SimpleNamespace) -> Observation:
     cases = {
         "alone": [("a", lambda s: {"log": api.Overwrite(["b"])})],
         "dict_form": [("a", lambda s: {"log": {"__overwrite__": ["d"]}})],
+        "json_form": [("a", lambda s: {"log": {"value": ["j"], "type": "__overwrite__"}})],
         "beside_a_write": [
             ("a", lambda s: {"log": api.Overwrite(["b"])}),
             ("z", lambda s: {"log": ["z"]}),
@@ -1800,6 +1801,59 @@ def graph_on_another_thread(api: SimpleNamespace) -> Observation:
     return observed
 
 
+class Noted(TypedDict):
+    log: Annotated[list, operator.add]
+    note: str
+
+
+def join_after_update(api: SimpleNamespace) -> Observation:
+    """An update made while a join's node waits (a breakpoint, an interrupt, a failure) leaves
+    it due; a debug checkpoint event names where a subgraph task keeps its state."""
+    observed: Observation = {}
+    for pause in ("breakpoint", "failure"):
+        attempts: list[int] = []
+
+        def review(state: Noted, attempts: list[int] = attempts, pause: str = pause) -> dict:
+            attempts.append(1)
+            if len(attempts) == 1 and state.get("note") is None and pause == "failure":
+                raise ValueError("needs a note")
+            return {"log": [f"review note={state.get('note')}"]}
+
+        builder = api.StateGraph(Noted)
+        builder.add_node("a", _say("a"))
+        builder.add_node("b", _say("b"))
+        builder.add_node("review", review)
+        builder.add_edge(api.START, "a")
+        builder.add_edge(api.START, "b")
+        builder.add_edge(["a", "b"], "review")
+        breakpoints = ["review"] if pause == "breakpoint" else []
+        graph = builder.compile(checkpointer=api.InMemorySaver(), interrupt_before=breakpoints)
+        config = new_thread()
+        first = raised(
+            lambda graph=graph, config=config: graph.invoke(
+                {"log": []}, config, durability=DURABILITY
+            )
+        )
+        graph.update_state(config, {"note": "fixed"}, as_node="a")
+        observed[pause] = {
+            "first": first,
+            "next": jsonable(graph.get_state(config).next),
+            "resumed": jsonable(graph.invoke(None, config, durability=DURABILITY)),
+            "history": history(graph, config),
+        }
+    outer = api.StateGraph(Log)
+    outer.add_node("sub", _chain(api, "x", "y"))
+    outer.add_edge(api.START, "sub")
+    compiled = outer.compile(checkpointer=api.InMemorySaver())
+    observed["debug_task_states"] = [
+        [t["name"], None if t["state"] is None else sorted(t["state"]["configurable"])]
+        for event in compiled.stream({"log": []}, new_thread(), stream_mode="debug")
+        if event["type"] == "checkpoint"
+        for t in event["payload"]["tasks"]
+    ]
+    return observed
+
+
 PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
     program.__name__: program
     for program in (
@@ -1849,6 +1903,7 @@ PROGRAMS: dict[str, Callable[[SimpleNamespace], Observation]] = {
         untracked_and_any_values,
         output_when_nothing_changed,
         graph_on_another_thread,
+        join_after_update,
     )
 }
 

@@ -175,6 +175,8 @@ class Overwrite:
     """
 
     value: Any
+    type: Literal["__overwrite__"] = "__overwrite__"
+    """Tells the JSON form ``{"value": ..., "type": "__overwrite__"}`` apart (as LangGraph's)."""
 
 
 def default_retry_on(exc: BaseException) -> bool:

@@ -124,10 +124,18 @@ class BinaryOperatorAggregate(BaseChannel):
 
 
 def _is_overwrite(item: Any) -> bool:
+    """An ``Overwrite``, or one of its dict forms: ``{"__overwrite__": value}``, and
+    ``{"value": value, "type": "__overwrite__"}`` (an ``Overwrite`` that went through JSON)."""
     if type(item) is Overwrite:
         return True
-    return type(item) is dict and len(item) == 1 and OVERWRITE in item
+    if type(item) is not dict:
+        return False
+    if len(item) == 1 and OVERWRITE in item:
+        return True
+    return item.get("type") == OVERWRITE and "value" in item
 
 
 def _overwritten(item: Any) -> Any:
-    return item.value if type(item) is Overwrite else item[OVERWRITE]
+    if type(item) is Overwrite:
+        return item.value
+    return item[OVERWRITE] if OVERWRITE in item else item["value"]

@@ -565,7 +565,9 @@ class RunLoop:
             self._finish_if_idle(updated)
         self._bump(updated, writes_by_channel)
         if new_checkpoint:
-            self.updated_channels = updated
+            # An update leaves the step it was made at pending: the next plan looks at every
+            # node (a join whose sources ran is still due), not only at what the update wrote.
+            self.updated_channels = None if source == "update" else updated
             self._new_checkpoint(source)
         elif self.updated_channels is not None:
             self.updated_channels |= updated
@@ -787,17 +789,26 @@ class RunLoop:
 
     def emit_checkpoint(self) -> None:
         next_tasks = self.plan(restore=False)
+        config = self.checkpoint_config()
         payload = {
-            "config": self.checkpoint_config(),
+            "config": config,
             "parent_config": self.parent_config,
             "values": read_channels(self.channels, self.values_keys),
             "metadata": self.metadata(),
             "next": [t.name for t in next_tasks],
             "tasks": [
-                {"id": t.id, "name": t.name, "interrupts": (), "state": None} for t in next_tasks
+                {"id": t.id, "name": t.name, "interrupts": (), "state": self._state_of(config, t)}
+                for t in next_tasks
             ],
         }
         self._emit_event("checkpoints", "checkpoint", payload)
+
+    def _state_of(self, config: RunnableConfig, task: Task) -> RunnableConfig | None:
+        """Where a subgraph a task runs keeps its checkpoints (a snapshot task's ``state``)."""
+        graph = self.graph
+        if task.name not in graph.subgraphs:
+            return None
+        return graph._subgraph_state_config(config, task)  # type: ignore[arg-type]
 
     def emit_resumed(self) -> None:
         """A run that resumes a saved checkpoint tells of it first, as LangGraph does: its
@@ -820,7 +831,7 @@ class RunLoop:
                     "id": t.id,
                     "name": t.name,
                     "interrupts": tuple(_interrupt_payload(i) for i in asked.get(t.id, ())),
-                    "state": None,
+                    "state": self._state_of(self.checkpoint_config(), t),
                 }
                 for t in next_tasks
             ],
